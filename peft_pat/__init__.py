@@ -1,0 +1,48 @@
+"""peft-pat: Pruning-Aware Tuning (Liu et al., AAAI-25, arXiv 2408.14721) as a PEFT tuner.
+
+``import peft_pat`` registers the ``PAT`` type with PEFT, so ``get_peft_model(base, PATConfig(...))``
+and ``PeftModel.from_pretrained(base, "adapter")`` work like they do for LoRA.
+"""
+
+from ._registry import PatPeftType, register
+from .callbacks import PATCallback
+from .config import PATConfig
+from .errors import (
+    AdapterMismatchError,
+    PATConfigError,
+    PATError,
+    PATStateError,
+    PATTypeError,
+    UnsupportedModelError,
+)
+from .families import FAMILIES, FamilySpec, family_for_model, supported_model_types
+from .layer import PATEmbedding, PATLayer, PATLinear
+from .mask import PATMask
+from .model import PATModel
+from .surgery import prune_hidden_channels
+
+register(PATConfig, PATModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMILIES",
+    "AdapterMismatchError",
+    "FamilySpec",
+    "PATCallback",
+    "PATConfig",
+    "PATConfigError",
+    "PATEmbedding",
+    "PATError",
+    "PATLayer",
+    "PATLinear",
+    "PATMask",
+    "PATModel",
+    "PATStateError",
+    "PATTypeError",
+    "PatPeftType",
+    "UnsupportedModelError",
+    "family_for_model",
+    "prune_hidden_channels",
+    "supported_model_types",
+]

@@ -1,0 +1,156 @@
+"""Training glue for transformers' Trainer (and TRL, which builds on it).
+
+:class:`PATCallback` drives the mask schedule from the Trainer's step counter (``set_step`` after
+every optimizer step and at the start, so resumed runs continue the schedule), keeps the mask logits
+out of weight decay, and adds the PAT numbers (kept channels, temperature, offset, each auxiliary
+loss) to the Trainer's logs so TensorBoard / W&B / the console show them.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+LOG_PREFIX = "pat/"
+
+
+def find_pat_tuner(model: Any):
+    """The :class:`~peft_pat.model.PATModel` inside a PeftModel, possibly wrapped by DDP/FSDP/compile."""
+    from .model import PATModel
+
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, PATModel):
+            return model
+        for attr in ("base_model", "module", "_orig_mod", "_fsdp_wrapped_module"):
+            inner = getattr(model, attr, None) if attr != "base_model" else _base_model(model)
+            if inner is not None and inner is not model:
+                model = inner
+                break
+        else:
+            return None
+        seen += 1
+    return None
+
+
+def _base_model(model: Any):
+    modules = getattr(model, "_modules", {})
+    return modules.get("base_model")
+
+
+def _inner_optimizer(optimizer: Any):
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class PATCallback(TrainerCallback):
+    """Add to ``Trainer(callbacks=[...])``; nothing else in the training script changes."""
+
+    def __init__(self, log: bool = True) -> None:
+        self.log = log
+        self._decay_undo: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self._warned_optimizer = False
+
+    # -------------------------------------------------------------- ordering
+    def on_init_end(self, args, state, control, **kwargs):
+        """Run first among the callbacks so the PAT numbers are in ``logs`` before reporters see them."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            handler = frame.f_locals.get("self")
+            callbacks = getattr(handler, "callbacks", None)
+            if isinstance(callbacks, list) and self in callbacks:
+                callbacks.remove(self)
+                callbacks.insert(0, self)
+                break
+            frame = frame.f_back
+
+    # -------------------------------------------------------------- schedule
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tuner = find_pat_tuner(model)
+        if tuner is None:
+            warnings.warn("PATCallback: the model being trained has no PAT adapter; the callback does nothing.")
+            return
+        tuner.set_step(state.global_step, max(state.max_steps, 1))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        tuner = find_pat_tuner(model)
+        if tuner is not None:
+            tuner.set_step(min(state.global_step, state.max_steps), max(state.max_steps, 1))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        tuner = find_pat_tuner(model)
+        if tuner is None:
+            return
+        soft = [name for name, mask in tuner.pat_mask.items() if not mask._hard]
+        if soft:
+            warnings.warn(
+                f"PAT: training ended before the mask froze for adapter(s) {soft}; merge_and_prune() will harden it "
+                "to the exact top-N channels. Lower mask_freeze or train longer for train = deploy."
+            )
+
+    # -------------------------------------------------------------- optimizer treatment of the mask
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Zero non-finite mask gradients (after clipping) and record the decay the optimizer will apply."""
+        tuner = find_pat_tuner(model)
+        self._decay_undo = []
+        if tuner is None:
+            return
+        logits = [m.logits for m in tuner.pat_mask.values() if m.logits.requires_grad]
+        for p in logits:
+            if p.grad is not None:
+                finite = torch.isfinite(p.grad)
+                if not bool(finite.all()):
+                    p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
+                    for mask in tuner.pat_mask.values():
+                        if mask.logits is p:
+                            mask.bad_grad_events.add_(1)
+        inner = _inner_optimizer(optimizer)
+        if inner is None:
+            return
+        for group in inner.param_groups:
+            decay = float(group.get("weight_decay", 0.0) or 0.0)
+            if decay == 0.0:
+                continue
+            for p in logits:
+                if not any(p is q for q in group["params"]):
+                    continue
+                if not isinstance(inner, torch.optim.AdamW):
+                    if not self._warned_optimizer:
+                        warnings.warn(
+                            f"PATCallback: weight_decay={decay} applies to the PAT mask logits and the optimizer "
+                            f"{type(inner).__name__} does not decay decoupled, so it cannot be undone; use AdamW "
+                            "(the Trainer default) or a param group with weight_decay=0 for the mask."
+                        )
+                        self._warned_optimizer = True
+                    continue
+                self._decay_undo.append((p, p.detach().clone(), float(group["lr"]) * decay))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        """Give back what AdamW's decoupled decay took from the mask logits: p += lr * wd * p_before."""
+        with torch.no_grad():
+            for p, before, factor in self._decay_undo:
+                if not torch.equal(p, before):  # the step ran (an fp16 overflow skips it)
+                    p.add_(before * factor)
+        self._decay_undo = []
+
+    # -------------------------------------------------------------- logging
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not self.log or logs is None:
+            return
+        tuner = find_pat_tuner(model)
+        if tuner is None:
+            return
+        entries: dict[str, float] = {}
+        for name, mask in tuner.pat_mask.items():
+            suffix = "" if len(tuner.pat_mask) == 1 else f"/{name}"
+            for key, value in mask.stats().items():
+                if key != "step":
+                    entries[f"{LOG_PREFIX}{key}{suffix}"] = value
+        for key, value in tuner.last_auxiliary_losses.items():
+            entries[f"{LOG_PREFIX}{key}"] = value
+        logs.update(entries)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(entries)

@@ -1,0 +1,182 @@
+"""`PATConfig`: every knob of Pruning-Aware Tuning, validated when it is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registry import PatPeftType
+from .errors import PATConfigError, PATTypeError
+
+IDENTITY_LOSS_FORMS = ("l0_gram", "none")
+EMBEDDING_HSM_FORMS = ("auto", "full", "diagonal")
+
+
+def _check_number(name: str, value, kinds: tuple[type, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise PATTypeError(f"PATConfig.{name} must be {expected}, got {type(value).__name__} ({value!r}).")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PATConfigError(f"PATConfig.{name} must be finite, got {value!r}.")
+
+
+@dataclass
+class PATConfig(PeftConfig):
+    """Configuration of a PAT adapter (Liu et al., AAAI-25, arXiv 2408.14721).
+
+    Pruning: ``target_sparsity`` (fraction of hidden channels removed, default 0.25) *or*
+    ``target_width`` (number of channels kept); the width is rounded to a multiple of the attention
+    head count (see :mod:`peft_pat.width`). HSMs (identity + rank-``hsm_rank`` operator, per-channel
+    scale, shared mask) go on every producer of the residual stream; LoRA with ``r``, ``lora_alpha``,
+    ``lora_dropout`` goes on ``target_modules`` (default: every linear of the decoder layers).
+
+    Mask schedule (paper Eqs. 8-10), as fractions of the total optimizer steps: the temperature ramps
+    and the offset decays until ``mask_milestone`` (s0); at ``mask_freeze`` the mask becomes an exact
+    top-N 0/1 mask and stays fixed, so the rest of training sees the network that ships.
+    """
+
+    # --- how much to prune ---
+    target_sparsity: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of hidden channels removed, in (0, 1). Default 0.25."}
+    )
+    target_width: Optional[int] = field(
+        default=None, metadata={"help": "Number of hidden channels kept (instead of target_sparsity)."}
+    )
+    width_multiple: Optional[int] = field(
+        default=None,
+        metadata={"help": "Kept width is a multiple of lcm(num_attention_heads, width_multiple). None: auto."},
+    )
+    # --- HSM ---
+    hsm_rank: Optional[int] = field(
+        default=None, metadata={"help": "Rank of the HSM operator I + L1 L0. None: about 5% of hidden_size."}
+    )
+    embedding_hsm: str = field(
+        default="auto",
+        metadata={
+            "help": "HSM on the embedding: 'full' (low-rank + scale), 'diagonal' (scale only, keeps tied "
+            "embeddings tied after merging), 'auto' (diagonal if the base ties its embeddings, else full)."
+        },
+    )
+    # --- LoRA branch ---
+    r: int = field(default=20, metadata={"help": "LoRA rank on target_modules (0: no LoRA, HSMs only)."})
+    lora_alpha: float = field(default=20.0, metadata={"help": "LoRA scaling numerator: scaling = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "LoRA targets (PEFT semantics). None: every decoder-layer linear."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules excluded from LoRA (HSMs always sit on every producer)."}
+    )
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; keep None."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Restrict LoRA to these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "PEFT semantics."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra fully trained modules (PEFT semantics); not producers."}
+    )
+    bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: the wrapped model equals the base model at start. False: random start (tests)."},
+    )
+    # --- mask schedule, as fractions of the run ---
+    mask_milestone: float = field(
+        default=1 / 3, metadata={"help": "s0 / total steps: end of the temperature ramp (paper: 1/3)."}
+    )
+    mask_freeze: float = field(
+        default=0.8 / 3,
+        metadata={"help": "Step / total steps at which the mask becomes an exact top-N 0/1 mask (paper: 0.8 s0)."},
+    )
+    mask_lr_ratio: float = field(
+        default=10.0,
+        metadata={
+            "help": "The mask logits move this many times faster than the optimizer's learning rate "
+            "(Adam-type optimizers; implemented by a reparametrisation, no param groups needed)."
+        },
+    )
+    # --- auxiliary losses ---
+    active_loss_weight: float = field(
+        default=10.0, metadata={"help": "Weight of |#kept - N| / N (paper Eq. 11, official weight 10)."}
+    )
+    polarization_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the pull of mask logits towards +-0.5 (official code)."}
+    )
+    identity_loss: str = field(
+        default="l0_gram", metadata={"help": "'l0_gram': sum over HSMs of mean((L0 L0^T - I)^2); 'none'."}
+    )
+    identity_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the identity loss."})
+    # --- recorded at injection, checked when loading onto another base ---
+    base_model_type: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
+    base_hidden_size: Optional[int] = field(default=None, metadata={"help": "Filled in automatically."})
+    base_vocab_size: Optional[int] = field(default=None, metadata={"help": "Filled in automatically."})
+    kept_width: Optional[int] = field(default=None, metadata={"help": "Resolved N, filled in automatically."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PatPeftType.PAT
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.target_sparsity is not None and self.target_width is not None:
+            raise PATConfigError(
+                f"Give either target_sparsity ({self.target_sparsity}) or target_width ({self.target_width}), "
+                "not both: target_width fixes the kept channel count, target_sparsity derives it."
+            )
+        if self.target_sparsity is not None:
+            _check_number("target_sparsity", self.target_sparsity, (int, float))
+            if not 0.0 < self.target_sparsity < 1.0:
+                raise PATConfigError(
+                    f"target_sparsity={self.target_sparsity} is impossible: it is the fraction of hidden channels "
+                    "removed and must lie strictly between 0 and 1 (e.g. 0.25)."
+                )
+        for name in ("target_width", "width_multiple", "hsm_rank"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, (int,))
+                if value < 1:
+                    raise PATConfigError(f"PATConfig.{name} must be a positive integer, got {value}.")
+        _check_number("r", self.r, (int,))
+        if self.r < 0:
+            raise PATConfigError(f"PATConfig.r must be >= 0 (0 disables LoRA), got {self.r}.")
+        _check_number("lora_alpha", self.lora_alpha, (int, float))
+        _check_number("lora_dropout", self.lora_dropout, (int, float))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PATConfigError(f"PATConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        for name in ("mask_milestone", "mask_freeze"):
+            value = getattr(self, name)
+            _check_number(name, value, (int, float))
+            if not 0.0 < value <= 1.0:
+                raise PATConfigError(
+                    f"PATConfig.{name}={value} must be a fraction of the run in (0, 1]; e.g. mask_milestone=1/3, "
+                    "mask_freeze=0.8/3."
+                )
+        _check_number("mask_lr_ratio", self.mask_lr_ratio, (int, float))
+        if self.mask_lr_ratio <= 0:
+            raise PATConfigError(f"PATConfig.mask_lr_ratio must be > 0, got {self.mask_lr_ratio}.")
+        for name in ("active_loss_weight", "polarization_weight", "identity_loss_weight"):
+            value = getattr(self, name)
+            _check_number(name, value, (int, float))
+            if value < 0:
+                raise PATConfigError(f"PATConfig.{name} must be >= 0, got {value}.")
+        if self.identity_loss not in IDENTITY_LOSS_FORMS:
+            raise PATConfigError(
+                f"PATConfig.identity_loss={self.identity_loss!r} is unknown; choose one of {IDENTITY_LOSS_FORMS}."
+            )
+        if self.embedding_hsm not in EMBEDDING_HSM_FORMS:
+            raise PATConfigError(
+                f"PATConfig.embedding_hsm={self.embedding_hsm!r} is unknown; choose one of {EMBEDDING_HSM_FORMS}."
+            )
+        if self.bias != "none":
+            raise PATConfigError(f"PATConfig.bias={self.bias!r} is not supported; PAT trains no biases, use 'none'.")
+        if self.target_parameters:
+            raise PATConfigError("PATConfig.target_parameters is not supported by PAT; use target_modules.")
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.r if self.r else 0.0

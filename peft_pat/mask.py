@@ -1,0 +1,217 @@
+"""The Unified Sparsification Mask shared by every HSM of one adapter (paper §3, Eqs. 8-11).
+
+One logit vector w in R^d per adapter. Before the freeze step the gate is soft,
+
+    M = sigmoid(tau(s) * w) + beta(s),   tau(s) = 1 / (1 - ln s / ln s0),   beta(s) = max(0.5 - s / s0, 0)
+
+(Eqs. 8-10, s = optimizer step, s0 = milestone step). At the freeze step the gate becomes the exact
+top-N indicator of w and stays fixed (pat-method.md §9.3-9.4), so the rest of training runs on the
+network that ships. The schedule state (step, total steps, hard mask) lives in buffers and is saved
+with the adapter, so a resumed run continues exactly where it stopped.
+
+The mask's own learning rate is a reparametrisation: the stored parameter is theta, the logits are
+w = kappa * theta with kappa = ``mask_lr_ratio``, and the backward pass hands theta the gradient of w
+unchanged. An Adam-type optimizer then moves w kappa times faster than its learning rate, while
+gradient clipping sees the true gradient of w. No param groups, so resuming a Trainer checkpoint and
+DDP/FSDP work unchanged. The same backward zeroes non-finite gradients, so a NaN loss cannot turn
+the logits into NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import PATConfigError, PATStateError, PATTypeError
+
+HARD_TEMPERATURE = 1e4  # temperature after the milestone if the freeze is configured later than it
+POLAR_TARGET = 0.5  # the polarisation loss pulls logits to +-0.5; hardening writes these values
+
+
+class _ScaledLogits(torch.autograd.Function):
+    """w = kappa * theta with d(loss)/d(theta) := d(loss)/d(w), non-finite entries zeroed and counted."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, kappa: float, bad_grad_counter: torch.Tensor) -> torch.Tensor:
+        ctx.counter = bad_grad_counter
+        return theta * kappa
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        finite = torch.isfinite(grad)
+        ctx.counter.add_((~finite).any().to(ctx.counter.dtype))
+        return torch.where(finite, grad, torch.zeros_like(grad)), None, None
+
+
+def milestone_step(total_steps: int, fraction: float) -> int:
+    """s0 in Eqs. 8-9: ``fraction`` of the run, at least 2 so that ln s0 > 0."""
+    return max(2, int(round(fraction * total_steps)))
+
+
+def freeze_step(total_steps: int, fraction: float) -> int:
+    return max(1, int(round(fraction * total_steps)))
+
+
+def temperature(step: int, s0: int) -> float:
+    """tau(s) = 1 / (1 - ln max(s, 1) / ln s0) for s < s0 (Eq. 9)."""
+    if step >= s0:
+        return HARD_TEMPERATURE
+    return 1.0 / (1.0 - math.log(max(step, 1)) / math.log(s0))
+
+
+def offset(step: int, s0: int) -> float:
+    """beta(s) = max(0.5 - s / s0, 0) (Eq. 10)."""
+    return max(0.5 - step / s0, 0.0)
+
+
+class PATMask(nn.Module):
+    """Mask logits and schedule of one adapter; every HSM of that adapter reads :meth:`gate`."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        kept_width: int,
+        *,
+        milestone: float,
+        freeze: float,
+        lr_ratio: float,
+        random_init: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = int(hidden_size)
+        self.kept_width = int(kept_width)
+        self.milestone_fraction = float(milestone)
+        self.freeze_fraction = float(freeze)
+        self.lr_ratio = float(lr_ratio)
+        init = torch.randn(hidden_size) / self.lr_ratio if random_init else torch.zeros(hidden_size)
+        self.logits = nn.Parameter(init)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("is_hard", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("hard_mask", torch.ones(hidden_size))
+        self.register_buffer("bad_grad_events", torch.zeros((), dtype=torch.long))
+        self.register_buffer("tau", torch.ones(()), persistent=False)
+        self.register_buffer("beta", torch.full((), 0.5), persistent=False)
+        self._hard = False
+        self._last_finite_logits: torch.Tensor | None = None
+        self._reported_bad_events = 0
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
+
+    # ------------------------------------------------------------------ schedule
+    def _refresh(self) -> None:
+        """Recompute tau, beta and the Python-side hard flag from the persistent buffers."""
+        step, total = int(self.step), int(self.total_steps)
+        self._hard = bool(self.is_hard)
+        if total > 0:
+            s0 = milestone_step(total, self.milestone_fraction)
+            self.tau.fill_(temperature(step, s0))
+            self.beta.fill_(offset(step, s0))
+        else:
+            self.tau.fill_(1.0)
+            self.beta.fill_(0.5)
+
+    def set_step(self, step: int, total_steps: int) -> bool:
+        """Move the schedule to optimizer step ``step`` of ``total_steps``; returns True if it hardened now."""
+        for name, value in (("step", step), ("total_steps", total_steps)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise PATTypeError(f"set_step: {name} must be an int, got {type(value).__name__} ({value!r}).")
+        if total_steps < 1:
+            raise PATConfigError(f"set_step: total_steps must be >= 1, got {total_steps}.")
+        if not 0 <= step <= total_steps:
+            raise PATConfigError(
+                f"set_step: step={step} is outside the run [0, total_steps={total_steps}]. Call it once per "
+                "optimizer step with the number of steps taken so far and the planned total."
+            )
+        self._guard_finite_logits()
+        self.step.fill_(step)
+        self.total_steps.fill_(total_steps)
+        self._refresh()
+        if not self._hard and step >= freeze_step(total_steps, self.freeze_fraction):
+            self.harden()
+            return True
+        return False
+
+    def _guard_finite_logits(self) -> None:
+        """Undo a non-finite optimizer update of the logits (e.g. NaN loss through gradient clipping)."""
+        with torch.no_grad():
+            if torch.isfinite(self.logits).all():
+                self._last_finite_logits = self.logits.detach().clone()
+            else:
+                restore = self._last_finite_logits
+                self.logits.copy_(restore if restore is not None else torch.zeros_like(self.logits))
+                self.bad_grad_events.add_(1)
+        events = int(self.bad_grad_events)
+        if events > self._reported_bad_events:
+            warnings.warn(
+                f"PAT: the mask logits received non-finite gradients or updates {events} time(s) so far (NaN/inf "
+                "loss?). They were zeroed or restored so the mask stays valid; check the learning rate, the data "
+                "and mixed-precision settings.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._reported_bad_events = events
+
+    # ------------------------------------------------------------------ gate
+    def effective_logits(self) -> torch.Tensor:
+        """w = kappa * theta (see module docstring)."""
+        return _ScaledLogits.apply(self.logits, self.lr_ratio, self.bad_grad_events)
+
+    def gate(self) -> torch.Tensor:
+        """M in Eq. 10 (soft phase) or the exact 0/1 top-N mask (after the freeze); shape (d,)."""
+        if self._hard:
+            return self.hard_mask
+        return torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        """Fix the gate to the exact top-N of w (ties broken by channel index) and polarise w to +-0.5."""
+        w = self.logits.detach().float()
+        order = torch.sort(w, descending=True, stable=True).indices
+        hard = torch.zeros_like(self.hard_mask)
+        hard[order[: self.kept_width]] = 1.0
+        self.hard_mask.copy_(hard)
+        polar = torch.where(hard > 0, POLAR_TARGET, -POLAR_TARGET) / self.lr_ratio
+        self.logits.copy_(polar.to(self.logits.dtype))
+        self.is_hard.fill_(True)
+        self._hard = True
+
+    def kept_indices(self) -> torch.Tensor:
+        """Sorted indices of the kept channels (the mask must be hard)."""
+        if not self._hard:
+            raise PATStateError("The mask is still soft; call harden() (or train past the freeze step) first.")
+        return torch.nonzero(self.hard_mask > 0.5, as_tuple=False).flatten()
+
+    # ------------------------------------------------------------------ losses
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """Active-channel loss |#{w >= 0} - N| / N (Eq. 11, straight-through count) and polarisation."""
+        if self._hard:
+            # Keep the logits in the graph with zero gradient so DDP sees every parameter used.
+            zero = self.logits.sum() * 0.0
+            return {"active": zero, "polarization": zero}
+        w = self.effective_logits().float()
+        binary = (w >= 0).float()
+        count = (binary + w - w.detach()).sum()  # forward: #kept; backward: d count / d w_i = 1
+        active = (count - self.kept_width).abs() / self.kept_width
+        pos = (w > 0).float()
+        neg = 1.0 - pos
+        polar = ((w - POLAR_TARGET) ** 2 * pos).sum() / pos.sum().clamp(min=1.0)
+        polar = polar + ((w + POLAR_TARGET) ** 2 * neg).sum() / neg.sum().clamp(min=1.0)
+        return {"active": active, "polarization": polar}
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        """Numbers for logs: kept channels (hard count, or #{w >= 0} while soft), temperature, offset."""
+        kept = float(self.hard_mask.sum()) if self._hard else float((self.logits >= 0).sum())
+        return {
+            "kept_channels": kept,
+            "temperature": float(self.tau),
+            "offset": float(self.beta),
+            "hard": float(self._hard),
+            "step": float(self.step),
+        }
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, kept_width={self.kept_width}, hard={self._hard}"

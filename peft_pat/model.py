@@ -1,0 +1,434 @@
+"""`PATModel`: the PEFT tuner that injects PAT layers, owns the shared masks, adds the auxiliary
+loss in its forward pass and turns a trained adapter into a smaller stock model (``merge_and_prune``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists, onload_layer
+from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
+from tqdm.auto import tqdm
+from torch import nn
+
+from . import prune
+from .config import PATConfig
+from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
+from .families import FAMILIES, FamilySpec, family_for_model_type
+from .layer import PATEmbedding, PATLayer, PATLinear
+from .mask import PATMask
+from .surgery import get_module, prune_hidden_channels
+from .width import resolve_kept_width
+
+DEFAULT_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
+
+
+def default_hsm_rank(hidden_size: int) -> int:
+    """About 5% of the hidden size, rounded up to a multiple of 8 and below hidden_size."""
+    rank = 8 * math.ceil(DEFAULT_HSM_RANK_FRACTION * hidden_size / 8)
+    return max(1, min(rank, hidden_size - 1))
+
+
+class PATModel(BaseTuner):
+    """Pruning-Aware Tuning (Liu et al., AAAI-25) as a PEFT tuner.
+
+    Layout (pat-method.md §1): an HSM on the embedding and on every ``o_proj``/``down_proj`` output,
+    one :class:`~peft_pat.mask.PATMask` per adapter shared by all of them (``self.pat_mask``), and LoRA
+    on ``target_modules``. The training-time forward adds the auxiliary losses to ``output.loss``.
+    """
+
+    prefix: str = "pat_"
+    tuner_layer_cls = PATLayer
+    target_module_mapping = {t: list(f.lora_targets) for f in FAMILIES for t in f.model_types}
+    uses_shared_state: bool = True
+
+    # ------------------------------------------------------------------ injection
+    def _pre_injection_hook(self, model: nn.Module, config: PATConfig, adapter_name: str) -> None:
+        if "pat_mask" not in self._modules:
+            self.pat_mask = nn.ModuleDict()
+        self.last_auxiliary_losses: dict[str, float] = {}
+        self._pruned = False
+
+    @property
+    def family(self) -> FamilySpec:
+        return family_for_model_type(getattr(self.model.config, "model_type", None))
+
+    def _prepare_adapter_config(self, peft_config: PATConfig, model_config: dict) -> PATConfig:
+        if not isinstance(peft_config, PATConfig):
+            raise PATConfigError(f"PATModel needs a PATConfig, got {type(peft_config).__name__}.")
+        model_type = model_config.get("model_type")
+        family = family_for_model_type(model_type)
+        if model_config.get("quantization_config"):
+            raise UnsupportedModelError(
+                "PAT cannot wrap a quantized base model (found `quantization_config` in its config): merging "
+                "and pruning need exact float weights. Load the base in float32/bfloat16/float16 instead."
+            )
+        hidden = int(model_config["hidden_size"])
+        vocab = model_config.get("vocab_size")
+        heads = int(model_config["num_attention_heads"])
+        recorded = (
+            ("model family", peft_config.base_model_type, model_type),
+            ("hidden_size", peft_config.base_hidden_size, hidden),
+            ("vocab_size", peft_config.base_vocab_size, vocab),
+        )
+        for what, saved, actual in recorded:
+            if saved is not None and actual is not None and saved != actual:
+                raise AdapterMismatchError(
+                    f"This PAT adapter was trained on a base model with {what}={saved!r}, but the base model it is "
+                    f"being applied to has {what}={actual!r}. Load it onto the model it was trained from "
+                    f"(adapter_config.json: base_model_name_or_path={peft_config.base_model_name_or_path!r})."
+                )
+        peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
+            model_type,
+            hidden,
+            vocab,
+        )
+        if peft_config.kept_width is None:
+            peft_config.kept_width = resolve_kept_width(
+                hidden, heads, peft_config.target_sparsity, peft_config.target_width, peft_config.width_multiple
+            )
+        elif not 0 < peft_config.kept_width < hidden or peft_config.kept_width % heads:
+            raise AdapterMismatchError(
+                f"kept_width={peft_config.kept_width} recorded in the adapter does not fit this base model "
+                f"(hidden_size={hidden}, num_attention_heads={heads})."
+            )
+        if peft_config.hsm_rank is None:
+            peft_config.hsm_rank = default_hsm_rank(hidden)
+        elif peft_config.hsm_rank >= hidden:
+            raise PATConfigError(
+                f"hsm_rank={peft_config.hsm_rank} must be smaller than the hidden size ({hidden}); the HSM operator "
+                f"is identity plus a low-rank term. The paper uses about 5% of hidden_size (here "
+                f"{default_hsm_rank(hidden)})."
+            )
+        if peft_config.embedding_hsm == "auto":
+            tied = bool(model_config.get("tie_word_embeddings", False))
+            peft_config.embedding_hsm = "diagonal" if tied else "full"
+        for name in peft_config.modules_to_save or []:
+            if any(name == p.rsplit(".", 1)[-1] for p in (family.embedding, *family.producers)):
+                raise PATConfigError(
+                    f"modules_to_save contains {name!r}, a producer of the residual stream that PAT already adapts "
+                    "with an HSM; remove it from modules_to_save."
+                )
+        if peft_config.target_modules is None:
+            peft_config.target_modules = list(family.lora_targets)
+        return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: PATConfig, key: str):
+        family = family_for_model_type(peft_config.base_model_type)
+        if family.is_producer(key):
+            return True
+        if peft_config.r == 0:
+            return False
+        return check_target_module_exists(peft_config, key)
+
+    def _ensure_mask(self, config: PATConfig, adapter_name: str) -> nn.ModuleDict:
+        if "pat_mask" not in self._modules:
+            self.pat_mask = nn.ModuleDict()
+        if adapter_name not in self.pat_mask:
+            mask = PATMask(
+                config.base_hidden_size,
+                config.kept_width,
+                milestone=config.mask_milestone,
+                freeze=config.mask_freeze,
+                lr_ratio=config.mask_lr_ratio,
+                random_init=not config.init_weights,
+            )
+            device = self.model.get_input_embeddings().weight.device
+            if device.type != "meta":
+                mask.to(device)
+            mask.requires_grad_(not config.inference_mode)
+            self.pat_mask[adapter_name] = mask
+        return self.pat_mask
+
+    def _create_and_replace(
+        self,
+        peft_config: PATConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        family = family_for_model_type(peft_config.base_model_type)
+        masks = self._ensure_mask(peft_config, adapter_name)
+        is_embedding = family.is_embedding(current_key)
+        with_hsm = family.is_producer(current_key)
+        wants_lora = peft_config.r > 0 and bool(check_target_module_exists(peft_config, current_key))
+        if is_embedding and wants_lora:
+            raise PATConfigError(
+                f"target_modules matches the embedding '{current_key}', which PAT already adapts with an HSM "
+                "(no LoRA on embeddings); remove it from target_modules."
+            )
+        diagonal = is_embedding and peft_config.embedding_hsm == "diagonal"
+        kwargs: dict[str, Any] = {
+            "lora_rank": peft_config.r if wants_lora else 0,
+            "lora_alpha": peft_config.lora_alpha,
+            "lora_dropout": peft_config.lora_dropout,
+            "hsm_rank": None if diagonal else peft_config.hsm_rank,
+            "with_hsm": with_hsm,
+            "init_weights": peft_config.init_weights,
+            "inference_mode": peft_config.inference_mode,
+        }
+        if isinstance(target, PATLayer):
+            target.update_layer(adapter_name, masks, **kwargs)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise UnsupportedModelError(f"'{current_key}' is already wrapped by another PEFT method ({type(target)}).")
+        if type(target) is nn.Linear or (isinstance(target, nn.Linear) and type(target).__module__.startswith("torch")):
+            new_module: nn.Module = PATLinear(target, adapter_name, masks, **kwargs)
+        elif isinstance(target, nn.Embedding) and is_embedding:
+            new_module = PATEmbedding(target, adapter_name, masks, **kwargs)
+        else:
+            raise UnsupportedModelError(
+                f"PAT cannot wrap '{current_key}' of type {type(target).__module__}.{type(target).__name__}: only "
+                "plain float nn.Linear / nn.Embedding layers can be merged and pruned exactly. Quantized layers "
+                "(bitsandbytes, GPTQ, AWQ, ...) are not supported; load the base model in a float dtype."
+            )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ trainability of the shared mask
+    def _sync_mask_requires_grad(self) -> None:
+        if "pat_mask" not in self._modules:
+            return
+        enabled = not getattr(self, "_pat_adapters_disabled", False)
+        for name, mask in self.pat_mask.items():
+            config = self.peft_config.get(name)
+            trainable = enabled and name in self.active_adapters and not (config and config.inference_mode)
+            mask.logits.requires_grad_(trainable)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._sync_mask_requires_grad()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_mask_requires_grad()
+        if inference_mode and "pat_mask" in self._modules:
+            names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+            for name in names:
+                if name in self.pat_mask:
+                    self.pat_mask[name].logits.requires_grad_(False)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._pat_adapters_disabled = not enabled
+        self._sync_mask_requires_grad()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.pat_mask.keys()):
+            self.pat_mask[name].logits.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.pat_mask:
+            del self.pat_mask[adapter_name]
+        self._sync_mask_requires_grad()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype and adapter_name in self.pat_mask:
+            logits = self.pat_mask[adapter_name].logits
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits.data = logits.data.float()
+
+    # ------------------------------------------------------------------ schedule
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Drive the mask schedule: call once per optimizer step (the callback does this for Trainer)."""
+        for name, mask in self.pat_mask.items():
+            if mask.set_step(step, total_steps):
+                kept = int(mask.hard_mask.sum())
+                warnings.warn(
+                    f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {kept} of "
+                    f"{mask.hidden_size} hidden channels kept.",
+                    stacklevel=2,
+                )
+
+    def harden_mask(self, adapter_name: Optional[str] = None) -> None:
+        """Turn the mask of ``adapter_name`` (default: the active one) into the exact top-N 0/1 mask now."""
+        self.pat_mask[self._single_adapter(adapter_name)].harden()
+
+    def pat_stats(self, adapter_name: Optional[str] = None) -> dict[str, float]:
+        """Schedule state and the last auxiliary losses, for logging."""
+        stats = self.pat_mask[self._single_adapter(adapter_name)].stats()
+        stats.update(self.last_auxiliary_losses)
+        return stats
+
+    # ------------------------------------------------------------------ losses
+    def _pat_layers(self) -> list[PATLayer]:
+        return [m for m in self.model.modules() if isinstance(m, PATLayer)]
+
+    def auxiliary_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of the active-channel, polarisation and identity losses of the active adapters."""
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        layers = None
+        for name in self.active_adapters:
+            if name not in self.pat_mask:
+                continue
+            config: PATConfig = self.peft_config[name]
+            mask_losses = self.pat_mask[name].auxiliary_losses()
+            terms = {
+                "active_loss": mask_losses["active"] * config.active_loss_weight,
+                "polarization_loss": mask_losses["polarization"] * config.polarization_weight,
+            }
+            if config.identity_loss == "l0_gram" and config.identity_loss_weight > 0:
+                layers = self._pat_layers() if layers is None else layers
+                identity = [loss for m in layers if (loss := m.identity_loss(name)) is not None]
+                if identity:
+                    device = terms["active_loss"].device
+                    terms["identity_loss"] = torch.stack([x.to(device) for x in identity]).sum() * (
+                        config.identity_loss_weight
+                    )
+            for key, value in terms.items():
+                parts[key] = parts[key] + value if key in parts else value
+                total = value if total is None else total + value
+        if total is None:
+            total = torch.zeros(())
+        return total, parts
+
+    def forward(self, *args: Any, **kwargs: Any):
+        outputs = self.model(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        if not self.training or loss is None or "pat_mask" not in self._modules or not len(self.pat_mask):
+            return outputs
+        aux, parts = self.auxiliary_loss()
+        outputs.loss = loss + aux.to(loss.device) * self._aux_fraction(kwargs)
+        self.last_auxiliary_losses = {k: float(v.detach()) for k, v in parts.items()}
+        self.last_auxiliary_losses["task_loss"] = float(loss.detach())
+        return outputs
+
+    @staticmethod
+    def _aux_fraction(kwargs: dict[str, Any]) -> float | torch.Tensor:
+        """Share of this micro-batch in the optimizer step when the Trainer normalises by token count.
+
+        With ``num_items_in_batch`` the task loss is sum / (tokens in the whole accumulated, possibly
+        multi-process, batch) and the Trainer does not divide by the accumulation steps, so the
+        auxiliary loss is weighted by this micro-batch's token share to count once per step.
+        """
+        num_items = kwargs.get("num_items_in_batch")
+        labels = kwargs.get("labels")
+        if num_items is None or labels is None:
+            return 1.0
+        local = (labels[..., 1:] != -100).sum()
+        return local.to(torch.float32) / torch.as_tensor(num_items, dtype=torch.float32, device=local.device)
+
+    # ------------------------------------------------------------------ merging
+    def _single_adapter(self, adapter_name: Optional[str]) -> str:
+        if adapter_name is not None:
+            if adapter_name not in self.pat_mask:
+                raise PATConfigError(f"Unknown PAT adapter '{adapter_name}'; known: {sorted(self.pat_mask)}.")
+            return adapter_name
+        active = [a for a in self.active_adapters if a in self.pat_mask]
+        if len(active) != 1:
+            raise PATStateError(
+                f"Expected exactly one active PAT adapter, found {active}; pass adapter_name= or call set_adapter()."
+            )
+        return active[0]
+
+    def _check_not_pruned(self) -> None:
+        if getattr(self, "_pruned", False):
+            raise PATStateError(
+                "This model was already merged and pruned: merge_and_prune() works in place and returns the "
+                "pruned model. Use that returned model, or reload the base model and the adapter to merge again."
+            )
+
+    def _fold_tied_diagonal_embedding(self, adapter_name: str) -> bool:
+        """Keep tied embeddings tied: E <- E diag(g), final-norm gain <- gain / g (exact; module docstring of prune)."""
+        family = self.family
+        embedding = get_module(self.model, family.embedding)
+        lm_head = get_module(self.model, family.lm_head)
+        if not isinstance(embedding, PATEmbedding) or adapter_name not in embedding.pat_hsm_scale:
+            return False
+        if adapter_name in embedding.pat_hsm_down:
+            return False
+        base = embedding.get_base_layer()
+        if getattr(lm_head, "weight", None) is not base.weight:
+            return False
+        gate_scale = embedding.hsm_gate_scale(adapter_name).detach()
+        live = gate_scale[gate_scale != 0].abs()
+        if live.numel() and float(live.min()) < 1e-4 * float(live.max()):
+            return False  # dividing the final norm by a near-zero scale would lose precision: untie instead
+        norm = get_module(self.model, family.final_norm)
+        with torch.no_grad():
+            base.weight.data = (base.weight.float() * gate_scale.to(base.weight.device)).to(base.weight.dtype)
+            norm.weight.data = prune.divide_norm_gain(norm.weight, gate_scale.to(norm.weight.device), family.norm_offset)
+        embedding.merged_adapters.append(adapter_name)
+        return True
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ):
+        """Fold every PAT layer at full width (no unmerge backups) and replace the wrappers by base layers."""
+        self._check_not_pruned()
+        if merge:
+            names = adapter_names or [a for a in self.active_adapters if a in self.peft_config]
+            for name in names:
+                tied_done = self._fold_tied_diagonal_embedding(name)
+                for module in self._pat_layers():
+                    if tied_done and isinstance(module, PATEmbedding):
+                        continue
+                    with onload_layer(module):
+                        module.merge(safe_merge=safe_merge, adapter_names=[name], keep_backup=False)
+            self._untie_flag_if_diverged()
+        keys = [key for key, module in self.model.named_modules() if isinstance(module, (PATLayer, AuxiliaryTrainingWrapper))]
+        for key in tqdm(keys, disable=not progressbar, desc="Unloading PAT layers"):
+            parent, target, target_name = _get_submodules(self.model, key)
+            if isinstance(target, AuxiliaryTrainingWrapper):
+                replacement = target.unload_and_optionally_merge_module(
+                    merge=merge, safe_merge=safe_merge, adapter_names=adapter_names
+                )
+            else:
+                replacement = target.get_base_layer()
+            setattr(parent, target_name, replacement)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    def _untie_flag_if_diverged(self) -> None:
+        family = self.family
+        embedding = get_module(self.model, family.embedding)
+        lm_head = get_module(self.model, family.lm_head)
+        base = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
+        if getattr(self.model.config, "tie_word_embeddings", False) and lm_head.weight is not base.weight:
+            self.model.config.tie_word_embeddings = False
+
+    def merge_and_prune(self, adapter_name: Optional[str] = None, progressbar: bool = False) -> nn.Module:
+        """Fold LoRA and the HSMs into the base weights, drop the masked hidden channels and return the
+        smaller stock transformers model (``config.hidden_size`` = kept width, ``head_dim`` pinned).
+
+        Works in place: the PEFT model is consumed. If the mask is still soft (training stopped before
+        the freeze step), it is first hardened to the exact top-N channels, with a warning.
+        """
+        self._check_not_pruned()
+        name = self._single_adapter(adapter_name)
+        mask = self.pat_mask[name]
+        if not mask._hard:
+            warnings.warn(
+                f"PAT adapter '{name}': the mask is still soft (step {int(mask.step)} of {int(mask.total_steps)}, "
+                "before the freeze point); hardening it now to the exact top-N channels. The merged model then "
+                "differs from the soft-masked model; train past the freeze point for an exact match.",
+                stacklevel=2,
+            )
+            mask.harden()
+        keep = mask.kept_indices()
+        family = self.family
+        others = [a for a in self.peft_config if a != name]
+        if others:
+            warnings.warn(f"merge_and_prune keeps only adapter '{name}'; dropping {others}.", stacklevel=2)
+        model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, adapter_names=[name])
+        prune_hidden_channels(model, family, keep.to("cpu"), progressbar=progressbar)
+        self._pruned = True
+        return model

@@ -1,0 +1,66 @@
+"""Choosing the kept hidden width N (design.md invariant 5).
+
+transformers refuses to save a config whose ``hidden_size`` is not a multiple of
+``num_attention_heads``, and matmul kernels run fastest on widths that are multiples of 64/128. N is
+therefore a multiple of ``lcm(num_attention_heads, m)``: with ``width_multiple=None`` the largest
+``m`` in (128, 64, ..., 1) whose rounding stays within ``AUTO_TOLERANCE`` of the requested width.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import PATConfigError
+
+AUTO_MULTIPLES = (128, 64, 32, 16, 8, 4, 2, 1)
+AUTO_TOLERANCE = 1 / 32  # largest |N - (1 - p) d| accepted for a kernel-friendly multiple, as a fraction of d
+
+
+def _round_to(target: float, quantum: int) -> int:
+    return int(round(target / quantum)) * quantum
+
+
+def resolve_kept_width(
+    hidden_size: int,
+    num_attention_heads: int,
+    target_sparsity: float | None,
+    target_width: int | None,
+    width_multiple: int | None = None,
+) -> int:
+    """Kept width N for a model of width ``hidden_size`` (exactly one of sparsity / width given)."""
+    d, heads = int(hidden_size), int(num_attention_heads)
+    if target_width is not None:
+        if not 0 < target_width < d:
+            raise PATConfigError(
+                f"target_width={target_width} cannot be reached: it must lie strictly between 0 and the "
+                f"model's hidden_size={d}."
+            )
+        quantum = heads if width_multiple is None else math.lcm(heads, width_multiple)
+        if target_width % quantum:
+            below, above = (target_width // quantum) * quantum, (target_width // quantum + 1) * quantum
+            options = [w for w in (below, above) if 0 < w < d]
+            raise PATConfigError(
+                f"target_width={target_width} is not a multiple of {quantum} (lcm of num_attention_heads={heads}"
+                f"{'' if width_multiple is None else f' and width_multiple={width_multiple}'}); transformers "
+                f"needs hidden_size % num_attention_heads == 0. Use one of {options}."
+            )
+        return target_width
+
+    sparsity = 0.25 if target_sparsity is None else float(target_sparsity)
+    target = (1.0 - sparsity) * d
+    multiples = AUTO_MULTIPLES if width_multiple is None else (width_multiple,)
+    for m in multiples:
+        quantum = math.lcm(heads, m)
+        width = _round_to(target, quantum)
+        if not 0 < width < d:
+            continue
+        if width_multiple is not None or abs(width - target) <= AUTO_TOLERANCE * d:
+            return width
+    quantum = math.lcm(heads, width_multiple or 1)
+    raise PATConfigError(
+        f"target_sparsity={sparsity} cannot be reached on hidden_size={d}: the kept width must be a multiple of "
+        f"{quantum} (num_attention_heads={heads}"
+        f"{'' if width_multiple is None else f', width_multiple={width_multiple}'}) strictly between 0 and {d}, "
+        f"and the nearest is {_round_to(target, quantum)}. Choose a sparsity between {quantum / d:.3f} and "
+        f"{1 - quantum / d:.3f}{' or a smaller width_multiple' if width_multiple else ''}."
+    )
