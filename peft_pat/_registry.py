@@ -12,7 +12,7 @@ import enum
 PREFIX = "pat_"
 
 
-class PatPeftType(str, enum.Enum):
+class PatPeftType(str, enum.Enum):  # noqa: UP042  (PEFT compares peft_type with str values)
     PAT = "PAT"
 
 

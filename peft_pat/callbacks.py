@@ -71,7 +71,9 @@ class PATCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)
         if tuner is None:
-            warnings.warn("PATCallback: the model being trained has no PAT adapter; the callback does nothing.")
+            warnings.warn(
+                "PATCallback: the model being trained has no PAT adapter; the callback does nothing.", stacklevel=2
+            )
             return
         tuner.set_step(state.global_step, max(state.max_steps, 1))
 
@@ -88,7 +90,8 @@ class PATCallback(TrainerCallback):
         if soft:
             warnings.warn(
                 f"PAT: training ended before the mask froze for adapter(s) {soft}; merge_and_prune() will harden it "
-                "to the exact top-N channels. Lower mask_freeze or train longer for train = deploy."
+                "to the exact top-N channels. Lower mask_freeze or train longer for train = deploy.",
+                stacklevel=2,
             )
 
     # -------------------------------------------------------------- optimizer treatment of the mask
@@ -122,7 +125,8 @@ class PATCallback(TrainerCallback):
                         warnings.warn(
                             f"PATCallback: weight_decay={decay} applies to the PAT mask logits and the optimizer "
                             f"{type(inner).__name__} does not decay decoupled, so it cannot be undone; use AdamW "
-                            "(the Trainer default) or a param group with weight_decay=0 for the mask."
+                            "(the Trainer default) or a param group with weight_decay=0 for the mask.",
+                            stacklevel=2,
                         )
                         self._warned_optimizer = True
                     continue

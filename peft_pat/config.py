@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -39,18 +38,18 @@ class PATConfig(PeftConfig):
     """
 
     # --- how much to prune ---
-    target_sparsity: Optional[float] = field(
+    target_sparsity: float | None = field(
         default=None, metadata={"help": "Fraction of hidden channels removed, in (0, 1). Default 0.25."}
     )
-    target_width: Optional[int] = field(
+    target_width: int | None = field(
         default=None, metadata={"help": "Number of hidden channels kept (instead of target_sparsity)."}
     )
-    width_multiple: Optional[int] = field(
+    width_multiple: int | None = field(
         default=None,
         metadata={"help": "Kept width is a multiple of lcm(num_attention_heads, width_multiple). None: auto."},
     )
     # --- HSM ---
-    hsm_rank: Optional[int] = field(
+    hsm_rank: int | None = field(
         default=None, metadata={"help": "Rank of the HSM operator I + L1 L0. None: about 5% of hidden_size."}
     )
     embedding_hsm: str = field(
@@ -64,18 +63,18 @@ class PATConfig(PeftConfig):
     r: int = field(default=20, metadata={"help": "LoRA rank on target_modules (0: no LoRA, HSMs only)."})
     lora_alpha: float = field(default=20.0, metadata={"help": "LoRA scaling numerator: scaling = lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "LoRA targets (PEFT semantics). None: every decoder-layer linear."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules excluded from LoRA (HSMs always sit on every producer)."}
     )
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; keep None."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unsupported; keep None."})
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Restrict LoRA to these layer indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "PEFT semantics."})
-    modules_to_save: Optional[list[str]] = field(
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "PEFT semantics."})
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra fully trained modules (PEFT semantics); not producers."}
     )
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
@@ -110,10 +109,10 @@ class PATConfig(PeftConfig):
     )
     identity_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the identity loss."})
     # --- recorded at injection, checked when loading onto another base ---
-    base_model_type: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
-    base_hidden_size: Optional[int] = field(default=None, metadata={"help": "Filled in automatically."})
-    base_vocab_size: Optional[int] = field(default=None, metadata={"help": "Filled in automatically."})
-    kept_width: Optional[int] = field(default=None, metadata={"help": "Resolved N, filled in automatically."})
+    base_model_type: str | None = field(default=None, metadata={"help": "Filled in automatically."})
+    base_hidden_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
+    base_vocab_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
+    kept_width: int | None = field(default=None, metadata={"help": "Resolved N, filled in automatically."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -109,8 +109,21 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     **{
         t: _LAYERNORM
         for t in (
-            "gpt2", "opt", "gpt_neox", "gptj", "gpt_bigcode", "bloom", "falcon", "phi", "stablelm",
-            "starcoder2", "mpt", "codegen", "gpt_neo", "bert", "roberta",
+            "gpt2",
+            "opt",
+            "gpt_neox",
+            "gptj",
+            "gpt_bigcode",
+            "bloom",
+            "falcon",
+            "phi",
+            "stablelm",
+            "starcoder2",
+            "mpt",
+            "codegen",
+            "gpt_neo",
+            "bert",
+            "roberta",
         )
     },
     "olmo": "its non-parametric LayerNorm subtracts the mean; " + _LAYERNORM.split("; ", 1)[-1],

@@ -62,7 +62,7 @@ class PATLayer(BaseTunerLayer):
         init_weights: bool,
         inference_mode: bool = False,
     ) -> None:
-        """Add adapter ``adapter_name``: LoRA if ``lora_rank`` > 0, an HSM if ``with_hsm`` (low-rank if ``hsm_rank``)."""
+        """Add ``adapter_name``: LoRA if ``lora_rank`` > 0, an HSM if ``with_hsm`` (low-rank if ``hsm_rank``)."""
         object.__setattr__(self, "_pat_masks", masks)
         if lora_rank > 0:
             in_features, out_features = self._lora_shape()

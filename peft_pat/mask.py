@@ -48,11 +48,11 @@ class _ScaledLogits(torch.autograd.Function):
 
 def milestone_step(total_steps: int, fraction: float) -> int:
     """s0 in Eqs. 8-9: ``fraction`` of the run, at least 2 so that ln s0 > 0."""
-    return max(2, int(round(fraction * total_steps)))
+    return max(2, round(fraction * total_steps))
 
 
 def freeze_step(total_steps: int, fraction: float) -> int:
-    return max(1, int(round(fraction * total_steps)))
+    return max(1, round(fraction * total_steps))
 
 
 def temperature(step: int, s0: int) -> float:

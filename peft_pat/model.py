@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
-from tqdm.auto import tqdm
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import prune
 from .config import PATConfig
@@ -42,7 +42,9 @@ class PATModel(BaseTuner):
 
     prefix: str = "pat_"
     tuner_layer_cls = PATLayer
-    target_module_mapping = {t: list(f.lora_targets) for f in FAMILIES for t in f.model_types}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {
+        t: list(f.lora_targets) for f in FAMILIES for t in f.model_types
+    }
     uses_shared_state: bool = True
 
     # ------------------------------------------------------------------ injection
@@ -152,7 +154,7 @@ class PATModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
     ) -> None:
         family = family_for_model_type(peft_config.base_model_type)
         masks = self._ensure_mask(peft_config, adapter_name)
@@ -252,11 +254,11 @@ class PATModel(BaseTuner):
                     stacklevel=2,
                 )
 
-    def harden_mask(self, adapter_name: Optional[str] = None) -> None:
+    def harden_mask(self, adapter_name: str | None = None) -> None:
         """Turn the mask of ``adapter_name`` (default: the active one) into the exact top-N 0/1 mask now."""
         self.pat_mask[self._single_adapter(adapter_name)].harden()
 
-    def pat_stats(self, adapter_name: Optional[str] = None) -> dict[str, float]:
+    def pat_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Schedule state and the last auxiliary losses, for logging."""
         stats = self.pat_mask[self._single_adapter(adapter_name)].stats()
         stats.update(self.last_auxiliary_losses)
@@ -322,7 +324,7 @@ class PATModel(BaseTuner):
         return local.to(torch.float32) / torch.as_tensor(num_items, dtype=torch.float32, device=local.device)
 
     # ------------------------------------------------------------------ merging
-    def _single_adapter(self, adapter_name: Optional[str]) -> str:
+    def _single_adapter(self, adapter_name: str | None) -> str:
         if adapter_name is not None:
             if adapter_name not in self.pat_mask:
                 raise PATConfigError(f"Unknown PAT adapter '{adapter_name}'; known: {sorted(self.pat_mask)}.")
@@ -360,7 +362,9 @@ class PATModel(BaseTuner):
         norm = get_module(self.model, family.final_norm)
         with torch.no_grad():
             base.weight.data = (base.weight.float() * gate_scale.to(base.weight.device)).to(base.weight.dtype)
-            norm.weight.data = prune.divide_norm_gain(norm.weight, gate_scale.to(norm.weight.device), family.norm_offset)
+            norm.weight.data = prune.divide_norm_gain(
+                norm.weight, gate_scale.to(norm.weight.device), family.norm_offset
+            )
         embedding.merged_adapters.append(adapter_name)
         return True
 
@@ -369,7 +373,7 @@ class PATModel(BaseTuner):
         merge: bool = True,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
     ):
         """Fold every PAT layer at full width (no unmerge backups) and replace the wrappers by base layers."""
         self._check_not_pruned()
@@ -383,7 +387,11 @@ class PATModel(BaseTuner):
                     with onload_layer(module):
                         module.merge(safe_merge=safe_merge, adapter_names=[name], keep_backup=False)
             self._untie_flag_if_diverged()
-        keys = [key for key, module in self.model.named_modules() if isinstance(module, (PATLayer, AuxiliaryTrainingWrapper))]
+        keys = [
+            key
+            for key, module in self.model.named_modules()
+            if isinstance(module, (PATLayer, AuxiliaryTrainingWrapper))
+        ]
         for key in tqdm(keys, disable=not progressbar, desc="Unloading PAT layers"):
             parent, target, target_name = _get_submodules(self.model, key)
             if isinstance(target, AuxiliaryTrainingWrapper):
@@ -405,7 +413,7 @@ class PATModel(BaseTuner):
         if getattr(self.model.config, "tie_word_embeddings", False) and lm_head.weight is not base.weight:
             self.model.config.tie_word_embeddings = False
 
-    def merge_and_prune(self, adapter_name: Optional[str] = None, progressbar: bool = False) -> nn.Module:
+    def merge_and_prune(self, adapter_name: str | None = None, progressbar: bool = False) -> nn.Module:
         """Fold LoRA and the HSMs into the base weights, drop the masked hidden channels and return the
         smaller stock transformers model (``config.hidden_size`` = kept width, ``head_dim`` pinned).
 

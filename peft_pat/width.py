@@ -17,7 +17,7 @@ AUTO_TOLERANCE = 1 / 32  # largest |N - (1 - p) d| accepted for a kernel-friendl
 
 
 def _round_to(target: float, quantum: int) -> int:
-    return int(round(target / quantum)) * quantum
+    return round(target / quantum) * quantum
 
 
 def resolve_kept_width(
@@ -54,7 +54,8 @@ def resolve_kept_width(
         width = _round_to(target, quantum)
         if not 0 < width < d:
             continue
-        if width_multiple is not None or abs(width - target) <= AUTO_TOLERANCE * d:
+        last = m == multiples[-1]  # the plain head-count quantum is always acceptable
+        if last or abs(width - target) <= AUTO_TOLERANCE * d:
             return width
     quantum = math.lcm(heads, width_multiple or 1)
     raise PATConfigError(

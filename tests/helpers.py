@@ -1,0 +1,45 @@
+"""Shared helpers for model-level tests."""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model
+
+from peft_pat import PATConfig
+
+
+def wrap(base, **kwargs):
+    config = PATConfig(
+        task_type="CAUSAL_LM",
+        **{"target_sparsity": 0.25, "hsm_rank": 8, "r": 4, **kwargs},
+    )
+    return get_peft_model(base, config)
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(input_ids=ids).logits.float()
+
+
+def assert_logits_close(actual, expected, scale=None):
+    """Exact up to float32 accumulation: |diff| <= 2e-5 * max(1, max|logits|)."""
+    scale = float(expected.abs().max()) if scale is None else scale
+    diff = float((actual - expected).abs().max())
+    assert diff <= 2e-5 * max(1.0, scale), f"max |logit diff| {diff:.3e} (logit scale {scale:.3e})"
+    return diff
+
+
+def train_steps(model, ids, steps=6, total=None, lr=1e-2):
+    """A few AdamW steps on a causal-LM loss, driving the schedule like a plain loop would."""
+    total = total or steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.set_step(step + 1, total)
+    model.eval()
+    return loss.detach()
