@@ -75,7 +75,7 @@ class PATCallback(TrainerCallback):
                 "PATCallback: the model being trained has no PAT adapter; the callback does nothing.", stacklevel=2
             )
             return
-        tuner.set_step(state.global_step, max(state.max_steps, 1))
+        tuner.set_step(state.global_step, max(state.max_steps, 1), learning_rate=args.learning_rate)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)

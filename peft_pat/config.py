@@ -90,11 +90,12 @@ class PATConfig(PeftConfig):
         default=0.8 / 3,
         metadata={"help": "Step / total steps at which the mask becomes an exact top-N 0/1 mask (paper: 0.8 s0)."},
     )
-    mask_lr_ratio: float = field(
-        default=10.0,
+    mask_lr: float | None = field(
+        default=None,
         metadata={
-            "help": "The mask logits move this many times faster than the optimizer's learning rate "
-            "(Adam-type optimizers; implemented by a reparametrisation, no param groups needed)."
+            "help": "Peak learning rate of the mask logits (Adam-type optimizers; a reparametrisation, no param "
+            "groups needed). None: 2 / s0, so the logits can reach the polarisation targets +-0.5 well before "
+            "the freeze, whatever the run length."
         },
     )
     # --- auxiliary losses ---
@@ -155,9 +156,10 @@ class PATConfig(PeftConfig):
                     f"PATConfig.{name}={value} must be a fraction of the run in (0, 1]; e.g. mask_milestone=1/3, "
                     "mask_freeze=0.8/3."
                 )
-        _check_number("mask_lr_ratio", self.mask_lr_ratio, (int, float))
-        if self.mask_lr_ratio <= 0:
-            raise PATConfigError(f"PATConfig.mask_lr_ratio must be > 0, got {self.mask_lr_ratio}.")
+        if self.mask_lr is not None:
+            _check_number("mask_lr", self.mask_lr, (int, float))
+            if self.mask_lr <= 0:
+                raise PATConfigError(f"PATConfig.mask_lr must be > 0 (or None for automatic), got {self.mask_lr}.")
         for name in ("active_loss_weight", "polarization_weight", "identity_loss_weight"):
             value = getattr(self, name)
             _check_number(name, value, (int, float))

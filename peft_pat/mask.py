@@ -10,11 +10,14 @@ network that ships. The schedule state (step, total steps, hard mask) lives in b
 with the adapter, so a resumed run continues exactly where it stopped.
 
 The mask's own learning rate is a reparametrisation: the stored parameter is theta, the logits are
-w = kappa * theta with kappa = ``mask_lr_ratio``, and the backward pass hands theta the gradient of w
-unchanged. An Adam-type optimizer then moves w kappa times faster than its learning rate, while
-gradient clipping sees the true gradient of w. No param groups, so resuming a Trainer checkpoint and
-DDP/FSDP work unchanged. The same backward zeroes non-finite gradients, so a NaN loss cannot turn
-the logits into NaN.
+w = kappa * theta, and the backward pass hands theta the gradient of w unchanged. An Adam-type
+optimizer with learning rate lr then moves w like Adam with learning rate kappa * lr, while gradient
+clipping sees the true gradient of w. No param groups, so resuming a Trainer checkpoint and DDP/FSDP
+work unchanged. kappa = mask_lr / lr is set by :meth:`PATMask.configure_learning_rate` (the callback
+passes the Trainer's learning rate); the automatic mask_lr = 2 / s0 lets the logits travel to the
+polarisation targets +-0.5 in the first half of the soft phase, so the gate is nearly binary when it
+freezes, whatever the run length. The same backward zeroes non-finite gradients, so a NaN loss
+cannot turn the logits into NaN.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from .errors import PATConfigError, PATStateError, PATTypeError
 
+MASK_TRAVEL = 2.0  # automatic mask_lr = MASK_TRAVEL / s0 (logit units per soft phase)
 HARD_TEMPERATURE = 1e4  # temperature after the milestone if the freeze is configured later than it
 POLAR_TARGET = 0.5  # the polarisation loss pulls logits to +-0.5; hardening writes these values
 
@@ -77,7 +81,7 @@ class PATMask(nn.Module):
         *,
         milestone: float,
         freeze: float,
-        lr_ratio: float,
+        mask_lr: float | None = None,
         random_init: bool = False,
     ) -> None:
         super().__init__()
@@ -85,9 +89,10 @@ class PATMask(nn.Module):
         self.kept_width = int(kept_width)
         self.milestone_fraction = float(milestone)
         self.freeze_fraction = float(freeze)
-        self.lr_ratio = float(lr_ratio)
-        init = torch.randn(hidden_size) / self.lr_ratio if random_init else torch.zeros(hidden_size)
-        self.logits = nn.Parameter(init)
+        self.mask_lr = mask_lr
+        self.logits = nn.Parameter(torch.randn(hidden_size) if random_init else torch.zeros(hidden_size))
+        self.register_buffer("lr_ratio", torch.ones((), dtype=torch.float64))  # kappa
+        self.register_buffer("base_lr", torch.zeros((), dtype=torch.float64))  # optimizer lr kappa was set for
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("is_hard", torch.zeros((), dtype=torch.bool))
@@ -96,6 +101,7 @@ class PATMask(nn.Module):
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.register_buffer("beta", torch.full((), 0.5), persistent=False)
         self._hard = False
+        self._kappa = 1.0
         self._last_finite_logits: torch.Tensor | None = None
         self._reported_bad_events = 0
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
@@ -105,6 +111,7 @@ class PATMask(nn.Module):
         """Recompute tau, beta and the Python-side hard flag from the persistent buffers."""
         step, total = int(self.step), int(self.total_steps)
         self._hard = bool(self.is_hard)
+        self._kappa = float(self.lr_ratio)
         if total > 0:
             s0 = milestone_step(total, self.milestone_fraction)
             self.tau.fill_(temperature(step, s0))
@@ -113,8 +120,33 @@ class PATMask(nn.Module):
             self.tau.fill_(1.0)
             self.beta.fill_(0.5)
 
-    def set_step(self, step: int, total_steps: int) -> bool:
-        """Move the schedule to optimizer step ``step`` of ``total_steps``; returns True if it hardened now."""
+    def configure_learning_rate(self, learning_rate: float, total_steps: int) -> float:
+        """Set kappa = mask_lr / learning_rate for an optimizer whose peak learning rate is ``learning_rate``.
+
+        The logits w = kappa * theta keep their values (theta is rescaled), so this can be called again,
+        e.g. when resuming; calling it with the same arguments changes nothing. Returns kappa.
+        """
+        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+            raise PATConfigError(f"learning_rate must be a positive number, got {learning_rate!r}.")
+        target = self.mask_lr or MASK_TRAVEL / milestone_step(total_steps, self.milestone_fraction)
+        kappa = target / learning_rate
+        if float(self.base_lr) == learning_rate and math.isclose(kappa, float(self.lr_ratio), rel_tol=1e-12):
+            return kappa
+        with torch.no_grad():
+            self.logits.mul_(float(self.lr_ratio) / kappa)
+            if self._last_finite_logits is not None:
+                self._last_finite_logits.mul_(float(self.lr_ratio) / kappa)
+        self.lr_ratio.fill_(kappa)
+        self.base_lr.fill_(learning_rate)
+        self._kappa = kappa
+        return kappa
+
+    def set_step(self, step: int, total_steps: int, learning_rate: float | None = None) -> bool:
+        """Move the schedule to optimizer step ``step`` of ``total_steps``; returns True if it hardened now.
+
+        Pass the optimizer's peak ``learning_rate`` (once is enough) to give the mask its own learning
+        rate (see :meth:`configure_learning_rate`); without it the mask learns at the optimizer's rate.
+        """
         for name, value in (("step", step), ("total_steps", total_steps)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise PATTypeError(f"set_step: {name} must be an int, got {type(value).__name__} ({value!r}).")
@@ -125,6 +157,8 @@ class PATMask(nn.Module):
                 f"set_step: step={step} is outside the run [0, total_steps={total_steps}]. Call it once per "
                 "optimizer step with the number of steps taken so far and the planned total."
             )
+        if learning_rate is not None:
+            self.configure_learning_rate(learning_rate, total_steps)
         self._guard_finite_logits()
         self.step.fill_(step)
         self.total_steps.fill_(total_steps)
@@ -157,7 +191,7 @@ class PATMask(nn.Module):
     # ------------------------------------------------------------------ gate
     def effective_logits(self) -> torch.Tensor:
         """w = kappa * theta (see module docstring)."""
-        return _ScaledLogits.apply(self.logits, self.lr_ratio, self.bad_grad_events)
+        return _ScaledLogits.apply(self.logits, self._kappa, self.bad_grad_events)
 
     def gate(self) -> torch.Tensor:
         """M in Eq. 10 (soft phase) or the exact 0/1 top-N mask (after the freeze); shape (d,)."""
@@ -168,12 +202,12 @@ class PATMask(nn.Module):
     @torch.no_grad()
     def harden(self) -> None:
         """Fix the gate to the exact top-N of w (ties broken by channel index) and polarise w to +-0.5."""
-        w = self.logits.detach().float()
+        w = self.logits.detach().float()  # same order as w = kappa * theta (kappa > 0)
         order = torch.sort(w, descending=True, stable=True).indices
         hard = torch.zeros_like(self.hard_mask)
         hard[order[: self.kept_width]] = 1.0
         self.hard_mask.copy_(hard)
-        polar = torch.where(hard > 0, POLAR_TARGET, -POLAR_TARGET) / self.lr_ratio
+        polar = torch.where(hard > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
         self.logits.copy_(polar.to(self.logits.dtype))
         self.is_hard.fill_(True)
         self._hard = True
@@ -207,6 +241,8 @@ class PATMask(nn.Module):
         kept = float(self.hard_mask.sum()) if self._hard else float((self.logits >= 0).sum())
         return {
             "kept_channels": kept,
+            "gate_mean": float(self.gate().mean()),
+            "mask_lr_ratio": self._kappa,
             "temperature": float(self.tau),
             "offset": float(self.beta),
             "hard": float(self._hard),

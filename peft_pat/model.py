@@ -136,7 +136,7 @@ class PATModel(BaseTuner):
                 config.kept_width,
                 milestone=config.mask_milestone,
                 freeze=config.mask_freeze,
-                lr_ratio=config.mask_lr_ratio,
+                mask_lr=config.mask_lr,
                 random_init=not config.init_weights,
             )
             device = self.model.get_input_embeddings().weight.device
@@ -243,10 +243,14 @@ class PATModel(BaseTuner):
                 logits.data = logits.data.float()
 
     # ------------------------------------------------------------------ schedule
-    def set_step(self, step: int, total_steps: int) -> None:
-        """Drive the mask schedule: call once per optimizer step (the callback does this for Trainer)."""
+    def set_step(self, step: int, total_steps: int, learning_rate: float | None = None) -> None:
+        """Drive the mask schedule: call once per optimizer step (the callback does this for Trainer).
+
+        ``learning_rate``: the optimizer's peak learning rate; pass it (at least once) so the mask logits
+        get their own learning rate ``PATConfig.mask_lr`` (default 2 / s0).
+        """
         for name, mask in self.pat_mask.items():
-            if mask.set_step(step, total_steps):
+            if mask.set_step(step, total_steps, learning_rate=learning_rate):
                 kept = int(mask.hard_mask.sum())
                 warnings.warn(
                     f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {kept} of "

@@ -19,14 +19,14 @@ def test_registration_is_idempotent_and_complete():
 
 
 def test_config_json_roundtrip(tmp_path):
-    config = PATConfig(task_type="CAUSAL_LM", target_sparsity=0.3, hsm_rank=16, r=8, mask_lr_ratio=5.0)
+    config = PATConfig(task_type="CAUSAL_LM", target_sparsity=0.3, hsm_rank=16, r=8, mask_lr=5e-3)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "PAT"
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, PATConfig)
     assert loaded.peft_type.value == "PAT"
-    assert (loaded.target_sparsity, loaded.hsm_rank, loaded.r, loaded.mask_lr_ratio) == (0.3, 16, 8, 5.0)
+    assert (loaded.target_sparsity, loaded.hsm_rank, loaded.r, loaded.mask_lr) == (0.3, 16, 8, 5e-3)
 
 
 @pytest.mark.parametrize("sparsity", [0, 0.0, 1, 1.0, -0.1, 1.5])
@@ -49,7 +49,7 @@ def test_sparsity_and_width_together():
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
         ({"mask_milestone": 0.0}, "mask_milestone=0.0 must be a fraction"),
         ({"mask_freeze": 1.5}, "mask_freeze=1.5 must be a fraction"),
-        ({"mask_lr_ratio": 0}, "mask_lr_ratio must be > 0"),
+        ({"mask_lr": 0}, "mask_lr must be > 0"),
         ({"active_loss_weight": -1}, "active_loss_weight must be >= 0"),
         ({"identity_loss": "orthogonal"}, "identity_loss='orthogonal' is unknown"),
         ({"embedding_hsm": "lowrank"}, "embedding_hsm='lowrank' is unknown"),

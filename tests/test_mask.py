@@ -10,7 +10,7 @@ from peft_pat.mask import PATMask, freeze_step, milestone_step, offset, temperat
 
 
 def make_mask(d=16, kept=12, **kw):
-    kw = {"milestone": 1 / 3, "freeze": 0.8 / 3, "lr_ratio": 1.0, **kw}
+    kw = {"milestone": 1 / 3, "freeze": 0.8 / 3, **kw}
     return PATMask(d, kept, **kw)
 
 
@@ -66,17 +66,39 @@ def test_gradients_reach_logits_before_freeze_only():
     assert not mask.gate().requires_grad
 
 
-def test_lr_ratio_scales_logits_not_gradients():
-    a, b = make_mask(lr_ratio=1.0), make_mask(lr_ratio=10.0)
+def test_own_learning_rate_scales_logits_not_gradients():
+    a, b = make_mask(), make_mask(mask_lr=1e-2)
+    assert b.configure_learning_rate(1e-3, 100) == pytest.approx(10.0)  # kappa = mask_lr / lr
     with torch.no_grad():
         a.logits.fill_(0.2)
         b.logits.fill_(0.02)
     for m in (a, b):
         m.set_step(3, 100)
-    assert torch.allclose(a.gate(), b.gate())
+    assert torch.allclose(a.gate(), b.gate())  # same effective logits w = kappa * theta
     a.gate().sum().backward()
     b.gate().sum().backward()
     assert torch.allclose(a.logits.grad, b.logits.grad)  # clipping sees the gradient of w, unscaled
+
+
+def test_automatic_mask_lr_is_two_over_s0_and_idempotent():
+    mask = make_mask()
+    with torch.no_grad():
+        mask.logits.fill_(0.3)
+    kappa = mask.configure_learning_rate(2e-4, 3000)  # s0 = 1000: mask_lr = 2e-3
+    assert kappa == pytest.approx(10.0)
+    assert torch.allclose(mask.effective_logits(), torch.full((16,), 0.3))  # values kept
+    theta = mask.logits.detach().clone()
+    mask.set_step(5, 3000, learning_rate=2e-4)
+    assert torch.equal(mask.logits.detach(), theta)
+
+
+def test_adam_moves_logits_at_the_mask_learning_rate():
+    mask = make_mask(mask_lr=0.05)
+    mask.configure_learning_rate(1e-3, 100)
+    optimizer = torch.optim.Adam([mask.logits], lr=1e-3)
+    mask.effective_logits().sum().backward()
+    optimizer.step()
+    assert torch.allclose(mask.effective_logits().detach(), torch.full((16,), -0.05), atol=1e-6)
 
 
 def test_active_loss_counts_and_pushes_all_logits_together():
