@@ -19,7 +19,7 @@ which hidden-width pruning leaves alone, so they are simply not listed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import UnsupportedModelError
 
@@ -69,28 +69,23 @@ class FamilySpec:
         return match.group(2) if match else None
 
 
+_GEMMA2 = FamilySpec(
+    name="Gemma 2",
+    model_types=("gemma2",),
+    residual_norms=("input_layernorm", "pre_feedforward_layernorm"),
+    branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    norm_offset=1.0,
+    embedding_scale_attr="embed_scale",
+)
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(name="Llama", model_types=("llama",)),
     FamilySpec(name="Mistral", model_types=("mistral",)),
     FamilySpec(name="Qwen2", model_types=("qwen2",)),
     FamilySpec(name="Qwen3", model_types=("qwen3",)),
     FamilySpec(name="Gemma", model_types=("gemma",), norm_offset=1.0, embedding_scale_attr="embed_scale"),
-    FamilySpec(
-        name="Gemma 2",
-        model_types=("gemma2",),
-        residual_norms=("input_layernorm", "pre_feedforward_layernorm"),
-        branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-        norm_offset=1.0,
-        embedding_scale_attr="embed_scale",
-    ),
-    FamilySpec(
-        name="Gemma 3 (text)",
-        model_types=("gemma3_text",),
-        residual_norms=("input_layernorm", "pre_feedforward_layernorm"),
-        branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-        norm_offset=1.0,
-        embedding_scale_attr="embed_scale",
-    ),
+    _GEMMA2,
+    replace(_GEMMA2, name="Gemma 3 (text)", model_types=("gemma3_text",)),
     FamilySpec(
         name="Phi-3",
         model_types=("phi3",),
