@@ -321,10 +321,11 @@ class PATModel(BaseTuner):
         auxiliary loss is weighted by this micro-batch's token share to count once per step.
         """
         num_items = kwargs.get("num_items_in_batch")
-        labels = kwargs.get("labels")
+        shifted = kwargs.get("shift_labels")  # padding-free collators pass labels already shifted
+        labels = shifted if shifted is not None else kwargs.get("labels")
         if num_items is None or labels is None:
             return 1.0
-        local = (labels[..., 1:] != -100).sum()
+        local = (labels != -100).sum() if shifted is not None else (labels[..., 1:] != -100).sum()
         return local.to(torch.float32) / torch.as_tensor(num_items, dtype=torch.float32, device=local.device)
 
     # ------------------------------------------------------------------ merging
