@@ -16,6 +16,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .families import FAMILIES, FamilySpec, family_for_model, supported_model_types
+from .io import save_pruned
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
 from .model import PATModel
@@ -44,5 +45,6 @@ __all__ = [
     "UnsupportedModelError",
     "family_for_model",
     "prune_hidden_channels",
+    "save_pruned",
     "supported_model_types",
 ]

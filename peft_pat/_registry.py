@@ -15,6 +15,9 @@ PREFIX = "pat_"
 class PatPeftType(str, enum.Enum):  # noqa: UP042  (PEFT compares peft_type with str values)
     PAT = "PAT"
 
+    def __str__(self) -> str:  # PEFT's messages format the type: say "PAT", not "PatPeftType.PAT"
+        return self.value
+
 
 def register(config_cls: type, model_cls: type) -> None:
     """Make ``get_peft_model``/``PeftModel.from_pretrained`` know the ``PAT`` type (safe to call twice)."""

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .errors import PATTypeError
+
 LOG_PREFIX = "pat/"
 
 
@@ -71,10 +73,11 @@ class PATCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)
         if tuner is None:
-            warnings.warn(
-                "PATCallback: the model being trained has no PAT adapter; the callback does nothing.", stacklevel=2
+            raise PATTypeError(
+                f"PATCallback: the model being trained ({type(model).__name__}) has no PAT adapter, so there is no "
+                "mask to schedule. Wrap the base model with get_peft_model(base, PATConfig(task_type='CAUSAL_LM')) "
+                "before building the Trainer, or remove PATCallback."
             )
-            return
         tuner.set_step(state.global_step, max(state.max_steps, 1), learning_rate=args.learning_rate)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

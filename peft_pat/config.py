@@ -14,6 +14,17 @@ IDENTITY_LOSS_FORMS = ("l0_gram", "none")
 EMBEDDING_HSM_FORMS = ("auto", "full", "diagonal")
 
 
+def _check_names(name: str, value, allow_str: bool = True) -> None:
+    """None, a str (regex, PEFT semantics) if ``allow_str``, or a list of str."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return
+    expected = "a str (regex), a list of str or None" if allow_str else "a list of str or None"
+    example = "['q_proj', 'v_proj']" if name != "modules_to_save" else "['lm_head']"
+    raise PATTypeError(f"PATConfig.{name} must be {expected}, e.g. {example}; got {type(value).__name__} ({value!r}).")
+
+
 def _check_number(name: str, value, kinds: tuple[type, ...]) -> None:
     if isinstance(value, bool) or not isinstance(value, kinds):
         expected = " or ".join(k.__name__ for k in kinds)
@@ -118,11 +129,36 @@ class PATConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PatPeftType.PAT
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
+        if self.task_type is None:  # PAT prunes causal LMs only; without it PEFT's plain PeftModel skips our forward
+            self.task_type = "CAUSAL_LM"
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"):
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
         self._validate()
 
     def _validate(self) -> None:
+        if self.task_type != "CAUSAL_LM":
+            raise PATConfigError(
+                f"PATConfig.task_type={self.task_type!r} is not supported: PAT prunes decoder-only causal language "
+                "models (*ForCausalLM). Use task_type='CAUSAL_LM' (the default)."
+            )
+        for name in ("init_weights", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                value = getattr(self, name)
+                raise PATTypeError(f"PATConfig.{name} must be True or False, got {type(value).__name__} ({value!r}).")
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        _check_names("layers_pattern", self.layers_pattern)
+        _check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool))
+            or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
+        ):
+            raise PATTypeError(
+                f"PATConfig.layers_to_transform must be an int, a list of int or None, got {type(layers).__name__} "
+                f"({layers!r})."
+            )
         if self.target_sparsity is not None and self.target_width is not None:
             raise PATConfigError(
                 f"Give either target_sparsity ({self.target_sparsity}) or target_width ({self.target_width}), "
@@ -135,12 +171,17 @@ class PATConfig(PeftConfig):
                     f"target_sparsity={self.target_sparsity} is impossible: it is the fraction of hidden channels "
                     "removed and must lie strictly between 0 and 1 (e.g. 0.25)."
                 )
-        for name in ("target_width", "width_multiple", "hsm_rank"):
+        for name in ("target_width", "width_multiple", "hsm_rank", "kept_width"):
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, (int,))
                 if value < 1:
                     raise PATConfigError(f"PATConfig.{name} must be a positive integer, got {value}.")
+        if self.target_width is not None and self.kept_width is not None and self.kept_width != self.target_width:
+            raise PATConfigError(
+                f"PATConfig.kept_width={self.kept_width} contradicts target_width={self.target_width}. kept_width is "
+                "filled in automatically from target_width / target_sparsity; do not set it yourself."
+            )
         _check_number("r", self.r, (int,))
         if self.r < 0:
             raise PATConfigError(f"PATConfig.r must be >= 0 (0 disables LoRA), got {self.r}.")

@@ -104,6 +104,9 @@ class PATMask(nn.Module):
         self._kappa = 1.0
         self._last_finite_logits: torch.Tensor | None = None
         self._reported_bad_events = 0
+        self._soft_training_gates = 0  # gate() calls in training since the last set_step ...
+        self._auxiliary_loss_seen = False  # ... and whether auxiliary_losses() ran among them
+        self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
     # ------------------------------------------------------------------ schedule
@@ -159,6 +162,7 @@ class PATMask(nn.Module):
             )
         if learning_rate is not None:
             self.configure_learning_rate(learning_rate, total_steps)
+        self._check_auxiliary_loss_was_used()
         self._guard_finite_logits()
         self.step.fill_(step)
         self.total_steps.fill_(total_steps)
@@ -167,6 +171,21 @@ class PATMask(nn.Module):
             self.harden()
             return True
         return False
+
+    def _check_auxiliary_loss_was_used(self) -> None:
+        """Warn once if the soft mask was trained without the auxiliary losses (Eq. 11) since the last step."""
+        if self._soft_training_gates and not self._auxiliary_loss_seen and not self._warned_no_auxiliary_loss:
+            warnings.warn(
+                "PAT: the model ran in training mode but the PAT auxiliary loss (active-channel Eq. 11, polarisation, "
+                "identity) was never added, so the mask is not pushed towards the target width. The forward got no "
+                "labels=, or the model is a plain PeftModel that bypasses PATModel.forward. Pass labels= (PATModel "
+                "then adds it to output.loss) or add model.base_model.auxiliary_loss()[0] to your own loss.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._warned_no_auxiliary_loss = True
+        self._soft_training_gates = 0
+        self._auxiliary_loss_seen = False
 
     def _guard_finite_logits(self) -> None:
         """Undo a non-finite optimizer update of the logits (e.g. NaN loss through gradient clipping)."""
@@ -197,6 +216,9 @@ class PATMask(nn.Module):
         """M in Eq. 10 (soft phase) or the exact 0/1 top-N mask (after the freeze); shape (d,)."""
         if self._hard:
             return self.hard_mask
+        training = self.training and self.logits.requires_grad and torch.is_grad_enabled()
+        if training and not torch.compiler.is_compiling():  # eager only: compiled graphs must not recompile
+            self._soft_training_gates += 1
         return torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
 
     @torch.no_grad()
@@ -221,6 +243,7 @@ class PATMask(nn.Module):
     # ------------------------------------------------------------------ losses
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """Active-channel loss |#{w >= 0} - N| / N (Eq. 11, straight-through count) and polarisation."""
+        self._auxiliary_loss_seen = True
         if self._hard:
             # Keep the logits in the graph with zero gradient so DDP sees every parameter used.
             zero = self.logits.sum() * 0.0

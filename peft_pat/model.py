@@ -15,9 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import prune
+from .checks import check_adapter_name, check_causal_lm_layout, check_injection_targets, check_not_quantized
 from .config import PATConfig
 from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
 from .families import FAMILIES, FamilySpec, family_for_model_type
+from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
 from .surgery import get_module, prune_hidden_channels
@@ -30,6 +32,11 @@ def default_hsm_rank(hidden_size: int) -> int:
     """About 5% of the hidden size, rounded up to a multiple of 8 and below hidden_size."""
     rank = 8 * math.ceil(DEFAULT_HSM_RANK_FRACTION * hidden_size / 8)
     return max(1, min(rank, hidden_size - 1))
+
+
+def _refuse_state_dict_after_pruning(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """Saving the consumed PEFT model would write an adapter without its layers: refuse (state_dict pre-hook)."""
+    module._check_not_pruned()
 
 
 class PATModel(BaseTuner):
@@ -54,6 +61,17 @@ class PATModel(BaseTuner):
         self.last_auxiliary_losses: dict[str, float] = {}
         self._pruned = False
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged."""
+        check_adapter_name(adapter_name)
+        config = self.peft_config[adapter_name]
+        explicit_targets = getattr(config, "target_modules", None) is not None
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        family = family_for_model_type(config.base_model_type)
+        check_causal_lm_layout(model, family)
+        check_injection_targets(model, config, family, explicit_targets)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     @property
     def family(self) -> FamilySpec:
         return family_for_model_type(getattr(self.model.config, "model_type", None))
@@ -63,11 +81,7 @@ class PATModel(BaseTuner):
             raise PATConfigError(f"PATModel needs a PATConfig, got {type(peft_config).__name__}.")
         model_type = model_config.get("model_type")
         family = family_for_model_type(model_type)
-        if model_config.get("quantization_config"):
-            raise UnsupportedModelError(
-                "PAT cannot wrap a quantized base model (found `quantization_config` in its config): merging "
-                "and pruning need exact float weights. Load the base in float32/bfloat16/float16 instead."
-            )
+        check_not_quantized(model_config)
         hidden = int(model_config["hidden_size"])
         vocab = model_config.get("vocab_size")
         heads = int(model_config["num_attention_heads"])
@@ -95,8 +109,18 @@ class PATModel(BaseTuner):
         elif not 0 < peft_config.kept_width < hidden or peft_config.kept_width % heads:
             raise AdapterMismatchError(
                 f"kept_width={peft_config.kept_width} recorded in the adapter does not fit this base model "
-                f"(hidden_size={hidden}, num_attention_heads={heads})."
+                f"(hidden_size={hidden}, num_attention_heads={heads}): it must lie strictly between 0 and hidden_size "
+                "and be a multiple of the head count. Load the adapter onto the base it was trained from, or remove "
+                "kept_width from adapter_config.json so it is recomputed from target_sparsity / target_width."
             )
+        elif peft_config.target_width is None:
+            resolved = resolve_kept_width(hidden, heads, peft_config.target_sparsity, None, peft_config.width_multiple)
+            if resolved != peft_config.kept_width:
+                raise PATConfigError(
+                    f"kept_width={peft_config.kept_width} contradicts target_sparsity={peft_config.target_sparsity} "
+                    f"on hidden_size={hidden}, which gives {resolved}. kept_width is filled in automatically; to "
+                    f"choose the width yourself give target_width={peft_config.kept_width} instead of target_sparsity."
+                )
         if peft_config.hsm_rank is None:
             peft_config.hsm_rank = default_hsm_rank(hidden)
         elif peft_config.hsm_rank >= hidden:
@@ -249,6 +273,12 @@ class PATModel(BaseTuner):
         ``learning_rate``: the optimizer's peak learning rate; pass it (at least once) so the mask logits
         get their own learning rate ``PATConfig.mask_lr`` (default 2 / s0).
         """
+        self._check_not_pruned()
+        if "pat_mask" not in self._modules or not len(self.pat_mask):
+            raise PATStateError(
+                "set_step: this model has no PAT adapter (all were deleted?); add one with add_adapter(name, "
+                "PATConfig(...)) or wrap the base model with get_peft_model(base, PATConfig(...))."
+            )
         for name, mask in self.pat_mask.items():
             if mask.set_step(step, total_steps, learning_rate=learning_rate):
                 kept = int(mask.hard_mask.sum())
@@ -302,6 +332,7 @@ class PATModel(BaseTuner):
         return total, parts
 
     def forward(self, *args: Any, **kwargs: Any):
+        self._check_not_pruned()
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if not self.training or loss is None or "pat_mask" not in self._modules or not len(self.pat_mask):
@@ -444,4 +475,5 @@ class PATModel(BaseTuner):
         model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, adapter_names=[name])
         prune_hidden_channels(model, family, keep.to("cpu"), progressbar=progressbar)
         self._pruned = True
-        return model
+        self.register_state_dict_pre_hook(_refuse_state_dict_after_pruning)
+        return make_save_pretrained_atomic(model)

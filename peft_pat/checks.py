@@ -1,0 +1,169 @@
+"""Checks that run before PAT touches a model.
+
+Everything that can be refused is refused while the base model is still unchanged, so a failed
+``get_peft_model`` / ``add_adapter`` leaves no half-wrapped model behind, and every refusal names the
+problem and the fix (docs/errors.md lists them all). :class:`~peft_pat.model.PATModel` calls
+:func:`check_adapter_name`, :func:`check_causal_lm_layout` and :func:`check_injection_targets` from
+its ``inject_adapter``, and :func:`check_not_quantized` while preparing the adapter config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from ._registry import PREFIX
+from .errors import PATConfigError, PATTypeError, UnsupportedModelError
+from .families import FamilySpec
+from .layer import PATLayer
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output layer
+
+
+def check_adapter_name(adapter_name: Any) -> None:
+    """Adapter names become keys of ``nn.ModuleDict``/``nn.ParameterDict`` and of the saved state dict."""
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise PATTypeError(f"The adapter name must be a non-empty str such as 'default', got {adapter_name!r}.")
+    reason = None
+    if "." in adapter_name:
+        reason = "it contains '.', which separates module names in PyTorch"
+    elif hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
+        reason = "it is an attribute of torch's nn.ModuleDict / nn.ParameterDict, which hold the adapter weights"
+    elif adapter_name in PREFIX:
+        reason = f"it is part of the parameter prefix {PREFIX!r}, which makes PEFT reload the adapter wrongly"
+    if reason:
+        raise PATConfigError(
+            f"The adapter name {adapter_name!r} cannot be used: {reason}. Choose a plain name such as 'default', "
+            "'pat_small' or 'sparse25'."
+        )
+
+
+def check_not_quantized(model_config: dict) -> None:
+    """PAT folds adapters into the weights and cuts them: it needs float weights and a saveable model."""
+    quantization = model_config.get("quantization_config")
+    if not quantization:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    method = getattr(method, "value", method)
+    if method == "gguf":
+        raise UnsupportedModelError(
+            "PAT cannot wrap this quantized base model as it is: it was loaded from a GGUF file "
+            "(quantization_config.quant_method='gguf'). transformers dequantises GGUF weights to float but keeps "
+            "the model marked as quantized, so the merged and pruned model could not be saved. Rebuild a plain "
+            "float model first: config = model.config; del "
+            "config.quantization_config; plain = type(model)(config); plain.load_state_dict(model.state_dict()); "
+            "or load SmolLM2 with peft_pat.pretrained.load_causal_lm('smollm2-135m'), which does this once."
+        )
+    raise UnsupportedModelError(
+        f"PAT cannot wrap a quantized base model (quantization_config.quant_method={method!r}): merging and pruning "
+        "fold the adapters into the weights and cut them, which needs exact float weights (QLoRA-style training on "
+        "a quantized base is not supported). Load the base model in bfloat16 or float32 without a "
+        "quantization_config (e.g. no BitsAndBytesConfig / load_in_4bit)."
+    )
+
+
+def check_causal_lm_layout(model: nn.Module, family: FamilySpec) -> None:
+    """The embedding, decoder layers, final norm and LM head must sit where the family table says."""
+    for what, path in (
+        ("token embedding", family.embedding),
+        ("decoder layers", family.layers),
+        ("final norm", family.final_norm),
+        ("LM head", family.lm_head),
+    ):
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise UnsupportedModelError(
+                f"PAT needs a causal language model with an LM head; this {type(model).__name__} has no {what} at "
+                f"'{path}'. Load the {family.name} model with AutoModelForCausalLM (task_type='CAUSAL_LM')."
+            ) from None
+
+
+def _plain_float_layer_error(key: str, module: nn.Module, kind: type[nn.Module]) -> UnsupportedModelError | None:
+    plain = isinstance(module, kind) and (type(module) is kind or type(module).__module__.startswith("torch"))
+    if kind is nn.Embedding:  # transformers' scaled embeddings (Gemma) subclass nn.Embedding and are plain float
+        plain = isinstance(module, nn.Embedding)
+    weight = getattr(module, "weight", None)
+    if plain and isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES:
+        return None
+    dtype = getattr(weight, "dtype", None)
+    return UnsupportedModelError(
+        f"PAT cannot wrap '{key}': it is a {type(module).__module__}.{type(module).__name__} with weight dtype "
+        f"{dtype}, not a plain float torch {kind.__name__}. Quantized layers (bitsandbytes, GPTQ, AWQ, HQQ, ...) look "
+        "like this; merging and pruning need float weights, so load the base model in bfloat16 or float32 without "
+        "quantization."
+    )
+
+
+def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, explicit_targets: bool) -> None:
+    """Walk the modules PEFT will wrap and refuse what cannot be wrapped, before anything is replaced.
+
+    Producers (embedding, ``o_proj``, ``down_proj``) must be plain float layers; LoRA targets must be plain
+    float ``nn.Linear`` layers other than the embedding, with ``r`` at most their smaller dimension; and
+    ``target_modules`` given explicitly must match at least one of them.
+    """
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+    inside_adapter: list[str] = []
+    lora_layers: list[tuple[str, int]] = []
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(prefix) for prefix in inside_adapter):
+            continue
+        base = module
+        if isinstance(module, BaseTunerLayer):
+            inside_adapter.append(key + ".")
+            if not isinstance(module, PATLayer):
+                raise UnsupportedModelError(
+                    f"'{key}' is already wrapped by another PEFT method ({type(module).__name__}). PAT has to be the "
+                    "only adapter type on the model: merge the other adapter into the base first "
+                    "(merged = peft_model.merge_and_unload()) or start from the plain base model."
+                )
+            base = module.get_base_layer()
+        embedding = family.is_embedding(key)
+        if family.is_producer(key):
+            error = _plain_float_layer_error(key, base, nn.Embedding if embedding else nn.Linear)
+            if error is not None:
+                raise error
+        if config.r == 0:
+            continue
+        if all_linear:
+            wants_lora = isinstance(base, nn.Linear) and key != family.lm_head
+        else:
+            wants_lora = bool(check_target_module_exists(config, key))
+        if not wants_lora:
+            continue
+        if embedding:
+            raise PATConfigError(
+                f"target_modules={config.target_modules!r} matches the embedding '{key}', which PAT already adapts "
+                "with an HSM (no LoRA on embeddings); remove it from target_modules."
+            )
+        if not isinstance(base, nn.Linear) and not hasattr(base, "in_features"):  # in_features: a linear-like layer
+            raise PATConfigError(
+                f"target_modules={config.target_modules!r} matches '{key}', a {type(base).__name__} and not a "
+                f"linear layer; LoRA goes on nn.Linear modules. In {family.name} models they are named "
+                f"{list(family.lora_targets)}: list those names (or a regex that matches only linear layers)."
+            )
+        error = _plain_float_layer_error(key, base, nn.Linear)
+        if error is not None:
+            raise error
+        lora_layers.append((key, min(base.in_features, base.out_features)))
+    if explicit_targets and config.r > 0 and not lora_layers:
+        extra = ""
+        if config.layers_to_transform is not None:
+            extra = f" with layers_to_transform={config.layers_to_transform!r}"
+        raise PATConfigError(
+            f"target_modules={config.target_modules!r}{extra} matched no linear layer of this {family.name} model. "
+            f"Its LoRA targets are named {list(family.lora_targets)}: use those names, a regex, or "
+            "target_modules=None for all of them (r=0 trains the HSMs only)."
+        )
+    if lora_layers:
+        key, limit = min(lora_layers, key=lambda item: item[1])
+        if config.r > limit:
+            raise PATConfigError(
+                f"r={config.r} is larger than the smaller dimension ({limit}) of the LoRA target '{key}': a LoRA "
+                f"update B A cannot have rank above min(in_features, out_features). Use r <= {limit}, or exclude "
+                "the narrow layers with exclude_modules."
+            )
