@@ -134,10 +134,10 @@ class PATLayer(BaseTunerLayer):
         eye = torch.eye(gram.shape[0], device=gram.device)
         return ((gram - eye) ** 2).mean()
 
-    def _lora_delta(self, adapter_name: str) -> torch.Tensor | None:
+    def _lora_update(self, adapter_name: str) -> prune.LoRAUpdate | None:
         if adapter_name not in self.pat_lora_A:
             return None
-        return prune.lora_delta(
+        return prune.LoRAUpdate(
             self.pat_lora_A[adapter_name].weight, self.pat_lora_B[adapter_name].weight, self.pat_scaling[adapter_name]
         )
 
@@ -148,18 +148,32 @@ class PATLayer(BaseTunerLayer):
         return self.pat_hsm_down[adapter_name].weight, self.pat_hsm_up[adapter_name].weight
 
     # ------------------------------------------------------------------ merging
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, keep_backup: bool = True) -> None:
-        """Fold the adapters into the base weight at full width (pruned channels become zero rows)."""
+    def merge(
+        self,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        keep_backup: bool = True,
+        in_place: bool = False,
+    ) -> None:
+        """Fold the adapters into the base weight at full width (pruned channels become zero rows).
+
+        ``in_place``: write the folded weight into the base weight's own storage (no second copy of the
+        matrix; the caller guarantees no other module shares that weight). Otherwise the base layer gets
+        a new Parameter, so a weight tied to another module is not changed behind its back.
+        """
         for adapter_name in check_adapters_to_merge(self, adapter_names):
             base = self.get_base_layer()
-            new_weight, new_bias = self._folded_weight(adapter_name)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise PATStateError(f"Merging adapter '{adapter_name}' produced non-finite weights; not merged.")
             if keep_backup:
                 bias = base.bias.detach().clone() if getattr(base, "bias", None) is not None else None
                 self._unmerge_backup[adapter_name] = (base.weight.detach().clone(), bias)
-            # A new Parameter (not .data) so a weight tied to another module is not changed behind its back.
-            base.weight = nn.Parameter(new_weight.to(base.weight.dtype), requires_grad=base.weight.requires_grad)
+            in_place_now = in_place and not safe_merge  # safe_merge checks the result before touching the base
+            with torch.no_grad():
+                new_weight, new_bias = self._folded_weight(adapter_name, out=base.weight if in_place_now else None)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                self._unmerge_backup.pop(adapter_name, None)
+                raise PATStateError(f"Merging adapter '{adapter_name}' produced non-finite weights; not merged.")
+            if not in_place_now:
+                base.weight = nn.Parameter(new_weight.to(base.weight.dtype), requires_grad=base.weight.requires_grad)
             if new_bias is not None:
                 base.bias.data = new_bias.to(base.bias.dtype)
             self.merged_adapters.append(adapter_name)
@@ -175,7 +189,10 @@ class PATLayer(BaseTunerLayer):
             if bias is not None:
                 base.bias.data = bias
 
-    def _folded_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _folded_weight(
+        self, adapter_name: str, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged weight in the base weight's dtype, written into ``out`` if given, and the bias."""
         raise NotImplementedError
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -218,15 +235,19 @@ class PATLinear(nn.Module, PATLayer):
                 result = self._apply_hsm(result, adapter_name)
         return result
 
-    def _folded_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _folded_weight(
+        self, adapter_name: str, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.get_base_layer()
-        delta = self._lora_delta(adapter_name)
+        delta = self._lora_update(adapter_name)
         if not self.has_hsm(adapter_name):
-            weight = base.weight.detach().float() + (delta if delta is not None else 0.0)
-            bias = base.bias.detach().float() if base.bias is not None else None
-            return weight, bias
+            if delta is None:
+                return (base.weight.detach().clone() if out is None else out), base.bias
+            return prune.merge_lora(base.weight, delta, out=out), base.bias
         down, up = self.hsm_factors(adapter_name)
-        return prune.fold_producer(base.weight, base.bias, delta, down, up, self.hsm_gate_scale(adapter_name))
+        gate_scale = self.hsm_gate_scale(adapter_name)
+        dtype = base.weight.dtype
+        return prune.fold_producer(base.weight, base.bias, delta, down, up, gate_scale, dtype=dtype, out=out)
 
     def __repr__(self) -> str:
         return "pat." + super().__repr__()
@@ -257,10 +278,11 @@ class PATEmbedding(nn.Module, PATLayer):
                 result = self._apply_hsm(result, adapter_name)
         return result
 
-    def _folded_weight(self, adapter_name: str) -> tuple[torch.Tensor, None]:
+    def _folded_weight(self, adapter_name: str, out: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         base = self.get_base_layer()
         down, up = self.hsm_factors(adapter_name)
-        return prune.fold_embedding(base.weight, down, up, self.hsm_gate_scale(adapter_name)), None
+        gate_scale = self.hsm_gate_scale(adapter_name)
+        return prune.fold_embedding(base.weight, down, up, gate_scale, dtype=base.weight.dtype, out=out), None
 
     def __repr__(self) -> str:
         return "pat." + super().__repr__()

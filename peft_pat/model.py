@@ -39,6 +39,15 @@ def _refuse_state_dict_after_pruning(module: nn.Module, prefix: str, keep_vars: 
     module._check_not_pruned()
 
 
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters registered under more than one name (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen else seen).add(id(param))
+    return shared
+
+
 class PATModel(BaseTuner):
     """Pruning-Aware Tuning (Liu et al., AAAI-25) as a PEFT tuner.
 
@@ -391,13 +400,14 @@ class PATModel(BaseTuner):
         base = embedding.get_base_layer()
         if getattr(lm_head, "weight", None) is not base.weight:
             return False
+        if isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A:
+            return False  # lm_head's own LoRA update is not scaled by g: untie instead
         gate_scale = embedding.hsm_gate_scale(adapter_name).detach()
-        live = gate_scale[gate_scale != 0].abs()
-        if live.numel() and float(live.min()) < 1e-4 * float(live.max()):
+        if not prune.can_divide_out(gate_scale):
             return False  # dividing the final norm by a near-zero scale would lose precision: untie instead
         norm = get_module(self.model, family.final_norm)
         with torch.no_grad():
-            base.weight.data = (base.weight.float() * gate_scale.to(base.weight.device)).to(base.weight.dtype)
+            prune.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
             norm.weight.data = prune.divide_norm_gain(
                 norm.weight, gate_scale.to(norm.weight.device), family.norm_offset
             )
@@ -415,13 +425,15 @@ class PATModel(BaseTuner):
         self._check_not_pruned()
         if merge:
             names = adapter_names or [a for a in self.active_adapters if a in self.peft_config]
+            shared = _shared_parameter_ids(self.model)  # tied weights get a new Parameter; all others fold in place
             for name in names:
                 tied_done = self._fold_tied_diagonal_embedding(name)
                 for module in self._pat_layers():
                     if tied_done and isinstance(module, PATEmbedding):
                         continue
                     with onload_layer(module):
-                        module.merge(safe_merge=safe_merge, adapter_names=[name], keep_backup=False)
+                        in_place = id(module.get_base_layer().weight) not in shared
+                        module.merge(safe_merge=safe_merge, adapter_names=[name], keep_backup=False, in_place=in_place)
             self._untie_flag_if_diverged()
         keys = [
             key

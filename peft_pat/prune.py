@@ -19,22 +19,112 @@ epsilon, because c^2/d' = 1/d: (c x_K) / sqrt(c^2 |x_K|^2 / d' + eps) = c x / sq
 This is the paper's "gain * sqrt(d/d'), eps * d/d'" with the epsilon change moved into the weights,
 which keeps ``config.rms_norm_eps`` untouched; Qwen3 and Gemma 3 share that epsilon with their
 per-head q/k norms, which hidden pruning must not change. All folds run in float32.
+
+Memory: no function here forms a full float32 copy of a weight. Folds run on column (or row) chunks of
+about ``CHUNK_BYTES`` and write straight into the output dtype: in place (``out=weight``), or keeping
+only the channels K (``fold_and_prune_*``), so merging a weight needs a few chunk-sized temporaries
+beyond its input and output. Elementwise steps give bit-identical results however they are chunked.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+
+CHUNK_BYTES = 1 << 24  # float32 bytes per chunk of a fold (16 MiB)
+TIED_FOLD_MIN_RATIO = 1e-4  # smallest |g| / max |g| that may be divided out of a norm gain (tied embeddings)
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().float()
 
 
+def _chunks(total: int, other: int) -> Iterator[slice]:
+    """Slices of ``total`` rows (or columns) so that one float32 chunk of ``other`` wide is ~CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // max(1, 4 * other))
+    for start in range(0, total, step):
+        yield slice(start, min(start + step, total))
+
+
+@dataclass(frozen=True)
+class LoRAUpdate:
+    """dW = scaling * B A with A (r, in) and B (out, r); formed a chunk at a time, never whole."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+
+    def columns(self, cols: slice) -> torch.Tensor:
+        """dW[:, cols], float32."""
+        return self.scaling * (_f32(self.lora_b) @ _f32(self.lora_a[:, cols]))
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        """dW[rows, :], float32."""
+        return self.scaling * (_f32(self.lora_b[rows]) @ _f32(self.lora_a))
+
+
+Delta = torch.Tensor | LoRAUpdate  # dW given whole (tests, small layers) or as LoRA factors
+
+
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """dW = scaling * B A, shape (out, in), float32."""
     return scaling * (_f32(lora_b) @ _f32(lora_a))
+
+
+def _delta_columns(delta: Delta, cols: slice) -> torch.Tensor:
+    return delta.columns(cols) if isinstance(delta, LoRAUpdate) else _f32(delta[:, cols])
+
+
+def _delta_rows(delta: Delta, rows: slice) -> torch.Tensor:
+    return delta.rows(rows) if isinstance(delta, LoRAUpdate) else _f32(delta[rows])
+
+
+def _output(like: torch.Tensor, shape, dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` (e.g. the weight itself, for an in-place fold) or a new tensor of ``shape`` and ``dtype``."""
+    if out is not None:
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+        return out
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _select(chunk: torch.Tensor, dim: int, keep: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """factor * chunk.to(dtype) restricted to ``keep`` along ``dim``: the same bits as folding into ``dtype`` first
+    and then calling :func:`prune_rows` / :func:`prune_columns` on the whole weight."""
+    kept = chunk.to(dtype).index_select(dim, keep.to(chunk.device))
+    return kept if factor == 1.0 else (_f32(kept) * factor).to(dtype)
+
+
+# Every fold below is a loop over chunks computed in float32. The plain form writes the chunks into a
+# full-width output (``out=weight`` folds in place: each chunk is read whole before it is written);
+# the ``*_and_prune`` form keeps only the channels K of each chunk, so the full-width result is never
+# held (``peft-pat merge``). Both share the chunk loop, so their results are identical bit for bit.
+
+
+def _lora_chunks(weight: torch.Tensor, delta: Delta) -> Iterator[tuple[slice, torch.Tensor]]:
+    for rows in _chunks(weight.shape[0], weight.shape[1]):
+        yield rows, _f32(weight[rows]) + _delta_rows(delta, rows).to(weight.device)
+
+
+def merge_lora(
+    weight: torch.Tensor, delta: Delta, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W + dW in ``dtype`` (default: the weight's), float32 math in row chunks."""
+    result = _output(weight, weight.shape, dtype, out)
+    for rows, chunk in _lora_chunks(weight, delta):
+        result[rows] = chunk
+    return result
+
+
+def merge_lora_and_prune_columns(weight: torch.Tensor, delta: Delta, keep: torch.Tensor) -> torch.Tensor:
+    """``prune_columns(merge_lora(W, dW), K)`` without the full-width intermediate (consumers)."""
+    result = torch.empty((weight.shape[0], keep.numel()), dtype=weight.dtype, device=weight.device)
+    for rows, chunk in _lora_chunks(weight, delta):
+        result[rows] = _select(chunk, 1, keep, 1.0, weight.dtype)
+    return result
 
 
 def apply_hsm_to_rows(
@@ -54,33 +144,111 @@ def apply_hsm_to_rows(
     return _f32(row_scale)[:, None] * m
 
 
+def fold_bias(
+    bias: torch.Tensor, down: torch.Tensor | None, up: torch.Tensor | None, gate_scale: torch.Tensor
+) -> torch.Tensor:
+    """b' = diag(g) D b for a producer's bias; float32."""
+    return apply_hsm_to_rows(bias[:, None], down, up, gate_scale)[:, 0]
+
+
+def _producer_chunks(weight, delta, down, up, gate_scale) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Column chunks of diag(g) D (W + dW): each column of W folds independently."""
+    for cols in _chunks(weight.shape[1], weight.shape[0]):
+        w = _f32(weight[:, cols])
+        if delta is not None:
+            w = w + _delta_columns(delta, cols).to(w.device)
+        yield cols, apply_hsm_to_rows(w, down, up, gate_scale)
+
+
 def fold_producer(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    delta: torch.Tensor | None,
+    delta: Delta | None,
     down: torch.Tensor | None,
     up: torch.Tensor | None,
     gate_scale: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W', b') = (diag(g) D (W + dW), diag(g) D b) for a producer linear; float32."""
-    w = _f32(weight)
-    if delta is not None:
-        w = w + delta.float()
-    new_w = apply_hsm_to_rows(w, down, up, gate_scale)
-    new_b = None if bias is None else apply_hsm_to_rows(bias[:, None], down, up, gate_scale)[:, 0]
+    """(W', b') = (diag(g) D (W + dW), diag(g) D b) for a producer linear; W' in ``dtype`` (or into
+    ``out``), b' float32. ``delta`` is dW as a tensor or as a :class:`LoRAUpdate`."""
+    new_w = _output(weight, weight.shape, dtype, out)
+    for cols, chunk in _producer_chunks(weight, delta, down, up, gate_scale):
+        new_w[:, cols] = chunk
+    new_b = None if bias is None else fold_bias(bias, down, up, gate_scale)
     return new_w, new_b
 
 
-def fold_embedding(
-    embedding: torch.Tensor, down: torch.Tensor | None, up: torch.Tensor | None, gate_scale: torch.Tensor
+def fold_and_prune_producer(
+    weight: torch.Tensor,
+    delta: Delta | None,
+    down: torch.Tensor | None,
+    up: torch.Tensor | None,
+    gate_scale: torch.Tensor,
+    keep: torch.Tensor,
+    factor: float,
 ) -> torch.Tensor:
-    """E' = E D^T diag(g), shape (vocab, d); float32. Done in row chunks to bound peak memory."""
-    out = torch.empty(embedding.shape, dtype=torch.float32, device=embedding.device)
-    chunk = max(1, (1 << 26) // max(1, embedding.shape[1] * 4))
-    for start in range(0, embedding.shape[0], chunk):
-        rows = _f32(embedding[start : start + chunk])
-        out[start : start + chunk] = apply_hsm_to_rows(rows.T, down, up, gate_scale).T
-    return out
+    """``prune_rows(fold_producer(W, ..., dtype=W.dtype)[0], K, factor)`` without the full-width intermediate."""
+    result = torch.empty((keep.numel(), weight.shape[1]), dtype=weight.dtype, device=weight.device)
+    for cols, chunk in _producer_chunks(weight, delta, down, up, gate_scale):
+        result[:, cols] = _select(chunk, 0, keep, factor, weight.dtype)
+    return result
+
+
+def _embedding_chunks(embedding, down, up, gate_scale) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Row chunks of E D^T diag(g): each token's row folds independently."""
+    for rows in _chunks(embedding.shape[0], embedding.shape[1]):
+        yield rows, apply_hsm_to_rows(_f32(embedding[rows]).T, down, up, gate_scale).T
+
+
+def fold_embedding(
+    embedding: torch.Tensor,
+    down: torch.Tensor | None,
+    up: torch.Tensor | None,
+    gate_scale: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """E' = E D^T diag(g), shape (vocab, d), in ``dtype`` (or into ``out``)."""
+    result = _output(embedding, embedding.shape, dtype, out)
+    for rows, chunk in _embedding_chunks(embedding, down, up, gate_scale):
+        result[rows] = chunk
+    return result
+
+
+def fold_and_prune_embedding(
+    embedding: torch.Tensor,
+    down: torch.Tensor | None,
+    up: torch.Tensor | None,
+    gate_scale: torch.Tensor,
+    keep: torch.Tensor,
+    factor: float,
+) -> torch.Tensor:
+    """``prune_columns(fold_embedding(E, ..., dtype=E.dtype), K, factor)`` without the full-width intermediate."""
+    result = torch.empty((embedding.shape[0], keep.numel()), dtype=embedding.dtype, device=embedding.device)
+    for rows, chunk in _embedding_chunks(embedding, down, up, gate_scale):
+        result[rows] = _select(chunk, 1, keep, factor, embedding.dtype)
+    return result
+
+
+def scale_columns(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W diag(scale) in the weight's dtype (float32 math, row chunks; ``out=weight`` scales in place):
+    a diagonal embedding HSM."""
+    result = _output(weight, weight.shape, weight.dtype, out)
+    s = _f32(scale).to(weight.device)
+    for rows in _chunks(weight.shape[0], weight.shape[1]):
+        result[rows] = _f32(weight[rows]) * s
+    return result
+
+
+def can_divide_out(gate_scale: torch.Tensor) -> bool:
+    """Whether a diagonal embedding HSM g may be moved into the final norm as gain / g (tied embeddings).
+
+    Channels with g = 0 are pruned anyway; the kept ones must not be tiny next to the largest, or
+    dividing by them loses precision (then the embeddings are untied instead).
+    """
+    live = gate_scale[gate_scale != 0].abs()
+    return not (live.numel() and float(live.min()) < TIED_FOLD_MIN_RATIO * float(live.max()))
 
 
 def width_factor(hidden_size: int, kept: int) -> float:
@@ -88,15 +256,40 @@ def width_factor(hidden_size: int, kept: int) -> float:
     return math.sqrt(kept / hidden_size)
 
 
+def pruning_factors(hidden_size: int, kept: int, scales_embedding: bool, tied: bool) -> dict[str, float]:
+    """The scalar factors of a width cut (module docstring), by the role of the tensor they apply to.
+
+    ``scales_embedding``: the family multiplies embeddings by sqrt(hidden_size) (Gemma). ``tied``: the
+    pruned model keeps ``lm_head`` tied to the embedding, so the final norm undoes the embedding factor.
+    """
+    c = width_factor(hidden_size, kept)
+    embedding = c * (math.sqrt(hidden_size / kept) if scales_embedding else 1.0)
+    return {
+        "producer": c,
+        "embedding": embedding,
+        "residual_norm": 1.0 / c,
+        "branch_norm": 1.0,
+        "final_norm": 1.0 / (c * (embedding if tied else 1.0)),
+    }
+
+
+def _scale_in_place(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t <- factor * t in float32 math, row chunks (elementwise: same bits as one pass)."""
+    if factor != 1.0:
+        flat = t.view(t.shape[0], -1)
+        for rows in _chunks(flat.shape[0], flat.shape[1]):
+            flat[rows] = _f32(flat[rows]) * factor
+    return t
+
+
 def prune_rows(weight: torch.Tensor, keep: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
     """factor * W[K, :] in the input's dtype (producers, biases)."""
-    return (_f32(weight.index_select(0, keep)) * factor).to(weight.dtype)
+    return _scale_in_place(weight.detach().index_select(0, keep), factor)
 
 
 def prune_columns(weight: torch.Tensor, keep: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
     """factor * W[:, K] in the input's dtype (consumers; the embedding with ``factor`` = c or 1)."""
-    sliced = weight.index_select(1, keep)
-    return sliced if factor == 1.0 else (_f32(sliced) * factor).to(weight.dtype)
+    return _scale_in_place(weight.detach().index_select(1, keep), factor)
 
 
 def rescale_norm_gain(weight: torch.Tensor, keep: torch.Tensor, offset: float, factor: float) -> torch.Tensor:

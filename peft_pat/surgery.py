@@ -57,12 +57,11 @@ def prune_hidden_channels(
     d = int(config.hidden_size)
     keep = validate_keep(keep, d, int(config.num_attention_heads))
     kept = int(keep.numel())
-    c = prune.width_factor(d, kept)
-    embed_factor = c * (math.sqrt(d / kept) if family.embedding_scale_attr else 1.0)
-
     embedding = get_module(model, family.embedding)
     lm_head = get_module(model, family.lm_head)
     tied = lm_head.weight is embedding.weight
+    factors = prune.pruning_factors(d, kept, bool(family.embedding_scale_attr), tied)
+    c, embed_factor = factors["producer"], factors["embedding"]
     dev = embedding.weight.device
     _set_weight(embedding, "weight", prune.prune_columns(embedding.weight, keep.to(dev), embed_factor))
     embedding.embedding_dim = kept
@@ -85,15 +84,16 @@ def prune_hidden_channels(
             linear = layer.get_submodule(path)
             _set_weight(linear, "weight", prune.prune_columns(linear.weight, keep.to(linear.weight.device)))
             linear.in_features = kept
-        for path, factor in [(p, 1.0 / c) for p in family.residual_norms] + [(p, 1.0) for p in family.branch_norms]:
+        norms = [(p, factors["residual_norm"]) for p in family.residual_norms]
+        for path, factor in norms + [(p, factors["branch_norm"]) for p in family.branch_norms]:
             norm = layer.get_submodule(path)
             k = keep.to(norm.weight.device)
             _set_weight(norm, "weight", prune.rescale_norm_gain(norm.weight, k, family.norm_offset, factor))
 
     final_norm = get_module(model, family.final_norm)
-    final_factor = 1.0 / (c * (embed_factor if tied else 1.0))
     k = keep.to(final_norm.weight.device)
-    _set_weight(final_norm, "weight", prune.rescale_norm_gain(final_norm.weight, k, family.norm_offset, final_factor))
+    final_gain = prune.rescale_norm_gain(final_norm.weight, k, family.norm_offset, factors["final_norm"])
+    _set_weight(final_norm, "weight", final_gain)
     if tied:
         lm_head.weight = embedding.weight
     else:

@@ -64,3 +64,43 @@ def test_prune_keeps_dtype():
     keep = torch.tensor([1, 3])
     assert prune.prune_rows(w, keep, 0.5).dtype == torch.bfloat16
     assert prune.prune_columns(w, keep).shape == (6, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_in_place_and_fused_folds_agree_bit_for_bit(dtype, monkeypatch):
+    """In-place folds (merge_and_prune) and fold-and-prune (peft-pat merge) give the very same bits."""
+    monkeypatch.setattr(prune, "CHUNK_BYTES", 200)  # force many chunks
+    torch.manual_seed(0)
+    d, n, vocab, r = 16, 12, 30, 3
+    keep = torch.tensor([0, 3, 4, 9, 10, 15])
+    c = prune.width_factor(d, keep.numel())
+    w, e = torch.randn(d, n).to(dtype), torch.randn(vocab, d).to(dtype)
+    consumer = torch.randn(n, d).to(dtype)
+    lora = prune.LoRAUpdate(torch.randn(2, n), torch.randn(d, 2), 0.5)
+    consumer_lora = prune.LoRAUpdate(torch.randn(2, d), torch.randn(n, 2), 0.5)
+    down, up, g = torch.randn(r, d), torch.randn(d, r), torch.rand(d)
+
+    folded, _ = prune.fold_producer(w, None, lora, down, up, g, dtype=dtype)
+    in_place = w.clone()
+    prune.fold_producer(in_place, None, lora, down, up, g, out=in_place)
+    assert torch.equal(in_place, folded)
+    assert torch.equal(prune.fold_and_prune_producer(w, lora, down, up, g, keep, c), prune.prune_rows(folded, keep, c))
+    full_delta, _ = prune.fold_producer(w, None, prune.lora_delta(lora.lora_a, lora.lora_b, 0.5), down, up, g)
+    torch.testing.assert_close(folded.float(), full_delta.to(dtype).float())
+
+    for e_down, e_up in ((down, up), (None, None)):
+        folded_e = prune.fold_embedding(e, e_down, e_up, g, dtype=dtype)
+        in_place = e.clone()
+        prune.fold_embedding(in_place, e_down, e_up, g, out=in_place)
+        assert torch.equal(in_place, folded_e)
+        fused = prune.fold_and_prune_embedding(e, e_down, e_up, g, keep, c)
+        assert torch.equal(fused, prune.prune_columns(folded_e, keep, c))
+    assert torch.equal(prune.scale_columns(e, g), prune.fold_embedding(e, None, None, g, dtype=dtype))
+
+    merged = prune.merge_lora(consumer, consumer_lora)
+    in_place = consumer.clone()
+    prune.merge_lora(in_place, consumer_lora, out=in_place)
+    assert torch.equal(in_place, merged)
+    assert torch.equal(
+        prune.merge_lora_and_prune_columns(consumer, consumer_lora, keep), prune.prune_columns(merged, keep)
+    )
