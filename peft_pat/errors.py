@@ -29,3 +29,7 @@ class PATStateError(PATError, ValueError):
 
 class PATTypeError(PATError, TypeError):
     """An argument has the wrong type."""
+
+
+class CheckpointError(PATError, ValueError):
+    """A checkpoint or adapter folder lacks a file an operation needs, or holds one in an unexpected form."""

@@ -28,6 +28,10 @@ _LLAMA_PRODUCERS = ("self_attn.o_proj", "mlp.down_proj")
 _LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# Roles of the modules that read, write or normalise the residual stream (FamilySpec.module_roles).
+ROLES = ("embedding", "producer", "consumer", "residual_norm", "branch_norm", "final_norm", "lm_head")
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """Facts about one decoder family; module paths are relative to the ``*ForCausalLM`` model.
@@ -67,6 +71,24 @@ class FamilySpec:
     def _layer_relative(self, module_name: str) -> str | None:
         match = re.search(re.escape(self.layers) + r"\.(\d+)\.(.+)$", module_name)
         return match.group(2) if match else None
+
+    def module_roles(self, num_layers: int, tied: bool) -> dict[str, str]:
+        """Every module that touches the residual stream, by full path, with its role in :data:`ROLES`.
+
+        Used to transform a checkpoint tensor by tensor (``peft-pat merge``). A tied ``lm_head`` is
+        not listed: it has no tensor of its own.
+        """
+        roles = {self.embedding: "embedding", self.final_norm: "final_norm"}
+        if not tied:
+            roles[self.lm_head] = "lm_head"
+        for role, relative in (
+            ("producer", self.producers),
+            ("consumer", self.consumers),
+            ("residual_norm", self.residual_norms),
+            ("branch_norm", self.branch_norms),
+        ):
+            roles.update(dict.fromkeys(self.layer_module_names(num_layers, relative), role))
+        return roles
 
 
 _GEMMA2 = FamilySpec(
