@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ._registry import PREFIX
@@ -109,8 +110,12 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
     inside_adapter: list[str] = []
     lora_layers: list[tuple[str, int]] = []
+    excluded: list[str] = []
     for key, module in model.named_modules():
         if not key or any(key.startswith(prefix) for prefix in inside_adapter):
+            continue
+        if isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save copies of an earlier adapter
+            inside_adapter.append(key + ".")
             continue
         base = module
         if isinstance(module, BaseTunerLayer):
@@ -132,7 +137,10 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
         if all_linear:
             wants_lora = isinstance(base, nn.Linear) and key != family.lm_head
         else:
-            wants_lora = bool(check_target_module_exists(config, key))
+            match = check_target_module_exists(config, key)
+            if isinstance(match, _ExcludedModule):
+                excluded.append(key)
+            wants_lora = bool(match)
         if not wants_lora:
             continue
         if embedding:
@@ -150,6 +158,11 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
         if error is not None:
             raise error
         lora_layers.append((key, min(base.in_features, base.out_features)))
+    if explicit_targets and config.r > 0 and not lora_layers and excluded:
+        raise PATConfigError(
+            f"exclude_modules={config.exclude_modules!r} excludes every layer target_modules="
+            f"{config.target_modules!r} would put LoRA on; narrow exclude_modules, or use r=0 for HSMs only."
+        )
     if explicit_targets and config.r > 0 and not lora_layers:
         extra = ""
         if config.layers_to_transform is not None:

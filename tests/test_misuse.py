@@ -317,6 +317,11 @@ def test_layers_to_transform_outside_the_model():
         wrap(tiny_model("llama"), target_modules=["q_proj"], layers_to_transform=[7])
 
 
+def test_exclude_modules_that_exclude_every_target():
+    with pytest.raises(PATConfigError, match="narrow exclude_modules, or use r=0 for HSMs only"):
+        wrap(tiny_model("llama"), target_modules=["q_proj", "v_proj"], exclude_modules=["q_proj", "v_proj"])
+
+
 def test_target_modules_matching_a_non_linear_module():
     with pytest.raises(PATConfigError, match="LoRA goes on nn.Linear modules"):
         wrap(tiny_model("llama"), target_modules=["mlp"])
