@@ -160,6 +160,19 @@ class PATMask(nn.Module):
                 f"set_step: step={step} is outside the run [0, total_steps={total_steps}]. Call it once per "
                 "optimizer step with the number of steps taken so far and the planned total."
             )
+        previous_total = int(self.total_steps)
+        if previous_total and previous_total != total_steps and not self._hard:
+            s0_before = milestone_step(previous_total, self.milestone_fraction)
+            s0_now = milestone_step(total_steps, self.milestone_fraction)
+            warnings.warn(
+                f"PAT: total_steps changed from {previous_total} to {total_steps} while the mask is soft (resumed "
+                f"with a different max_steps?). The schedule is stretched to the new run: milestone s0 "
+                f"{s0_before} -> {s0_now}, freeze step {freeze_step(previous_total, self.freeze_fraction)} -> "
+                f"{freeze_step(total_steps, self.freeze_fraction)}. Resume with the original max_steps to continue "
+                "the same schedule.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if learning_rate is not None:
             self.configure_learning_rate(learning_rate, total_steps)
         self._check_auxiliary_loss_was_used()

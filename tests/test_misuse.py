@@ -436,6 +436,13 @@ def test_set_step_with_a_bad_learning_rate(lr):
         wrap(tiny_model("llama")).set_step(0, 10, learning_rate=lr)
 
 
+def test_resuming_with_a_different_run_length():
+    model = wrap(tiny_model("llama"))
+    model.set_step(2, 12)
+    with pytest.warns(RuntimeWarning, match="freeze step 3 -> 6. Resume with the original max_steps"):
+        model.set_step(3, 24)
+
+
 def test_set_step_without_a_pat_adapter():
     model = wrap(tiny_model("llama"))
     model.delete_adapter("default")
