@@ -9,6 +9,7 @@ its ``inject_adapter``, and :func:`check_not_quantized` while preparing the adap
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -110,7 +111,9 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
     inside_adapter: list[str] = []
     lora_layers: list[tuple[str, int]] = []
-    excluded: list[str] = []
+    excluded: list[str] = []  # layers the targets match that exclude_modules removes
+    without_exclusions = copy.copy(config)
+    without_exclusions.exclude_modules = None
     for key, module in model.named_modules():
         if not key or any(key.startswith(prefix) for prefix in inside_adapter):
             continue
@@ -138,7 +141,7 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
             wants_lora = isinstance(base, nn.Linear) and key != family.lm_head
         else:
             match = check_target_module_exists(config, key)
-            if isinstance(match, _ExcludedModule):
+            if isinstance(match, _ExcludedModule) and check_target_module_exists(without_exclusions, key):
                 excluded.append(key)
             wants_lora = bool(match)
         if not wants_lora:
