@@ -67,7 +67,7 @@ class PATModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: PATConfig, adapter_name: str) -> None:
         if "pat_mask" not in self._modules:
             self.pat_mask = nn.ModuleDict()
-        self.last_auxiliary_losses: dict[str, float] = {}
+        self._last_losses: dict[str, torch.Tensor] = {}
         self._pruned = False
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -301,6 +301,13 @@ class PATModel(BaseTuner):
         """Turn the mask of ``adapter_name`` (default: the active one) into the exact top-N 0/1 mask now."""
         self.pat_mask[self._single_adapter(adapter_name)].harden()
 
+    @property
+    def last_auxiliary_losses(self) -> dict[str, float]:
+        """Each weighted auxiliary loss and the task loss (mean per target token of the micro-batch) of the
+        last training forward. Kept as detached tensors until read, so the forward pass neither waits for
+        the device nor breaks a ``torch.compile`` graph."""
+        return {key: float(value) for key, value in self.__dict__.get("_last_losses", {}).items()}
+
     def pat_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Schedule state and the last auxiliary losses, for logging."""
         stats = self.pat_mask[self._single_adapter(adapter_name)].stats()
@@ -327,7 +334,8 @@ class PATModel(BaseTuner):
             }
             if config.identity_loss == "l0_gram" and config.identity_loss_weight > 0:
                 layers = self._pat_layers() if layers is None else layers
-                identity = [loss for m in layers if (loss := m.identity_loss(name)) is not None]
+                identity = [m.identity_loss(name) for m in layers if m.has_hsm(name)]  # no walrus: compiles
+                identity = [loss for loss in identity if loss is not None]
                 if identity:
                     device = terms["active_loss"].device
                     terms["identity_loss"] = torch.stack([x.to(device) for x in identity]).sum() * (
@@ -347,9 +355,13 @@ class PATModel(BaseTuner):
         if not self.training or loss is None or "pat_mask" not in self._modules or not len(self.pat_mask):
             return outputs
         aux, parts = self.auxiliary_loss()
-        outputs.loss = loss + aux.to(loss.device) * self._aux_fraction(kwargs)
-        self.last_auxiliary_losses = {k: float(v.detach()) for k, v in parts.items()}
-        self.last_auxiliary_losses["task_loss"] = float(loss.detach())
+        fraction = self._aux_fraction(kwargs)
+        outputs.loss = loss + aux.to(loss.device) * fraction
+        task_loss = loss.detach()
+        if isinstance(fraction, torch.Tensor):  # loss = sum / (tokens in the whole step): log this micro-batch's mean
+            task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
+        self._last_losses = {key: value.detach() for key, value in parts.items()}
+        self._last_losses["task_loss"] = task_loss
         return outputs
 
     @staticmethod
@@ -366,7 +378,8 @@ class PATModel(BaseTuner):
         if num_items is None or labels is None:
             return 1.0
         local = (labels != -100).sum() if shifted is not None else (labels[..., 1:] != -100).sum()
-        return local.to(torch.float32) / torch.as_tensor(num_items, dtype=torch.float32, device=local.device)
+        total = torch.as_tensor(num_items, dtype=torch.float32, device=local.device).clamp(min=1.0)
+        return local.to(torch.float32) / total
 
     # ------------------------------------------------------------------ merging
     def _single_adapter(self, adapter_name: str | None) -> str:
