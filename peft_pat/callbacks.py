@@ -49,10 +49,29 @@ def _inner_optimizer(optimizer: Any):
 
 
 class PATCallback(TrainerCallback):
-    """Add to ``Trainer(callbacks=[...])``; nothing else in the training script changes."""
+    """Add to ``Trainer(callbacks=[...])``; nothing else in the training script changes.
 
-    def __init__(self, log: bool = True) -> None:
+    ``record_mask_every=N`` keeps a :class:`~peft_pat.diagnostics.MaskHistory` in ``self.mask_history``:
+    a snapshot of the mask at the start, every N optimizer steps and at the last step, for
+    :func:`peft_pat.plotting.plot_mask_evolution`. Off by default (each snapshot holds 3 vectors of
+    ``hidden_size`` values on the CPU).
+    """
+
+    def __init__(self, log: bool = True, record_mask_every: int | None = None) -> None:
+        if record_mask_every is not None and (
+            isinstance(record_mask_every, bool) or not isinstance(record_mask_every, int) or record_mask_every < 1
+        ):
+            raise PATTypeError(
+                f"PATCallback(record_mask_every=...) must be a positive int (steps between snapshots) or None, "
+                f"got {record_mask_every!r}."
+            )
         self.log = log
+        self.record_mask_every = record_mask_every
+        self.mask_history = None
+        if record_mask_every is not None:
+            from .diagnostics import MaskHistory  # diagnostics imports this module
+
+            self.mask_history = MaskHistory()
         self._decay_undo: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self._warned_optimizer = False
 
@@ -79,11 +98,16 @@ class PATCallback(TrainerCallback):
                 "before building the Trainer, or remove PATCallback."
             )
         tuner.set_step(state.global_step, max(state.max_steps, 1), learning_rate=args.learning_rate)
+        if self.mask_history is not None:
+            self.mask_history.record(tuner)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)
         if tuner is not None:
             tuner.set_step(min(state.global_step, state.max_steps), max(state.max_steps, 1))
+            every = self.record_mask_every
+            if every is not None and (state.global_step % every == 0 or state.global_step >= state.max_steps):
+                self.mask_history.record(tuner)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)

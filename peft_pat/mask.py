@@ -71,6 +71,14 @@ def offset(step: int, s0: int) -> float:
     return max(0.5 - step / s0, 0.0)
 
 
+def top_n_indicator(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """0/1 float vector marking the ``n`` largest logits; ties go to the lower channel index."""
+    order = torch.sort(logits.detach().float(), descending=True, stable=True).indices
+    indicator = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    indicator[order[:n]] = 1.0
+    return indicator
+
+
 class PATMask(nn.Module):
     """Mask logits and schedule of one adapter; every HSM of that adapter reads :meth:`gate`."""
 
@@ -237,10 +245,7 @@ class PATMask(nn.Module):
     @torch.no_grad()
     def harden(self) -> None:
         """Fix the gate to the exact top-N of w (ties broken by channel index) and polarise w to +-0.5."""
-        w = self.logits.detach().float()  # same order as w = kappa * theta (kappa > 0)
-        order = torch.sort(w, descending=True, stable=True).indices
-        hard = torch.zeros_like(self.hard_mask)
-        hard[order[: self.kept_width]] = 1.0
+        hard = top_n_indicator(self.logits, self.kept_width)  # same order as w = kappa * theta (kappa > 0)
         self.hard_mask.copy_(hard)
         polar = torch.where(hard > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
         self.logits.copy_(polar.to(self.logits.dtype))
@@ -259,7 +264,7 @@ class PATMask(nn.Module):
         self._auxiliary_loss_seen = True
         if self._hard:
             # Keep the logits in the graph with zero gradient so DDP sees every parameter used.
-            zero = self.logits.sum() * 0.0
+            zero = self.logits.sum() * 0.0 + 0.0  # + 0.0: a log shows 0, never -0
             return {"active": zero, "polarization": zero}
         w = self.effective_logits().float()
         binary = (w >= 0).float()
