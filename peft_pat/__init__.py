@@ -20,6 +20,7 @@ from .io import save_pruned
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
 from .model import PATModel
+from .optim import optimizer_param_groups
 from .surgery import prune_hidden_channels
 
 register(PATConfig, PATModel)
@@ -44,6 +45,7 @@ __all__ = [
     "PatPeftType",
     "UnsupportedModelError",
     "family_for_model",
+    "optimizer_param_groups",
     "prune_hidden_channels",
     "save_pruned",
     "supported_model_types",
