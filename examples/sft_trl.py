@@ -1,0 +1,86 @@
+"""PAT with TRL's SFTTrainer: pass a PATConfig as ``peft_config`` and add PATCallback, nothing else.
+
+    python examples/sft_trl.py                        # SmolLM2-135M on the commonsense train sets, 100 steps
+    python examples/sft_trl.py --tasks boolq --steps 300
+    python examples/sft_trl.py --tiny                 # tiny random Llama, generated records (used by the tests)
+
+Needs ``pip install trl`` (tested with trl 1.16.0, which installs next to torch 2.13, transformers 5.24
+and peft 0.21 without changing them). The data is the same prompt/completion pairs as
+examples/train_commonsense.py; SFTTrainer puts the loss on the completion only and appends EOS.
+SFTTrainer builds the PEFT model itself from ``peft_config``, so the PAT tuner goes in exactly where a
+LoraConfig would.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from transformers import set_seed
+
+import peft_pat
+
+from _common import (
+    add_commonsense_options,
+    base_parser,
+    commonsense_pairs,
+    device_options,
+    last_logged,
+    load_model,
+    print_summary,
+    save_merge_and_reload,
+    trained_model,
+)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = base_parser(__doc__, steps=100, batch_size=8, lr=5e-4, output="outputs/sft_trl")
+    add_commonsense_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as error:
+        raise SystemExit(f"This example needs TRL: pip install trl ({error}).") from error
+    set_seed(args.seed)
+
+    pairs, source = commonsense_pairs(args)
+    base, tokenizer, reload_base = load_model(args)
+    dataset = Dataset.from_list([{"prompt": prompt, "completion": answer} for prompt, answer in pairs])
+    print(f"{len(dataset)} prompt/completion pairs from {source}")
+
+    config = peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=args.sparsity)
+    sft_args = SFTConfig(
+        output_dir=str(Path(args.output) / "trainer"), max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 20), max_grad_norm=1.0, logging_steps=max(1, args.steps // 20),
+        max_length=args.max_length, completion_only_loss=True, seed=args.seed, **device_options(),
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=base,
+        args=sft_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=config,  # SFTTrainer calls get_peft_model(base, config): PAT is a registered PEFT type
+        callbacks=[peft_pat.PATCallback()],
+    )
+    model = trainer.model
+    model.print_trainable_parameters()
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    summary = {"model": "tiny" if args.tiny else args.model, "data": source, "examples": len(dataset)}
+    summary["hidden_size_before"] = config.base_hidden_size
+    summary["last_logged_task_loss"] = last_logged(trainer, "pat/task_loss")
+    summary["kept_channels_logged"] = last_logged(trainer, "pat/kept_channels")
+    summary.update(
+        save_merge_and_reload(trained_model(trainer), tokenizer, reload_base, Path(args.output), pairs[0][0])
+    )
+    summary["train_seconds"] = round(train_seconds, 1)
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
