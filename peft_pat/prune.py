@@ -256,14 +256,23 @@ def width_factor(hidden_size: int, kept: int) -> float:
     return math.sqrt(kept / hidden_size)
 
 
-def pruning_factors(hidden_size: int, kept: int, scales_embedding: bool, tied: bool) -> dict[str, float]:
+def pruning_factors(
+    hidden_size: int,
+    kept: int,
+    scales_embedding: bool,
+    tied: bool,
+    embedding_scales: tuple[float, float] | None = None,
+) -> dict[str, float]:
     """The scalar factors of a width cut (module docstring), by the role of the tensor they apply to.
 
     ``scales_embedding``: the family multiplies embeddings by sqrt(hidden_size) (Gemma). ``tied``: the
     pruned model keeps ``lm_head`` tied to the embedding, so the final norm undoes the embedding factor.
+    ``embedding_scales``: (scale the model multiplies by now, scale it will multiply by after the cut),
+    default (sqrt(d), sqrt(d')); pass the values actually used when they were rounded (a bfloat16 buffer).
     """
     c = width_factor(hidden_size, kept)
-    embedding = c * (math.sqrt(hidden_size / kept) if scales_embedding else 1.0)
+    before, after = embedding_scales or (math.sqrt(hidden_size), math.sqrt(kept))
+    embedding = c * (before / after if scales_embedding else 1.0)
     return {
         "producer": c,
         "embedding": embedding,

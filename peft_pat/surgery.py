@@ -60,7 +60,12 @@ def prune_hidden_channels(
     embedding = get_module(model, family.embedding)
     lm_head = get_module(model, family.lm_head)
     tied = lm_head.weight is embedding.weight
-    factors = prune.pruning_factors(d, kept, bool(family.embedding_scale_attr), tied)
+    scales = None
+    if family.embedding_scale_attr:
+        # The scales really multiplied by: a buffer rounded to bfloat16 stays rounded after .float().
+        used = getattr(embedding, family.embedding_scale_attr).to(embedding.weight.dtype)
+        scales = (float(used), float(torch.tensor(math.sqrt(kept)).to(embedding.weight.dtype)))
+    factors = prune.pruning_factors(d, kept, bool(family.embedding_scale_attr), tied, embedding_scales=scales)
     c, embed_factor = factors["producer"], factors["embedding"]
     dev = embedding.weight.device
     _set_weight(embedding, "weight", prune.prune_columns(embedding.weight, keep.to(dev), embed_factor))
