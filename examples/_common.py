@@ -239,5 +239,9 @@ def last_logged(trainer, key: str) -> float | None:
     return next((entry[key] for entry in reversed(trainer.state.log_history) if key in entry), None)
 
 
-def print_summary(summary: dict) -> None:
+def finish(model, tokenizer, reload_base: Callable, args: argparse.Namespace, probe: str, **facts) -> dict:
+    """Run :func:`save_merge_and_reload` into ``args.output``, print and return the summary (``facts`` first)."""
+    summary = {"model": TINY_MODEL if args.tiny else args.model, **facts}
+    summary.update(save_merge_and_reload(model, tokenizer, reload_base, Path(args.output), probe))
     print(json.dumps(summary, indent=2))
+    return summary

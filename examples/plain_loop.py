@@ -37,10 +37,9 @@ from _common import (
     PromptAnswerDataset,
     arithmetic_pairs,
     base_parser,
+    finish,
     load_model,
     pad_batch,
-    print_summary,
-    save_merge_and_reload,
 )
 
 
@@ -110,14 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
         plot_mask_evolution(history, plots[0])
         plot_hsm_norms(model, plots[1])
 
-    probe = ARITHMETIC_PROMPT.format(a=23, b=19)
-    summary = {"model": "tiny" if args.tiny else args.model, "hidden_size_before": config.base_hidden_size}
-    summary["mask_snapshots"] = len(history)
-    summary.update(save_merge_and_reload(model, tokenizer, reload_base, output, probe))
-    summary["train_seconds"] = round(train_seconds, 1)
-    summary["plots"] = plots
-    print_summary(summary)
-    return summary
+    return finish(
+        model, tokenizer, reload_base, args, ARITHMETIC_PROMPT.format(a=23, b=19),
+        hidden_size_before=config.base_hidden_size, mask_snapshots=len(history),
+        train_seconds=round(train_seconds, 1), plots=plots,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,12 +25,11 @@ from _common import (
     arithmetic_pairs,
     base_parser,
     device_options,
+    finish,
     greedy_answer,
     load_model,
     pad_batch,
     parameter_count,
-    print_summary,
-    save_merge_and_reload,
     trained_model,
 )
 
@@ -76,11 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.perf_counter() - start
 
     # 3. Save the adapter, merge and prune, save the stock model, reload it with AutoModelForCausalLM.
-    summary = {"model": "tiny" if args.tiny else args.model, "hidden_size_before": config.base_hidden_size}
-    summary.update(save_merge_and_reload(trained_model(trainer), tokenizer, reload_base, Path(args.output), probe))
-    summary["train_seconds"] = round(train_seconds, 1)
+    summary = finish(
+        trained_model(trainer), tokenizer, reload_base, args, probe,
+        hidden_size_before=config.base_hidden_size, train_seconds=round(train_seconds, 1),
+    )  # fmt: skip
     print(f"after PAT + merge_and_prune, '{probe.splitlines()[0]}' -> {summary['answer_after']!r}")
-    print_summary(summary)
     return summary
 
 

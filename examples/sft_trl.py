@@ -13,9 +13,11 @@ LoraConfig would.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 import peft_pat
@@ -25,10 +27,9 @@ from _common import (
     base_parser,
     commonsense_pairs,
     device_options,
+    finish,
     last_logged,
     load_model,
-    print_summary,
-    save_merge_and_reload,
     trained_model,
 )
 
@@ -36,7 +37,14 @@ from _common import (
 def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(__doc__, steps=100, batch_size=8, lr=5e-4, output="outputs/sft_trl")
     add_commonsense_options(parser)
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (TRL's default); default here: on with a CUDA GPU, off on a CPU (slower there)",
+    )
     args = parser.parse_args(argv)
+    bf16 = torch.cuda.is_available() if args.bf16 is None else args.bf16
     try:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir=str(Path(args.output) / "trainer"), max_steps=args.steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=max(1, args.steps // 20), max_grad_norm=1.0, logging_steps=max(1, args.steps // 20),
-        max_length=args.max_length, completion_only_loss=True, seed=args.seed, **device_options(),
+        max_length=args.max_length, completion_only_loss=True, bf16=bf16, seed=args.seed, **device_options(),
     )  # fmt: skip
     trainer = SFTTrainer(
         model=base,
@@ -70,16 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - start
 
-    summary = {"model": "tiny" if args.tiny else args.model, "data": source, "examples": len(dataset)}
-    summary["hidden_size_before"] = config.base_hidden_size
-    summary["last_logged_task_loss"] = last_logged(trainer, "pat/task_loss")
-    summary["kept_channels_logged"] = last_logged(trainer, "pat/kept_channels")
-    summary.update(
-        save_merge_and_reload(trained_model(trainer), tokenizer, reload_base, Path(args.output), pairs[0][0])
-    )
-    summary["train_seconds"] = round(train_seconds, 1)
-    print_summary(summary)
-    return summary
+    return finish(
+        trained_model(trainer), tokenizer, reload_base, args, pairs[0][0],
+        data=source, examples=len(dataset), hidden_size_before=config.base_hidden_size,
+        train_seconds=round(train_seconds, 1), last_logged_task_loss=last_logged(trainer, "pat/task_loss"),
+        kept_channels_logged=last_logged(trainer, "pat/kept_channels"),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

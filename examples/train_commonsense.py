@@ -32,11 +32,10 @@ from _common import (
     base_parser,
     commonsense_pairs,
     device_options,
+    finish,
     last_logged,
     load_model,
     pad_batch,
-    print_summary,
-    save_merge_and_reload,
     trained_model,
 )
 
@@ -79,14 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - start
 
-    probe = pairs[0][0]
-    summary = {"model": "tiny" if args.tiny else args.model, "data": source, "examples": len(train)}
-    summary["hidden_size_before"] = config.base_hidden_size
-    summary["last_logged_task_loss"] = last_logged(trainer, "pat/task_loss")
-    summary.update(save_merge_and_reload(trained_model(trainer), tokenizer, reload_base, Path(args.output), probe))
-    summary["train_seconds"] = round(train_seconds, 1)
-    print_summary(summary)
-    return summary
+    return finish(
+        trained_model(trainer), tokenizer, reload_base, args, pairs[0][0],
+        data=source, examples=len(train), hidden_size_before=config.base_hidden_size,
+        train_seconds=round(train_seconds, 1), last_logged_task_loss=last_logged(trainer, "pat/task_loss"),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

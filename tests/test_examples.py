@@ -34,7 +34,8 @@ def test_quickstart_runs_as_a_script(tmp_path):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads(result.stdout[result.stdout.rindex("\n{") :])
+    start = result.stdout.rindex("\n{\n")
+    summary = json.loads(result.stdout[start : result.stdout.index("\n}", start) + 2])
     check_summary(summary)
 
 
