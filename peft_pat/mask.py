@@ -188,7 +188,10 @@ class PATMask(nn.Module):
         self.step.fill_(step)
         self.total_steps.fill_(total_steps)
         self._refresh()
-        if not self._hard and step >= freeze_step(total_steps, self.freeze_fraction):
+        if self._hard:
+            self._pin_logits_to_hard_mask()  # Adam's momentum keeps moving the (now unused) logits otherwise
+            return False
+        if step >= freeze_step(total_steps, self.freeze_fraction):
             self.harden()
             return True
         return False
@@ -247,10 +250,15 @@ class PATMask(nn.Module):
         """Fix the gate to the exact top-N of w (ties broken by channel index) and polarise w to +-0.5."""
         hard = top_n_indicator(self.logits, self.kept_width)  # same order as w = kappa * theta (kappa > 0)
         self.hard_mask.copy_(hard)
-        polar = torch.where(hard > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
-        self.logits.copy_(polar.to(self.logits.dtype))
         self.is_hard.fill_(True)
         self._hard = True
+        self._pin_logits_to_hard_mask()
+
+    @torch.no_grad()
+    def _pin_logits_to_hard_mask(self) -> None:
+        """w = +-0.5 on kept / pruned channels, so the stored logits always agree with the hard mask."""
+        polar = torch.where(self.hard_mask > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
+        self.logits.copy_(polar.to(self.logits.dtype))
 
     def kept_indices(self) -> torch.Tensor:
         """Sorted indices of the kept channels (the mask must be hard)."""
