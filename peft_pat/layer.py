@@ -17,12 +17,12 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import prune
 from .errors import PATStateError
+from .hsm import low_rank_hsm
 
 
 class PATLayer(BaseTunerLayer):
@@ -117,13 +117,18 @@ class PATLayer(BaseTunerLayer):
         return scale.float() * gate.to(scale.device, torch.float32)
 
     def _apply_hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """s ⊙ M ⊙ (y + L1 L0 y), computed in the activation dtype (weights are cast, not activations)."""
+        """s ⊙ M ⊙ (y + L1 L0 y), computed in the activation dtype (weights are cast, not activations).
+
+        The low-rank form runs as one fused autograd function (:mod:`peft_pat.hsm`) that keeps only y
+        and L0 y for backward; the gate g = s ⊙ M is recomputed from the shared logits on every call.
+        """
         dtype = y.dtype
+        gate_scale = self.hsm_gate_scale(adapter_name).to(y.device, dtype)
         if adapter_name in self.pat_hsm_down:
             down = self.pat_hsm_down[adapter_name].weight
             up = self.pat_hsm_up[adapter_name].weight
-            y = y + F.linear(F.linear(y, down.to(dtype)), up.to(dtype))
-        return y * self.hsm_gate_scale(adapter_name).to(y.device, dtype)
+            return low_rank_hsm(y, down.to(dtype), up.to(dtype), gate_scale)
+        return y * gate_scale
 
     def identity_loss(self, adapter_name: str) -> torch.Tensor | None:
         """mean((L0 L0^T - I_r)^2): keeps L0's rows orthonormal (official code's identity loss)."""

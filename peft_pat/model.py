@@ -499,6 +499,10 @@ class PATModel(BaseTuner):
             warnings.warn(f"merge_and_prune keeps only adapter '{name}'; dropping {others}.", stacklevel=2)
         model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, adapter_names=[name])
         prune_hidden_channels(model, family, keep.to("cpu"), progressbar=progressbar)
+        # Trainable parameters, as from_pretrained returns them. Left frozen, transformers' logits_to_keep slice
+        # (a non-foldable 3-D view) sends lm_head down PyTorch's bmm path, which copies the whole weight on every
+        # prefill: measured 5x slower prefill of an in-memory pruned model (docs/performance.md).
+        model.requires_grad_(True)
         self._pruned = True
         self.register_state_dict_pre_hook(_refuse_state_dict_after_pruning)
         return make_save_pretrained_atomic(model)
