@@ -1,0 +1,140 @@
+"""Measurement helpers shared by benchmarks/inference.py and benchmarks/training.py.
+
+Rules every speed number in these benchmarks follows:
+
+* configurations are measured **alternately in one process** (round-robin, the order rotated every
+  round so no configuration always runs first or last), so a slow phase of a shared machine hits
+  all of them alike;
+* the first ``warmup`` rounds are run and discarded (allocator, kernel selection, lazy init);
+* the reported time is the **median** of the remaining rounds; ratios are ratios of medians.
+
+Peak memory is the process peak resident set size (``ru_maxrss``) of a fresh subprocess per
+configuration, so one configuration's allocations never hide in another's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels so wall-clock time covers the work (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(
+    configurations: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Seconds per call of each configuration, measured round-robin (see module docstring)."""
+    names = list(configurations)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            configurations[name]()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mib() -> float:
+    """Current resident set size, MiB (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mib()
+
+
+def run_json_subprocess(args: list[str], timeout: float | None = None) -> dict:
+    """Run ``python args...`` in a fresh process; its last stdout line must be one JSON object."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    if proc.returncode != 0:
+        raise RuntimeError(f"subprocess {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "device": str(device),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Fixed-width text table; ``columns`` are (key, header) pairs, values are pre-formatted or numbers."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    headers = [header for _, header in columns]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in body)
+    return "\n".join(lines)
