@@ -24,8 +24,6 @@ mask logits on every call and gradient checkpointing can re-run the layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 
@@ -67,25 +65,3 @@ def low_rank_hsm(y: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gate: to
     All four must share y's dtype and device (the caller casts the float32 adapter weights).
     """
     return _LowRankHSM.apply(y, down, up, gate)
-
-
-def identity_loss(downs: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """sum_j mean((L0_j L0_j^T - I_r)^2) over the HSMs' L0 matrices, in float32.
-
-    One batched GEMM per distinct (shape, device) instead of a handful of tiny ops per HSM (61 HSMs on
-    SmolLM2), which matters for the per-step overhead on CPUs. The result lives on ``device``
-    (default: the first matrix's device).
-    """
-    if not downs:
-        raise ValueError("identity_loss needs at least one L0 matrix.")
-    device = downs[0].device if device is None else device
-    groups: dict[tuple[tuple[int, ...], torch.device], list[torch.Tensor]] = {}
-    for down in downs:
-        groups.setdefault((tuple(down.shape), down.device), []).append(down)
-    total = torch.zeros((), device=device)
-    for (shape, group_device), group in groups.items():
-        l0 = torch.stack(group).float()  # (n, r, d)
-        gram = l0 @ l0.transpose(1, 2)
-        eye = torch.eye(shape[0], device=group_device)
-        total = total + ((gram - eye) ** 2).mean(dim=(1, 2)).sum().to(device)
-    return total

@@ -19,7 +19,6 @@ from .checks import check_adapter_name, check_causal_lm_layout, check_injection_
 from .config import PATConfig
 from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
 from .families import FAMILIES, FamilySpec, family_for_model_type
-from .hsm import identity_loss
 from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
@@ -335,10 +334,13 @@ class PATModel(BaseTuner):
             }
             if config.identity_loss == "l0_gram" and config.identity_loss_weight > 0:
                 layers = self._pat_layers() if layers is None else layers
-                downs = [m.pat_hsm_down[name].weight for m in layers if name in m.pat_hsm_down]
-                if downs:  # one batched GEMM over all HSMs (hsm.identity_loss), not ~6 tiny ops per HSM
+                identity = [m.identity_loss(name) for m in layers if m.has_hsm(name)]  # no walrus: compiles
+                identity = [loss for loss in identity if loss is not None]
+                if identity:
                     device = terms["active_loss"].device
-                    terms["identity_loss"] = identity_loss(downs, device) * config.identity_loss_weight
+                    terms["identity_loss"] = torch.stack([x.to(device) for x in identity]).sum() * (
+                        config.identity_loss_weight
+                    )
             for key, value in terms.items():
                 parts[key] = parts[key] + value if key in parts else value
                 total = value if total is None else total + value

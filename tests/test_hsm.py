@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peft_pat.hsm import identity_loss, low_rank_hsm
+from peft_pat.hsm import low_rank_hsm
 
 
 def reference(y, down, up, gate):
@@ -72,16 +72,3 @@ def test_non_contiguous_grad_and_no_grad_mode():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(low_rank_hsm(y, down, up, gate), reference(y, down, up, gate))
-
-
-def test_batched_identity_loss_is_the_sum_of_per_hsm_losses():
-    g = torch.Generator().manual_seed(3)
-    downs = [torch.randn(4, 10, generator=g, requires_grad=True) for _ in range(3)]
-    downs.append(torch.randn(2, 10, generator=g, requires_grad=True))  # another rank: its own group
-    eye = {4: torch.eye(4), 2: torch.eye(2)}
-    expected = sum(((d @ d.T - eye[d.shape[0]]) ** 2).mean() for d in downs)
-    got = identity_loss(downs)
-    torch.testing.assert_close(got, expected)
-    got_grads = torch.autograd.grad(got, downs)
-    for a, b in zip(got_grads, torch.autograd.grad(expected, downs)):
-        torch.testing.assert_close(a, b)
