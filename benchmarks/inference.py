@@ -328,9 +328,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--width-sweep", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-        "--sweep-widths", type=_ints, default=[3072, 3071, 3064, 3056, 3040, 3008, 2048, 2047, 2040, 2032, 2016, 1984]
-    )
+    p.add_argument("--sweep-widths", type=_ints, default=[3072, 3071, 3064, 3040, 3008, 2048, 2047, 2040, 2016, 1984])
     p.add_argument("--sweep-tokens", type=int, default=256)
     p.add_argument(
         "--sweep-dtypes",

@@ -5,6 +5,8 @@ Configurations (``--configs``), all on every decoder linear (q, k, v, o, gate, u
   pat           PAT with the defaults users get: r=20 LoRA, HSM rank about 5% of d (32 for d=576),
                 25% target sparsity, mask in its soft phase (gate recomputed in every HSM)
   pat-hard      the same after the freeze step (hard 0/1 gate)
+  pat-unfused   ``pat`` with the HSM composed of plain autograd ops (the implementation before
+                peft_pat/hsm.py), to show what the fused HSM saves
   lora-20       PEFT LoRA r=20 (PAT's LoRA branch alone)
   lora-matched  PEFT LoRA with the rank whose trainable-parameter count is closest to PAT's
                 (the paper's parameter-matched LoRA-64 comparison for Llama-2-7B)
@@ -32,10 +34,12 @@ import argparse
 import json
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,11 +47,21 @@ from measure import alternate, format_table, machine_info, median, run_json_subp
 
 REPO = Path(__file__).resolve().parent.parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = ("pat", "pat-hard", "lora-20", "lora-matched")
+CONFIGS = ("pat", "pat-unfused", "pat-hard", "lora-20", "lora-matched")
 FAR_AWAY = 10**9  # total steps for the soft-phase schedule: the mask never reaches its freeze step
 
 
 # ---------------------------------------------------------------------------------------- models
+def unfused_hsm(layer, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    """The HSM as plain autograd ops, as layer.py computed it before peft_pat/hsm.py (baseline only)."""
+    dtype = y.dtype
+    if adapter_name in layer.pat_hsm_down:
+        down = layer.pat_hsm_down[adapter_name].weight
+        up = layer.pat_hsm_up[adapter_name].weight
+        y = y + F.linear(F.linear(y, down.to(dtype)), up.to(dtype))
+    return y * layer.hsm_gate_scale(adapter_name).to(y.device, dtype)
+
+
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -101,6 +115,12 @@ def build(config_name: str, args, lora_matched_rank: int):
     pat = config_name.startswith("pat")
     if config_name == "pat-hard":
         model.base_model.harden_mask()
+    if config_name == "pat-unfused":
+        from peft_pat.layer import PATLayer
+
+        for module in model.modules():
+            if isinstance(module, PATLayer):
+                module._apply_hsm = types.MethodType(unfused_hsm, module)
     counter = {"step": 0}
 
     def step() -> float:
@@ -215,7 +235,9 @@ def profile_step(step, rows: int) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--configs", default="pat,lora-20,lora-matched", help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--configs", default="pat,pat-unfused,lora-20,lora-matched", help=f"comma list of {', '.join(CONFIGS)}"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=20, help="LoRA rank of PAT and of the lora-20 baseline")
@@ -281,7 +303,7 @@ def main(argv=None) -> dict:
         rows.append({"config": name, "step_s": median(times[name]), "times": times[name], **memory})
     reference = {row["config"]: row for row in rows}
     for row in rows:
-        for ref in ("lora-20", "lora-matched"):
+        for ref in ("lora-20", "lora-matched", "pat-unfused"):
             if ref in reference:
                 key = ref.replace("-", "_")
                 row[f"time_vs_{key}"] = row["step_s"] / reference[ref]["step_s"]
@@ -320,10 +342,12 @@ def print_report(results: dict, args) -> None:
                 ("step_s", "step s"),
                 ("time_vs_lora_20", "time/LoRA-20"),
                 ("time_vs_lora_matched", "time/matched"),
+                ("time_vs_pat_unfused", "time/unfused"),
                 ("peak_rss_mib", "peak MiB"),
                 ("peak_vs_lora_matched", "peak/matched"),
                 ("training_extra_mib", "train extra MiB"),
                 ("extra_vs_lora_matched", "extra/matched"),
+                ("extra_vs_pat_unfused", "extra/unfused"),
             ],
         )
     )
