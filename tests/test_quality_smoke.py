@@ -127,6 +127,7 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
             assert all(t["n"] == 5 and 0.0 <= t["acc_norm"] <= 1.0 and len(t["correct"]) == 5 for t in tasks.values())
         if key[0] in ("lora", "pat", "prune_then_tune", "torch_pruning"):
             assert run["train"]["steps"] == 4 and len(run["train"]["loss_curve"]) == 4
+    assert runs[("dense", 0.0)]["accuracy_text"]["mean"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert runs[("pat", 0.25)]["train"]["pat_mask"] == {"hard": True, "kept": 24}
     # the pruned models are smaller, and PAT and the post-hoc cut keep the same width
     assert runs[("pat", 0.5)]["parameters"] == runs[("prune_then_tune", 0.5)]["parameters"]

@@ -152,6 +152,7 @@ def task_accuracy(items: list[ChoiceItem], scores: list[list[tuple[float, int]]]
         "acc_stderr": accuracy_stderr(acc, n),
         "acc_norm": acc_norm,
         "acc_norm_stderr": accuracy_stderr(acc_norm, n),
+        "chance": sum(1.0 / len(cand_scores) for cand_scores in scores) / n,
         "correct": "".join(map(str, correct)),
         "correct_norm": "".join(map(str, correct_norm)),
     }
@@ -160,7 +161,7 @@ def task_accuracy(items: list[ChoiceItem], scores: list[list[tuple[float, int]]]
 def mean_over_tasks(per_task: dict[str, dict]) -> dict:
     """Unweighted mean over tasks; stderr = sqrt(sum se^2) / T."""
     tasks = list(per_task)
-    out = {"tasks": len(tasks)}
+    out = {"tasks": len(tasks), "chance": sum(per_task[t]["chance"] for t in tasks) / len(tasks)}
     for key in ("acc", "acc_norm"):
         out[key] = sum(per_task[t][key] for t in tasks) / len(tasks)
         out[f"{key}_stderr"] = math.sqrt(sum(per_task[t][f"{key}_stderr"] ** 2 for t in tasks)) / len(tasks)

@@ -44,6 +44,10 @@ def plot_results(payload: dict, path: Path) -> Path:
         if "wikitext2" in mine[0]:
             ppl = [r["wikitext2"]["perplexity"] for r in mine]
             ax_ppl.plot(xs, ppl, color=color, marker=marker, linestyle=line, label=label)
+    chance = next((r[key]["mean"].get("chance") for r in runs if key in r), None)
+    if chance is not None:
+        ax_acc.axhline(100 * chance, color="0.6", linestyle=":", linewidth=1, label="chance")
+        ax_acc.legend(fontsize=8, loc="best")
     tasks = ", ".join(next((list(r[key]["tasks"]) for r in runs if key in r), []))
     ax_acc.set(xlabel="hidden-width sparsity (%)", ylabel=f"mean zero-shot {HEADLINE} (%)", title=f"Accuracy ({tasks})")
     ax_acc.title.set_fontsize(9)
