@@ -1,12 +1,14 @@
 """Fuzzing the configuration space with hypothesis: no crash, only our own clear errors for invalid
-combinations (predicted here independently of the code under test), and an exact merge.
+combinations (predicted here independently of the code under test), and an exact merge: equal logits
+up to float32 rounding (2e-5 of the logit scale, or at most 8 times the float32 noise the PAT model's own
+forward shows against float64, for the occasional ill-conditioned random model).
 
 Drawn per example: family, heads, GQA ratio, head_dim, width multiplier, depth, MLP width, tied
 embeddings, dtype (float32 / bfloat16), init_weights, target_sparsity or target_width (valid and
 invalid), hsm_rank (incl. 0 and >= hidden_size), LoRA r (incl. above a layer's width), target_modules
 (None, a subset, or a name that matches nothing), embedding HSM form and 0-3 AdamW steps.
 
-Examples per test: 30 by default (the whole file runs in well under a minute). A long run on demand:
+Examples per test: 30 by default (the whole file runs in seconds). A long run on demand:
 
     PEFT_PAT_FUZZ_EXAMPLES=2000 flock /tmp/peft_pat_heavy.lock \\
         python -m pytest tests/test_fuzz.py -p no:cacheprovider --hypothesis-show-statistics
@@ -37,6 +39,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     print_blob=True,
 )
+MERGE_NOISE_FACTOR = 8  # the merge (float32 folding) may add a few times the noise the model already has
 BF16_ROUNDING = 2.0**-8  # largest relative error of one rounding to bfloat16 (8 significant bits)
 NONEXISTENT_TARGET = "no_such_proj"
 
@@ -199,14 +202,18 @@ def test_no_crash_clear_errors_and_exact_merge(setup):
     reference = copy.deepcopy(model).float() if dtype == torch.bfloat16 else model
     ids = tiny_inputs(length=6)
     expected = logits(reference, ids)
+    # The float32 rounding noise this particular model already has: its own forward in float32 vs float64.
+    with torch.no_grad():
+        noise = float((copy.deepcopy(reference).double()(input_ids=ids).logits - expected.double()).abs().max())
     small = reference.merge_and_prune()
     assert type(small) is type(base) and small.config.hidden_size == kept
     assert not any(".pat_" in name for name, _ in small.named_parameters())
     actual = logits(small, ids)
     assert torch.isfinite(actual).all()
-    error = float((actual - expected).abs().max()) / max(1.0, float(expected.abs().max()))
-    target(error, label="max |merged - PAT| / logit scale (float32)")  # steer the search to the worst case
-    assert_logits_close(actual, expected)
+    error = float((actual - expected).abs().max())
+    allowed = max(2e-5 * max(1.0, float(expected.abs().max())), MERGE_NOISE_FACTOR * noise)
+    target(error / allowed, label="max |merged - PAT| / allowed (must stay <= 1)")  # hunt for the worst case
+    assert error <= allowed, f"merge error {error:.3e} > allowed {allowed:.3e} (float32 noise {noise:.3e})"
     if dtype == torch.bfloat16:
         exact = small.state_dict()
         offset = family_for_model_type(family).norm_offset  # Gemma norms compute x * (1 + w): compare 1 + w
