@@ -114,14 +114,13 @@ def _adapter_folder(adapter: Path, adapter_name: str | None) -> Path:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, each in its own fresh allocation (as in a model's parameters: same kernels, same bits)."""
+    """The adapter's tensors, each in its own fresh allocation, as a model's parameters are (so the folds
+    run the same kernels on equally aligned memory and give the same bits as the in-memory merge)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+        with open(path, "rb") as handle:
+            return {spec.name: read_tensor(spec, handle) for spec in read_specs(path)}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: state.pop(key).clone(memory_format=torch.contiguous_format) for key in list(state)}
 
 
 def load_pat_adapter(adapter: str | Path, adapter_name: str | None = None) -> PATAdapterWeights:

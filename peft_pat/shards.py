@@ -100,6 +100,8 @@ def _byte_view(tensor: torch.Tensor):
 
 def read_tensor(spec: TensorSpec, handle: BinaryIO | None = None) -> torch.Tensor:
     """Read one tensor into a new CPU tensor with plain file reads."""
+    if sys.byteorder != "little":
+        raise CheckpointError("Reading safetensors (little-endian) on a big-endian machine is not supported.")
     tensor = torch.empty(spec.shape, dtype=spec.dtype)
     expected = tensor.numel() * tensor.element_size()
     if expected != spec.nbytes:
@@ -115,8 +117,6 @@ def read_tensor(spec: TensorSpec, handle: BinaryIO | None = None) -> torch.Tenso
     finally:
         if own:
             f.close()
-    if sys.byteorder != "little" and tensor.element_size() > 1:
-        raise CheckpointError("Reading safetensors on a big-endian machine is not supported.")
     return tensor
 
 

@@ -136,6 +136,14 @@ def test_dtype_option_equals_merging_a_base_loaded_in_that_dtype(tmp_path):
     assert merged.dtype == torch.bfloat16 and merged.config.dtype == torch.bfloat16
 
 
+def test_adapter_saved_as_bin(tmp_path):
+    base, _, model = _checkpoint(tmp_path, "qwen2")
+    model.save_pretrained(tmp_path / "adapter_bin", safe_serialization=False)
+    assert (tmp_path / "adapter_bin" / "adapter_model.bin").is_file()
+    merge_checkpoint(base, tmp_path / "adapter_bin", tmp_path / "out", progressbar=False)
+    _assert_same_model(tmp_path / "out", model.merge_and_prune(), tiny_inputs())
+
+
 def test_named_adapter(tmp_path):
     base = tiny_model("llama")
     base.save_pretrained(tmp_path / "base", max_shard_size=SHARD)
