@@ -353,9 +353,10 @@ def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: to
         and family.lm_head not in adapter.lora
         and prune.can_divide_out(adapter.gate_scale(family.embedding))
     )
-    factors = prune.pruning_factors(
-        int(config.hidden_size), int(keep.numel()), bool(family.embedding_scale_attr), tied_fold
-    )
+    compute_dtype = dtype or next(s.dtype for s in specs if s.name == f"{family.embedding}.weight")
+    d, kept = int(config.hidden_size), int(keep.numel())
+    scales = prune.embedding_scales(d, kept, compute_dtype)  # as the model loaded in that dtype multiplies
+    factors = prune.pruning_factors(d, kept, bool(family.embedding_scale_attr), tied_fold, embedding_scales=scales)
     return _MergePlan(family, adapter, keep, factors, roles, tied_in, tied_fold, dtype)
 
 

@@ -256,6 +256,12 @@ def width_factor(hidden_size: int, kept: int) -> float:
     return math.sqrt(kept / hidden_size)
 
 
+def embedding_scales(hidden_size: int, kept: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(sqrt(d), sqrt(d')) as a model computing in ``dtype`` multiplies by them: transformers casts the
+    embedding scale to the weight dtype, so in bfloat16 sqrt(48) is 6.9375, not 6.9282."""
+    return (float(torch.tensor(math.sqrt(hidden_size)).to(dtype)), float(torch.tensor(math.sqrt(kept)).to(dtype)))
+
+
 def pruning_factors(
     hidden_size: int,
     kept: int,

@@ -64,7 +64,7 @@ def prune_hidden_channels(
     if family.embedding_scale_attr:
         # The scales really multiplied by: a buffer rounded to bfloat16 stays rounded after .float().
         used = getattr(embedding, family.embedding_scale_attr).to(embedding.weight.dtype)
-        scales = (float(used), float(torch.tensor(math.sqrt(kept)).to(embedding.weight.dtype)))
+        scales = (float(used), prune.embedding_scales(d, kept, embedding.weight.dtype)[1])
     factors = prune.pruning_factors(d, kept, bool(family.embedding_scale_attr), tied, embedding_scales=scales)
     c, embed_factor = factors["producer"], factors["embedding"]
     dev = embedding.weight.device
