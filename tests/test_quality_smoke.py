@@ -168,3 +168,25 @@ def test_candidates_are_read_from_the_instruction():
         parse_choice({**record, "answer": "answer3"}, "t", "here")
     with pytest.raises(TaskDataError, match="Answer format"):
         parse_choice({**record, "instruction": "Why?"}, "t", "here")
+
+
+def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path):
+    """--evaluate-checkpoint on a PAT adapter folder: base from the adapter config, merge_and_prune, evaluate."""
+    from peft import get_peft_model
+
+    from peft_pat import PATConfig
+    from peft_pat.pretrained import load_causal_lm
+
+    cli = _load_script()
+    model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
+    base, _ = load_causal_lm(str(model_dir))
+    model = get_peft_model(base, PATConfig(task_type="CAUSAL_LM", target_sparsity=0.5, r=2))
+    model.base_model.harden_mask()
+    model.save_pretrained(tmp_path / "adapter")
+    payload = cli.main(["--data-dir", str(data), "--no-progress", "--ppl-context", "64", "--ppl-tokens", "128",
+                        "--subsample", "3", "--output", str(tmp_path / "out"),
+                        "--evaluate-checkpoint", str(tmp_path / "adapter")])  # fmt: skip
+    (run,) = payload["runs"]
+    assert payload["checkpoint"]["kind"].startswith("adapter")
+    assert run["kept_width"] == 16 and run["hidden_size"] == 16
+    assert set(run["accuracy_text"]["tasks"]) == {"pick3", "yesno-task"}
