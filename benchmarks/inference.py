@@ -25,7 +25,7 @@ bytes for decode) and efficiency = measured / ideal. ``--width-sweep`` also time
 one Llama-2-7B-shaped layer at hidden widths near 3/4 and 1/2 of 4096 (multiples of 128, 64, 32, 16,
 8 and odd widths), which is the evidence behind peft_pat.width's rounding default.
 
-    python benchmarks/inference.py                                  # default run, < 20 min on 2 CPU cores
+    python benchmarks/inference.py --threads 1                      # 391 s on one core (docs/performance.md)
     python benchmarks/inference.py --models llama2-7b-shape --layers 4 --repeats 9
     python benchmarks/inference.py --device cuda --layers 32 --dtype bfloat16 --batches 1,8,32 --prompt-lengths 128,512
 

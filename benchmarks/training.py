@@ -23,7 +23,7 @@ peak resident memory (VmHWM) and the part above the resident memory just before 
 models is measured by benchmarks/merge_memory.py; its numbers are read from
 benchmarks/results/merge_memory.json when that file exists and printed next to these.
 
-    python benchmarks/training.py                                   # default run, < 20 min on 2 CPU cores
+    python benchmarks/training.py --profile                         # 324 s on 2 cores (docs/performance.md)
     python benchmarks/training.py --configs pat,lora-matched --batch 4 --seq-len 256 --repeats 10
     python benchmarks/training.py --profile                         # also torch.profiler top ops per config
 """
