@@ -43,10 +43,10 @@ from quality.runner import BenchmarkOptions, evaluate_checkpoint, run_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Budgets from measured costs (docs/quality.md). On 2 CPU cores shared with other jobs, one training
-# step (8 instruction examples) took 3.5-7 s and evaluating one model (150 test items + 4096 WikiText
-# tokens) about 3.5 min; the default preset (7 training runs, 10 evaluated models) then takes about
-# 75 min, and about half of that on 2 idle cores. Raise --steps / --subsample when you have time.
+# Budgets from measured costs (docs/quality.md). On 2 CPU cores shared with other jobs one training
+# step (8 instruction examples) took 3.4-7.8 s and evaluating one model (150 test items + 4096
+# WikiText tokens) 37-258 s; the default preset (7 training runs, 10 evaluated models) took 57 min and
+# the quick preset 12 min there. Raise --steps / --subsample / --ppl-tokens when you have the time.
 PRESETS = {
     "default": dict(steps=72, subsample=30, ppl_tokens=4096, sparsities=(0.25, 0.5), calibration_batches=4),
     "quick": dict(steps=16, subsample=12, ppl_tokens=2048, sparsities=(0.25,), calibration_batches=2),
