@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of every tuned method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=160, help="max training sequence length (prompt cut from the left)")
+    p.add_argument(
+        "--loss-on",
+        choices=("answer", "full"),
+        default="answer",
+        help="tuning loss on the answer only (the issue's protocol) or on every token of prompt + answer",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, the same for every method")
     p.add_argument("--lora-rank", type=int, default=20)
     p.add_argument("--lora-alpha", type=float, default=20.0)
@@ -130,6 +136,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         steps=pick("steps"),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
+        loss_on=args.loss_on,
         lr=args.lr,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,

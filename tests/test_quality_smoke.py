@@ -190,3 +190,21 @@ def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path):
     assert payload["checkpoint"]["kind"].startswith("adapter")
     assert run["kept_width"] == 16 and run["hidden_size"] == 16
     assert set(run["accuracy_text"]["tasks"]) == {"pick3", "yesno-task"}
+
+
+def test_loss_on_full_labels_every_token_and_answer_only_the_answer():
+    from quality.commonsense import IGNORE, encode_example
+
+    record = {
+        "instruction": "Is the sun big? Answer format: true/false",
+        "input": "",
+        "output": "true",
+        "answer": "true",
+    }
+    tokenizer = _char_tokenizer()
+    ids, answer_labels = encode_example(record, tokenizer, 200, "answer")
+    ids_full, full_labels = encode_example(record, tokenizer, 200, "full")
+    assert ids == ids_full and full_labels == ids
+    answer_len = len("true") + 1  # character tokens + EOS
+    assert answer_labels[-answer_len:] == ids[-answer_len:]
+    assert set(answer_labels[:-answer_len]) == {IGNORE}

@@ -155,13 +155,18 @@ def load_test_items(root: Path, tasks: list[str] | None, limit: int | None, seed
     return items
 
 
-def encode_example(record: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) with loss on the output + EOS only; an over-long prompt loses its start."""
+LOSS_ON = ("answer", "full")
+
+
+def encode_example(record: dict, tokenizer, max_length: int, loss_on: str = "answer") -> tuple[list[int], list[int]]:
+    """(input ids, labels): loss on the output + EOS (``answer``) or on every token (``full``);
+    an over-long prompt loses its start."""
     prompt = tokenizer(prompt_for(record), add_special_tokens=False)["input_ids"]
     answer = tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     answer = answer[:max_length]
     prompt = prompt[max(0, len(prompt) - (max_length - len(answer))) :] if max_length > len(answer) else []
-    return prompt + answer, [IGNORE] * len(prompt) + answer
+    prompt_labels = prompt if loss_on == "full" else [IGNORE] * len(prompt)
+    return prompt + answer, prompt_labels + answer
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -180,7 +185,12 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 class TaskMixture:
     """Seeded stream of single-task batches; each step's task is drawn uniformly over the tasks."""
 
-    def __init__(self, root: Path, tasks: list[str] | None, tokenizer, batch_size: int, max_length: int) -> None:
+    def __init__(
+        self, root: Path, tasks: list[str] | None, tokenizer, batch_size: int, max_length: int, loss_on: str = "answer"
+    ) -> None:
+        if loss_on not in LOSS_ON:
+            raise TaskDataError(f"loss_on={loss_on!r}: choose one of {LOSS_ON}.")
+        self.loss_on = loss_on
         self.records = {task: load_records(path) for task, path in task_folders(root, "train", tasks).items()}
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -203,6 +213,8 @@ class TaskMixture:
                     queues[task] = list(range(len(self.records[task])))
                     rng.shuffle(queues[task])
                 picked.append(queues[task].pop())
-            examples = [encode_example(self.records[task][i], self.tokenizer, self.max_length) for i in picked]
+            examples = [
+                encode_example(self.records[task][i], self.tokenizer, self.max_length, self.loss_on) for i in picked
+            ]
             out.append(collate(examples, self.pad_id))
         return out

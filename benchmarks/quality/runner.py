@@ -46,6 +46,7 @@ class BenchmarkOptions:
     steps: int = 72
     batch_size: int = 8
     seq_len: int = 160
+    loss_on: str = "answer"
     lr: float = 1e-3
     warmup: float = 0.05
     lora_rank: int = 20
@@ -176,6 +177,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         tokenizer,
         options.batch_size,
         options.seq_len,
+        options.loss_on,
     )
     setup = methods.TuningSetup(
         model_name=options.model,
@@ -198,6 +200,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
             "model": {"name": options.model, "family": family.name, "hidden_size": d, "kept_width": kept},
             "data": {
                 "train_tasks": mixture.tasks,
+                "loss_on": options.loss_on,
                 "train_examples": options.steps * options.batch_size,
                 "train_tokens": train_tokens,
                 "eval_items": {t: len(v) for t, v in data["items"].items()},
