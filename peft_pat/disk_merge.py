@@ -24,8 +24,10 @@ import json
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from tqdm.auto import tqdm
@@ -219,7 +221,7 @@ class _MergePlan:
         return self.roles.get(module), module, param
 
     def outputs(self, spec: TensorSpec) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """Name, dtype and shape of what :meth:`transform` makes of ``spec``."""
+        """Name, dtype and shape of what :meth:`stream` makes of ``spec``."""
         role, module, param = self._role(spec.name)
         dtype, shape = self._out_dtype(spec.dtype), list(spec.shape)
         if self.tied_in and module == self.family.lm_head:
@@ -234,56 +236,86 @@ class _MergePlan:
             out.append((f"{self.family.lm_head}.weight", dtype, tuple(shape)))
         return out
 
-    def transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """The merged and pruned tensor(s) for base tensor ``name``; mirrors PATModel.merge_and_prune."""
-        role, module, param = self._role(name)
+    def stream(self, spec: TensorSpec, handle: BinaryIO) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged and pruned tensor(s) made of base tensor ``spec``, in the order of :meth:`outputs`;
+        mirrors PATModel.merge_and_prune. Row-wise roles (embedding, consumers, lm_head) are read, folded
+        and yielded a row chunk at a time, so a 1 GiB embedding never sits in memory whole."""
+        role, module, param = self._role(spec.name)
         family, adapter, keep, f = self.family, self.adapter, self.keep, self.factors
         if self.tied_in and module == family.lm_head:
-            return []
-        tensor = adapter.replacements.get(name, tensor)
-        dtype = self._out_dtype(tensor.dtype)
-        tensor = tensor.to(dtype)
+            return
+        source = _Source(spec, handle, adapter.replacements.get(spec.name), self.dtype)
         lora = adapter.lora_update(module) if param == "weight" else None
-        if role is None:
-            return [(name, prune.merge_lora(tensor, lora) if lora is not None else tensor)]
         if role == "embedding":
-            return self._embedding(name, tensor)
-        if role == "producer":
-            hsm = adapter.hsm[module]
-            g = adapter.gate_scale(module)
+            hsm, g = adapter.hsm[module], adapter.gate_scale(module)
+            for rows in source.row_chunks():
+                folded = prune.fold_and_prune_embedding(
+                    source.rows(rows), hsm.get("down"), hsm.get("up"), g, keep, f["embedding"]
+                )
+                yield spec.name, folded
+            if self.tied_in and not self.tied_fold:  # untie: lm_head keeps the base embedding (+ its own LoRA)
+                head_lora = adapter.lora_update(family.lm_head)
+                for rows in source.row_chunks():
+                    yield f"{family.lm_head}.weight", _merge_rows(source.rows(rows), head_lora, rows, keep)
+            return
+        if param == "weight" and (role in ("consumer", "lm_head") or (role is None and lora is not None)):
+            for rows in source.row_chunks():
+                yield spec.name, _merge_rows(source.rows(rows), lora, rows, keep if role else None)
+            return
+        tensor = source.rows(None)
+        if role is None or role in ("consumer", "lm_head"):  # untouched (a consumer's bias is in its output space)
+            yield spec.name, tensor
+        elif role == "producer":
+            hsm, g = adapter.hsm[module], adapter.gate_scale(module)
             if param == "bias":
-                folded = prune.fold_bias(tensor, hsm.get("down"), hsm.get("up"), g).to(dtype)
-                return [(name, prune.prune_rows(folded, keep, f["producer"]))]
-            pruned = prune.fold_and_prune_producer(tensor, lora, hsm.get("down"), hsm.get("up"), g, keep, f["producer"])
-            return [(name, pruned)]
-        if role in ("consumer", "lm_head"):
-            if param != "weight":
-                return [(name, tensor)]  # a consumer's bias lives in its output space, untouched
-            return [(name, _merge_and_prune_columns(tensor, lora, keep))]
-        gain = tensor
-        if role == "final_norm" and self.tied_fold:
-            g = adapter.gate_scale(family.embedding)
-            gain = prune.divide_norm_gain(gain, g, family.norm_offset)
-        return [(name, prune.rescale_norm_gain(gain, keep, family.norm_offset, f[role]))]
-
-    def _embedding(self, name: str, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """E diag(g) (tied fold; the same products as a diagonal HSM) or E D^T diag(g), pruned."""
-        family, adapter = self.family, self.adapter
-        hsm = adapter.hsm[family.embedding]
-        g = adapter.gate_scale(family.embedding)
-        factor = self.factors["embedding"]
-        out = [(name, prune.fold_and_prune_embedding(weight, hsm.get("down"), hsm.get("up"), g, self.keep, factor))]
-        if self.tied_in and not self.tied_fold:  # untie: lm_head keeps the base embedding (+ its own LoRA)
-            head = _merge_and_prune_columns(weight, adapter.lora_update(family.lm_head), self.keep)
-            out.append((f"{family.lm_head}.weight", head))
-        return out
+                folded = prune.fold_bias(tensor, hsm.get("down"), hsm.get("up"), g).to(tensor.dtype)
+                yield spec.name, prune.prune_rows(folded, keep, f["producer"])
+            else:
+                yield (
+                    spec.name,
+                    prune.fold_and_prune_producer(tensor, lora, hsm.get("down"), hsm.get("up"), g, keep, f["producer"]),
+                )
+        else:  # norms
+            gain = tensor
+            if role == "final_norm" and self.tied_fold:
+                gain = prune.divide_norm_gain(gain, adapter.gate_scale(family.embedding), family.norm_offset)
+            yield spec.name, prune.rescale_norm_gain(gain, keep, family.norm_offset, f[role])
 
 
-def _merge_and_prune_columns(weight: torch.Tensor, lora: prune.LoRAUpdate | None, keep: torch.Tensor) -> torch.Tensor:
-    """(W + dW)[:, K] for consumers and lm_head."""
+class _Source:
+    """One base tensor, read whole or by row chunks: from its shard, or from the adapter's saved copy
+    (``modules_to_save``); cast to ``--dtype`` on reading, as loading the base with ``dtype=`` would."""
+
+    def __init__(
+        self, spec: TensorSpec, handle: BinaryIO, replacement: torch.Tensor | None, dtype: torch.dtype | None
+    ) -> None:
+        self.spec, self.handle, self.replacement = spec, handle, replacement
+        self.dtype = (dtype or spec.dtype) if spec.dtype.is_floating_point else None
+
+    def row_chunks(self) -> list[slice]:
+        """The chunk boundaries the in-memory fold of a tensor of this shape uses (same bits)."""
+        shape = self.spec.shape
+        return prune.row_chunks(shape[0], int(torch.Size(shape[1:]).numel()))
+
+    def rows(self, rows: slice | None) -> torch.Tensor:
+        """Rows ``rows`` of the first dimension, or the whole tensor for None."""
+        if self.replacement is not None:
+            tensor = self.replacement if rows is None else self.replacement[rows]
+        else:
+            tensor = read_tensor(self.spec, self.handle, rows)
+        return tensor if self.dtype is None else tensor.to(self.dtype)
+
+
+def _merge_rows(
+    weight_rows: torch.Tensor, lora: prune.LoRAUpdate | None, rows: slice, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """Rows ``rows`` of W + dW, restricted to the kept columns K (None: all columns)."""
     if lora is None:
-        return prune.prune_columns(weight, keep)
-    return prune.merge_lora_and_prune_columns(weight, lora, keep)
+        return weight_rows if keep is None else prune.prune_columns(weight_rows, keep)
+    lora = lora.restricted(rows)
+    if keep is None:
+        return prune.merge_lora(weight_rows, lora)
+    return prune.merge_lora_and_prune_columns(weight_rows, lora, keep)
 
 
 def _check_adapter_fits(config, family: FamilySpec, adapter: PATAdapterWeights) -> None:
@@ -433,7 +465,7 @@ def merge_checkpoint(
             with SafetensorsWriter(tmp / shard.name, layout) as writer, open(shard, "rb") as handle:
                 for spec in specs:
                     bar.set_postfix_str(shard.name, refresh=False)
-                    for name, tensor in plan.transform(spec.name, read_tensor(spec, handle)):
+                    for name, tensor in plan.stream(spec, handle):
                         writer.write(name, tensor)
                     bar.update(spec.nbytes)
             weight_map.update(dict.fromkeys((name for name, _, _ in layout), shard.name))

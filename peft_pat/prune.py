@@ -49,6 +49,12 @@ def _chunks(total: int, other: int) -> Iterator[slice]:
         yield slice(start, min(start + step, total))
 
 
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    """Row chunks of the row-wise folds (embedding, LoRA merges) of a (rows, cols) weight. Feeding such a
+    fold one of these chunks at a time gives the same bits as folding the whole weight."""
+    return list(_chunks(rows, cols))
+
+
 @dataclass(frozen=True)
 class LoRAUpdate:
     """dW = scaling * B A with A (r, in) and B (out, r); formed a chunk at a time, never whole."""
@@ -64,6 +70,10 @@ class LoRAUpdate:
     def rows(self, rows: slice) -> torch.Tensor:
         """dW[rows, :], float32."""
         return self.scaling * (_f32(self.lora_b[rows]) @ _f32(self.lora_a))
+
+    def restricted(self, rows: slice) -> LoRAUpdate:
+        """The update of the output rows ``rows`` only (for a weight processed a block of rows at a time)."""
+        return LoRAUpdate(self.lora_a, self.lora_b[rows], self.scaling)
 
 
 Delta = torch.Tensor | LoRAUpdate  # dW given whole (tests, small layers) or as LoRA factors

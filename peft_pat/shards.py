@@ -98,20 +98,27 @@ def _byte_view(tensor: torch.Tensor):
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-def read_tensor(spec: TensorSpec, handle: BinaryIO | None = None) -> torch.Tensor:
-    """Read one tensor into a new CPU tensor with plain file reads."""
+def read_tensor(spec: TensorSpec, handle: BinaryIO | None = None, rows: slice | None = None) -> torch.Tensor:
+    """Read one tensor (or the rows ``rows`` of its first dimension) into a new CPU tensor, with plain
+    file reads."""
     if sys.byteorder != "little":
         raise CheckpointError("Reading safetensors (little-endian) on a big-endian machine is not supported.")
-    tensor = torch.empty(spec.shape, dtype=spec.dtype)
+    full = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+    if full.numel() * full.element_size() != spec.nbytes:
+        raise CheckpointError(
+            f"{spec.file}: tensor {spec.name!r} has {spec.nbytes} bytes, expected {full.numel() * full.element_size()}."
+        )
+    start, stop = (0, spec.shape[0] if spec.shape else 1) if rows is None else (rows.start, rows.stop)
+    row_bytes = spec.nbytes // max(1, spec.shape[0]) if spec.shape else spec.nbytes
+    shape = (stop - start, *spec.shape[1:]) if rows is not None else spec.shape
+    tensor = torch.empty(shape, dtype=spec.dtype)
     expected = tensor.numel() * tensor.element_size()
-    if expected != spec.nbytes:
-        raise CheckpointError(f"{spec.file}: tensor {spec.name!r} has {spec.nbytes} bytes, expected {expected}.")
     if expected == 0:
         return tensor
     own = handle is None
     f = open(spec.file, "rb") if own else handle
     try:
-        f.seek(spec.begin)
+        f.seek(spec.begin + start * row_bytes)
         if f.readinto(memoryview(_byte_view(tensor))) != expected:
             raise CheckpointError(f"{spec.file} is truncated (tensor {spec.name!r}).")
     finally:
@@ -124,8 +131,9 @@ class SafetensorsWriter:
     """Write a safetensors file whose tensor names, dtypes and shapes are known up front.
 
     ``with SafetensorsWriter(path, [(name, dtype, shape), ...]) as writer: writer.write(name, tensor)``
-    in the declared order. Only the tensor being written is in memory. Closing checks that every
-    declared tensor was written.
+    in the declared order; a tensor may also be written in consecutive pieces along its first
+    dimension (several ``write`` calls with the same name). Only the piece being written is in
+    memory. Closing checks that every declared tensor was written completely.
     """
 
     def __init__(self, path: str | Path, layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
@@ -144,23 +152,34 @@ class SafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self._next = 0
+        self._rows_done = 0  # rows of the current tensor written so far
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(encoded)))
         self._file.write(encoded)
         self.total_bytes = offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` as (the next rows of) the declared tensor ``name``."""
         if self._next >= len(self._layout):
             raise CheckpointError(f"{self.path}: tensor {name!r} was not declared.")
         expected_name, dtype, shape = self._layout[self._next]
-        if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        whole = tuple(tensor.shape) == shape and self._rows_done == 0
+        piece = (
+            len(shape) > 0
+            and tuple(tensor.shape[1:]) == shape[1:]
+            and self._rows_done + (tensor.shape[0] if tensor.dim() else 0) <= shape[0]
+        )
+        if name != expected_name or tensor.dtype != dtype or not (whole or piece):
             raise CheckpointError(
-                f"{self.path}: expected tensor {expected_name!r} {dtype} {list(shape)}, got {name!r} "
-                f"{tensor.dtype} {list(tensor.shape)}."
+                f"{self.path}: expected (rows {self._rows_done}.. of) tensor {expected_name!r} {dtype} {list(shape)}, "
+                f"got {name!r} {tensor.dtype} {list(tensor.shape)}."
             )
         if tensor.numel():
             self._file.write(memoryview(_byte_view(tensor.detach().cpu().contiguous())))
-        self._next += 1
+        self._rows_done = shape[0] if whole and shape else self._rows_done + tensor.shape[0]
+        if not shape or self._rows_done == shape[0]:
+            self._next += 1
+            self._rows_done = 0
 
     def close(self) -> None:
         self._file.close()

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError
+from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError, prune
 from peft_pat.cli import main
 from peft_pat.disk_merge import _MergePlan, merge_checkpoint
 from peft_pat.errors import CheckpointError
@@ -70,7 +70,8 @@ def _assert_same_model(folder: Path, expected_model, ids):
     ],
     ids=["llama-tied", "llama-modules_to_save", "gemma-untie", "gemma2", "phi3", "qwen3-lora-lm_head"],
 )
-def test_cli_merge_equals_in_memory_merge(tmp_path, family, tied, pat):
+def test_cli_merge_equals_in_memory_merge(tmp_path, monkeypatch, family, tied, pat):
+    monkeypatch.setattr(prune, "CHUNK_BYTES", 4096)  # both merges fold (and the CLI reads) many row/column chunks
     base, adapter, model = _checkpoint(tmp_path, family, tied, **pat)
     shards = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(shards) >= 3 and (base / "model.safetensors.index.json").is_file()
@@ -180,15 +181,15 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
 def test_interrupted_merge_leaves_no_output(tmp_path, monkeypatch, capsys):
     base, adapter, _ = _checkpoint(tmp_path, "llama")
     calls = []
-    original = _MergePlan.transform
+    original = _MergePlan.stream
 
-    def interrupt_midway(self, name, tensor):
-        calls.append(name)
+    def interrupt_midway(self, spec, handle):
+        calls.append(spec.name)
         if len(calls) == 10:
             raise KeyboardInterrupt
-        return original(self, name, tensor)
+        return original(self, spec, handle)
 
-    monkeypatch.setattr(_MergePlan, "transform", interrupt_midway)
+    monkeypatch.setattr(_MergePlan, "stream", interrupt_midway)
     assert main(["merge", str(base), str(adapter), str(tmp_path / "out"), "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no OUT, no temporary folder
