@@ -17,7 +17,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 from transformers import set_seed
 
 import peft_pat
@@ -41,10 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="bf16 autocast (TRL's default); default here: on with a CUDA GPU, off on a CPU (slower there)",
+        help="bf16 autocast; default: TRL's (on). The examples' float32 exactness checks run after unwrapping it",
     )
     args = parser.parse_args(argv)
-    bf16 = torch.cuda.is_available() if args.bf16 is None else args.bf16
+    precision = {} if args.bf16 is None else {"bf16": args.bf16}
     try:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir=str(Path(args.output) / "trainer"), max_steps=args.steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=max(1, args.steps // 20), max_grad_norm=1.0, logging_steps=max(1, args.steps // 20),
-        max_length=args.max_length, completion_only_loss=True, bf16=bf16, seed=args.seed, **device_options(),
+        max_length=args.max_length, completion_only_loss=True, seed=args.seed, **precision, **device_options(),
     )  # fmt: skip
     trainer = SFTTrainer(
         model=base,
