@@ -143,13 +143,7 @@ def load_pat_adapter(adapter: str | Path, adapter_name: str | None = None) -> PA
         raise CheckpointError(f"{folder} has no {' or '.join(ADAPTER_WEIGHTS_NAMES)}.")
     state = _load_state_dict(weights_file)
 
-    mask = PATMask(
-        config.base_hidden_size,
-        config.kept_width,
-        milestone=config.mask_milestone,
-        freeze=config.mask_freeze,
-        mask_lr=config.mask_lr,
-    )
+    mask = PATMask.from_config(config)
     mask_state = {k[len(_MASK_PREFIX) :]: v for k, v in state.items() if k.startswith(_MASK_PREFIX)}
     try:
         mask.load_state_dict(mask_state)

@@ -117,6 +117,18 @@ class PATMask(nn.Module):
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
+    @classmethod
+    def from_config(cls, config, random_init: bool = False) -> PATMask:
+        """The mask a resolved ``PATConfig`` describes (``base_hidden_size`` and ``kept_width`` filled in)."""
+        return cls(
+            config.base_hidden_size,
+            config.kept_width,
+            milestone=config.mask_milestone,
+            freeze=config.mask_freeze,
+            mask_lr=config.mask_lr,
+            random_init=random_init,
+        )
+
     # ------------------------------------------------------------------ schedule
     def _refresh(self) -> None:
         """Recompute tau, beta and the Python-side hard flag from the persistent buffers."""

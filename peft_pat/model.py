@@ -164,14 +164,7 @@ class PATModel(BaseTuner):
         if "pat_mask" not in self._modules:
             self.pat_mask = nn.ModuleDict()
         if adapter_name not in self.pat_mask:
-            mask = PATMask(
-                config.base_hidden_size,
-                config.kept_width,
-                milestone=config.mask_milestone,
-                freeze=config.mask_freeze,
-                mask_lr=config.mask_lr,
-                random_init=not config.init_weights,
-            )
+            mask = PATMask.from_config(config, random_init=not config.init_weights)
             device = self.model.get_input_embeddings().weight.device
             if device.type != "meta":
                 mask.to(device)
