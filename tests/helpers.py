@@ -7,6 +7,8 @@ from peft import get_peft_model
 
 from peft_pat import PATConfig
 
+from tiny_models import VOCAB
+
 
 def wrap(base, **kwargs):
     config = PATConfig(
@@ -43,3 +45,16 @@ def train_steps(model, ids, steps=6, total=None, lr=1e-2):
         model.set_step(step + 1, total)
     model.eval()
     return loss.detach()
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """``n`` seeded random rows of ``length`` token ids (no special ids), each its own language-model target."""
+
+    def __init__(self, n: int = 32, length: int = 12, seed: int = 0):
+        self.ids = torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

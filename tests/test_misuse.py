@@ -38,8 +38,8 @@ from peft_pat import (
 )
 from peft_pat.families import family_for_model_type
 
-from helpers import assert_logits_close, logits, wrap
-from tiny_models import VOCAB, tiny_config, tiny_inputs, tiny_model
+from helpers import TokenDataset, assert_logits_close, logits, wrap
+from tiny_models import tiny_config, tiny_inputs, tiny_model
 
 
 def has_pat_layers(model: nn.Module) -> bool:
@@ -49,18 +49,6 @@ def has_pat_layers(model: nn.Module) -> bool:
 def hardened(model):
     model.base_model.harden_mask()
     return model
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n=16, length=10):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(3, VOCAB, (n, length), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def trainer_for(model, tmp_path, trainer_cls=Trainer, **kwargs):
@@ -75,7 +63,7 @@ def trainer_for(model, tmp_path, trainer_cls=Trainer, **kwargs):
         disable_tqdm=True,
         **kwargs,
     )
-    return trainer_cls(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PATCallback()])
+    return trainer_cls(model=model, args=args, train_dataset=TokenDataset(n=16, length=10), callbacks=[PATCallback()])
 
 
 # ---------------------------------------------------------------------------------------------- the base model

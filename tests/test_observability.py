@@ -9,21 +9,10 @@ from transformers import Trainer, TrainingArguments
 from peft_pat import PATCallback, PATStateError, PATTypeError
 from peft_pat.diagnostics import MaskHistory, hsm_norms, lowrank_frobenius_norm
 
-from helpers import wrap
-from tiny_models import VOCAB, tiny_model
+from helpers import TokenDataset, wrap
+from tiny_models import tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n=32, length=12):
-        self.ids = torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 @pytest.fixture(scope="module")

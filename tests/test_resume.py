@@ -16,25 +16,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from peft_pat import PATCallback
 from peft_pat.mask import milestone_step, offset, temperature
 
-from helpers import wrap
-from tiny_models import VOCAB, tiny_model
+from helpers import TokenDataset, wrap
+from tiny_models import tiny_model
 
 TOTAL, FREEZE, S0 = 12, 7, 8
 LEARNING_RATE, MASK_LR = 5e-3, 0.05
 PAT_SETTINGS = {"mask_milestone": 2 / 3, "mask_freeze": 0.6, "mask_lr": MASK_LR, "lora_dropout": 0.1}
 MASK_STATE = ("logits", "step", "total_steps", "is_hard", "hard_mask", "lr_ratio", "base_lr", "bad_grad_events")
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n=24, length=12):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(3, VOCAB, (n, length), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class Killed(Exception):
@@ -71,7 +59,7 @@ def train(output_dir, kill_at=None, resume_from=None):
         disable_tqdm=True,
     )
     callbacks = [PATCallback()] + ([KillAfterCheckpoint(kill_at)] if kill_at else [])
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=24, length=12), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return model
 

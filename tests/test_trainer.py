@@ -6,20 +6,8 @@ from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback
 
-from helpers import assert_logits_close, logits, wrap
-from tiny_models import VOCAB, tiny_inputs, tiny_model
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n=32, length=12, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(3, VOCAB, (n, length), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+from helpers import TokenDataset, assert_logits_close, logits, wrap
+from tiny_models import tiny_inputs, tiny_model
 
 
 def make_trainer(model, tmp_path, max_steps=10, **kwargs):
