@@ -18,7 +18,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ._registry import PREFIX
-from .errors import PATConfigError, PATTypeError, UnsupportedModelError
+from .errors import AdapterMismatchError, PATConfigError, PATTypeError, UnsupportedModelError
 from .families import FamilySpec
 from .layer import PATLayer
 
@@ -42,6 +42,35 @@ def check_adapter_name(adapter_name: Any) -> None:
             f"The adapter name {adapter_name!r} cannot be used: {reason}. Choose a plain name such as 'default', "
             "'pat_small' or 'sparse25'."
         )
+
+
+def check_adapter_matches_base(
+    pat_config: Any,
+    model_type: str | None,
+    hidden_size: int | None,
+    vocab_size: int | None,
+    *,
+    adapter: str,
+    base: str,
+    action: str,
+) -> None:
+    """Refuse an adapter whose recorded base (family, ``hidden_size``, ``vocab_size``) is not this base.
+
+    ``adapter`` names the adapter, ``base`` the base it meets and ``action`` what to do with it instead
+    ("Load it onto", "Merge it into"); values not recorded (older adapters) are not compared.
+    """
+    recorded = (
+        ("model family", pat_config.base_model_type, model_type),
+        ("hidden_size", pat_config.base_hidden_size, hidden_size),
+        ("vocab_size", pat_config.base_vocab_size, vocab_size),
+    )
+    for what, saved, actual in recorded:
+        if saved is not None and actual is not None and saved != actual:
+            raise AdapterMismatchError(
+                f"{adapter} was trained on a base model with {what}={saved!r}, but {base} has {what}={actual!r}. "
+                f"{action} the model it was trained from "
+                f"(adapter_config.json: base_model_name_or_path={pat_config.base_model_name_or_path!r})."
+            )
 
 
 def check_not_quantized(model_config: dict) -> None:

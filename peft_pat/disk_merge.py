@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
 from . import prune
+from .checks import check_adapter_matches_base
 from .config import PATConfig
 from .errors import AdapterMismatchError, CheckpointError, PATConfigError
 from .families import FamilySpec, family_for_model_type
@@ -312,25 +313,12 @@ def _merge_rows(
     return prune.merge_lora_and_prune_columns(weight_rows, lora, keep)
 
 
-def _check_adapter_fits(config, family: FamilySpec, adapter: PATAdapterWeights) -> None:
-    pat = adapter.config
-    recorded = (
-        ("model family", pat.base_model_type, config.model_type),
-        ("hidden_size", pat.base_hidden_size, config.hidden_size),
-        ("vocab_size", pat.base_vocab_size, getattr(config, "vocab_size", None)),
-    )
-    for what, saved, actual in recorded:
-        if saved is not None and actual is not None and saved != actual:
-            raise AdapterMismatchError(
-                f"The PAT adapter in {adapter.folder} was trained on a base model with {what}={saved!r}, but the base "
-                f"checkpoint has {what}={actual!r}. Merge it into the model it was trained from "
-                f"(adapter_config.json: base_model_name_or_path={pat.base_model_name_or_path!r})."
-            )
-
-
 def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: torch.dtype | None) -> _MergePlan:
     family = family_for_model_type(getattr(config, "model_type", None))
-    _check_adapter_fits(config, family, adapter)
+    check_adapter_matches_base(
+        adapter.config, config.model_type, config.hidden_size, getattr(config, "vocab_size", None),
+        adapter=f"The PAT adapter in {adapter.folder}", base="the base checkpoint", action="Merge it into",
+    )  # fmt: skip
     mask = adapter.mask
     if not mask._hard:
         warnings.warn(

@@ -15,7 +15,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import prune
-from .checks import check_adapter_name, check_causal_lm_layout, check_injection_targets, check_not_quantized
+from .checks import (
+    check_adapter_matches_base,
+    check_adapter_name,
+    check_causal_lm_layout,
+    check_injection_targets,
+    check_not_quantized,
+)
 from .config import PATConfig
 from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
 from .families import FAMILIES, FamilySpec, family_for_model_type
@@ -94,18 +100,10 @@ class PATModel(BaseTuner):
         hidden = int(model_config["hidden_size"])
         vocab = model_config.get("vocab_size")
         heads = int(model_config["num_attention_heads"])
-        recorded = (
-            ("model family", peft_config.base_model_type, model_type),
-            ("hidden_size", peft_config.base_hidden_size, hidden),
-            ("vocab_size", peft_config.base_vocab_size, vocab),
-        )
-        for what, saved, actual in recorded:
-            if saved is not None and actual is not None and saved != actual:
-                raise AdapterMismatchError(
-                    f"This PAT adapter was trained on a base model with {what}={saved!r}, but the base model it is "
-                    f"being applied to has {what}={actual!r}. Load it onto the model it was trained from "
-                    f"(adapter_config.json: base_model_name_or_path={peft_config.base_model_name_or_path!r})."
-                )
+        check_adapter_matches_base(
+            peft_config, model_type, hidden, vocab,
+            adapter="This PAT adapter", base="the base model it is being applied to", action="Load it onto",
+        )  # fmt: skip
         peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
             model_type,
             hidden,
