@@ -36,16 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from measure import format_table, machine_info, write_json  # noqa: E402
+from measure import format_table, machine_info, proc_status_mib, reset_peak_rss, write_json  # noqa: E402
 
 MIB = 1 << 20
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(args) -> dict:
@@ -81,12 +74,12 @@ def child(args) -> dict:
     with torch.no_grad():
         pat_logits = peft_model(input_ids=ids).logits
     gc.collect()
-    before = _status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    before = proc_status_mib("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     small = peft_model.merge_and_prune()
     seconds = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    peak = proc_status_mib("VmHWM")
     with torch.no_grad():
         merged_logits = small(input_ids=ids).logits
     with tempfile.TemporaryDirectory() as folder:

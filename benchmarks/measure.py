@@ -1,4 +1,4 @@
-"""Measurement helpers shared by benchmarks/inference.py and benchmarks/training.py.
+"""Measurement helpers shared by the scripts in benchmarks/ (timing, peak memory, tables, JSON).
 
 Rules every speed number in these benchmarks follows:
 
@@ -74,6 +74,20 @@ def current_rss_mib() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
     except (OSError, ValueError, IndexError):
         return peak_rss_mib()
+
+
+def proc_status_mib(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...), MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current VmRSS, so ``proc_status_mib("VmHWM")`` reads the peak of what follows
+    (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def run_json_subprocess(args: list[str], timeout: float | None = None) -> dict:

@@ -33,6 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import proc_status_mib, reset_peak_rss
+
 MIB = 1 << 20
 SHAPES = {
     "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "vocab_size": 32000},
@@ -47,17 +51,6 @@ SHAPES = {
 
 
 # ---------------------------------------------------------------------------------------------- children
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
-
-
 def _build(args):
     """A random Llama-shaped model in args.dtype, materialised parameter by parameter (no float32 copy)."""
     import torch
@@ -119,14 +112,14 @@ def child_in_memory(args) -> dict:
     peft_model = _wrap(model)
     adapter_mib = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "pat_" in n) / MIB
     gc.collect()
-    before = _status_kib("VmRSS") / 1024
-    _reset_peak()
+    before = proc_status_mib("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     small = peft_model.merge_and_prune()
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") / 1024
+    peak = proc_status_mib("VmHWM")
     gc.collect()
-    after = _status_kib("VmRSS") / 1024
+    after = proc_status_mib("VmRSS")
     return {
         **sizes,
         "adapter_mib": adapter_mib,

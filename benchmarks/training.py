@@ -43,7 +43,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import alternate, format_table, machine_info, median, run_json_subprocess, write_json
+from measure import (
+    alternate,
+    format_table,
+    machine_info,
+    median,
+    proc_status_mib,
+    reset_peak_rss,
+    run_json_subprocess,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -137,28 +146,17 @@ def build(config_name: str, args, lora_matched_rank: int):
 
 
 # ---------------------------------------------------------------------------------------- probes (subprocess)
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-
-
 def probe_memory(args) -> dict:
     """Peak resident memory of ``args.probe_memory`` training for ``--memory-steps`` steps (own process)."""
     import gc
 
     model, step = build(args.probe_memory, args, args.lora_matched_rank)
     gc.collect()
-    before = _status_mib("VmRSS")
-    _reset_peak()
+    before = proc_status_mib("VmRSS")
+    reset_peak_rss()
     for _ in range(args.memory_steps):
         step()
-    peak = _status_mib("VmHWM")
+    peak = proc_status_mib("VmHWM")
     return {
         "config": args.probe_memory,
         "trainable_parameters": trainable_parameters(model),
@@ -184,21 +182,22 @@ def probe_merge(args) -> dict:
     model.base_model.harden_mask()
     model_mib = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
     gc.collect()
-    before = _status_mib("VmRSS")
-    _reset_peak()
+    before = proc_status_mib("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned = model.base_model.merge_and_prune()
     seconds = time.perf_counter() - start
+    peak = proc_status_mib("VmHWM")
     return {
         "model": args.model,
         "model_mib": model_mib,
         "kept_width": pruned.config.hidden_size,
         "seconds": seconds,
         "rss_before_mib": before,
-        "peak_rss_mib": _status_mib("VmHWM"),
-        "peak_extra_mib": _status_mib("VmHWM") - before,
+        "peak_rss_mib": peak,
+        "peak_extra_mib": peak - before,
     }
 
 
