@@ -24,19 +24,17 @@ writes JSON (default ``benchmarks/results/family_merge.json``).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from measure import format_table, machine_info, proc_status_mib, reset_peak_rss, write_json  # noqa: E402
+from measure import PeakMemory, format_table, machine_info, write_json  # noqa: E402
 
 MIB = 1 << 20
 
@@ -73,13 +71,8 @@ def child(args) -> dict:
     ids = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         pat_logits = peft_model(input_ids=ids).logits
-    gc.collect()
-    before = proc_status_mib("VmRSS")
-    reset_peak_rss()
-    start = time.perf_counter()
-    small = peft_model.merge_and_prune()
-    seconds = time.perf_counter() - start
-    peak = proc_status_mib("VmHWM")
+    with PeakMemory() as merge:
+        small = peft_model.merge_and_prune()
     with torch.no_grad():
         merged_logits = small(input_ids=ids).logits
     with tempfile.TemporaryDirectory() as folder:
@@ -99,8 +92,8 @@ def child(args) -> dict:
         "max_diff_merged_vs_reload": float((stock_logits - merged_logits).abs().max()),
         "model_mib": model_mib,
         "layer_mib": layer_mib,
-        "merge_peak_extra_mib": peak - before,
-        "merge_seconds": seconds,
+        "merge_peak_extra_mib": merge.extra_mib,
+        "merge_seconds": merge.seconds,
     }
 
 

@@ -14,6 +14,7 @@ configuration, so one configuration's allocations never hide in another's peak.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -88,6 +89,24 @@ def reset_peak_rss() -> None:
     """Reset VmHWM to the current VmRSS, so ``proc_status_mib("VmHWM")`` reads the peak of what follows
     (Linux >= 4.0)."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+class PeakMemory:
+    """``with PeakMemory() as usage: work()``: this process's resident memory before the block
+    (``before_mib``, after a ``gc.collect()``), its peak during the block (``peak_mib``, VmHWM reset on
+    entry), ``extra_mib`` = peak - before, and the block's wall time (``seconds``). Linux only."""
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        self.before_mib = proc_status_mib("VmRSS")
+        reset_peak_rss()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._start
+        self.peak_mib = proc_status_mib("VmHWM")
+        self.extra_mib = self.peak_mib - self.before_mib
 
 
 def run_json_subprocess(args: list[str], timeout: float | None = None) -> dict:

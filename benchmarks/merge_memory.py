@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import proc_status_mib, reset_peak_rss
+from measure import PeakMemory, proc_status_mib
 
 MIB = 1 << 20
 SHAPES = {
@@ -111,23 +111,18 @@ def child_in_memory(args) -> dict:
     sizes = _sizes(model)
     peft_model = _wrap(model)
     adapter_mib = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "pat_" in n) / MIB
-    gc.collect()
-    before = proc_status_mib("VmRSS")
-    reset_peak_rss()
-    start = time.perf_counter()
-    small = peft_model.merge_and_prune()
-    seconds = time.perf_counter() - start
-    peak = proc_status_mib("VmHWM")
+    with PeakMemory() as merge:
+        small = peft_model.merge_and_prune()
     gc.collect()
     after = proc_status_mib("VmRSS")
     return {
         **sizes,
         "adapter_mib": adapter_mib,
-        "rss_before_mib": before,
-        "peak_rss_mib": peak,
+        "rss_before_mib": merge.before_mib,
+        "peak_rss_mib": merge.peak_mib,
         "rss_after_mib": after,
-        "peak_extra_mib": peak - before,
-        "seconds": seconds,
+        "peak_extra_mib": merge.extra_mib,
+        "seconds": merge.seconds,
         "kept_width": small.config.hidden_size,
         "peft_pat": str(Path(peft_pat.__file__).parent),
     }

@@ -44,12 +44,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import (
+    PeakMemory,
     alternate,
     format_table,
     machine_info,
     median,
-    proc_status_mib,
-    reset_peak_rss,
     run_json_subprocess,
     write_json,
 )
@@ -148,27 +147,22 @@ def build(config_name: str, args, lora_matched_rank: int):
 # ---------------------------------------------------------------------------------------- probes (subprocess)
 def probe_memory(args) -> dict:
     """Peak resident memory of ``args.probe_memory`` training for ``--memory-steps`` steps (own process)."""
-    import gc
 
     model, step = build(args.probe_memory, args, args.lora_matched_rank)
-    gc.collect()
-    before = proc_status_mib("VmRSS")
-    reset_peak_rss()
-    for _ in range(args.memory_steps):
-        step()
-    peak = proc_status_mib("VmHWM")
+    with PeakMemory() as training:
+        for _ in range(args.memory_steps):
+            step()
     return {
         "config": args.probe_memory,
         "trainable_parameters": trainable_parameters(model),
-        "rss_before_training_mib": before,
-        "peak_rss_mib": peak,
-        "training_extra_mib": peak - before,
+        "rss_before_training_mib": training.before_mib,
+        "peak_rss_mib": training.peak_mib,
+        "training_extra_mib": training.extra_mib,
     }
 
 
 def probe_merge(args) -> dict:
     """Time and peak memory of merge_and_prune() on SmolLM2 with a non-trivial PAT adapter (own process)."""
-    import gc
 
     from peft import get_peft_model
 
@@ -181,23 +175,17 @@ def probe_merge(args) -> dict:
     model = get_peft_model(base, config)
     model.base_model.harden_mask()
     model_mib = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
-    gc.collect()
-    before = proc_status_mib("VmRSS")
-    reset_peak_rss()
-    start = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), PeakMemory() as merge:
         warnings.simplefilter("ignore")
         pruned = model.base_model.merge_and_prune()
-    seconds = time.perf_counter() - start
-    peak = proc_status_mib("VmHWM")
     return {
         "model": args.model,
         "model_mib": model_mib,
         "kept_width": pruned.config.hidden_size,
-        "seconds": seconds,
-        "rss_before_mib": before,
-        "peak_rss_mib": peak,
-        "peak_extra_mib": peak - before,
+        "seconds": merge.seconds,
+        "rss_before_mib": merge.before_mib,
+        "peak_rss_mib": merge.peak_mib,
+        "peak_extra_mib": merge.extra_mib,
     }
 
 
