@@ -1,0 +1,138 @@
+"""Hidden-channel importance from a few calibration batches (forward only, no gradients).
+
+For every RMS norm that reads the residual stream (each layer's two norms and the final norm, from
+the family table) a hook sees the norm's input h (the residual stream) and its output
+y = g * h / rms(h) on every non-padding token. Two per-channel statistics come out of one pass:
+
+    score_j  = sum_norms sqrt( mean_tokens y_j^2 )     (importance: what the consumers read)
+    energy_j = max_norms mean_tokens h_j^2              (how large the residual stream itself is)
+
+``score`` is the Minitron-style hidden-dimension importance (norm outputs aggregated over layers);
+normalising per token keeps a few huge-norm tokens from deciding. ``energy`` finds *massive
+activations* (Sun et al. 2024): a handful of channels whose residual values are hundreds of times
+the median and act as attention-sink biases; zeroing one destroys the model, so
+:func:`massive_channels` marks them for protection. The post-hoc baseline of the benchmark and the
+PAT mask start both use :func:`channel_statistics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .families import FamilySpec, family_for_model
+
+MASSIVE_ENERGY_RATIO = 100.0  # a channel whose residual mean square exceeds 100x the median is "massive"
+
+
+@dataclass
+class ChannelStatistics:
+    """Per-channel calibration statistics (float64, shape (hidden_size,)) and the token count."""
+
+    score: torch.Tensor
+    energy: torch.Tensor
+    tokens: int
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a PeftModel, a PATModel or itself."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+def residual_norms(model: nn.Module, family: FamilySpec) -> list[nn.Module]:
+    """Every norm that reads the residual stream: 2 (or the family's count) per layer, then the final norm."""
+    lm = causal_lm(model)
+    layers = lm.get_submodule(family.layers)
+    norms = [layer.get_submodule(path) for layer in layers for path in family.residual_norms]
+    return [*norms, lm.get_submodule(family.final_norm)]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def channel_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    family: FamilySpec | None = None,
+) -> ChannelStatistics:
+    """``score`` and ``energy`` of the module docstring, from a forward pass over ``batches``.
+
+    Each batch needs ``input_ids`` and may have ``attention_mask`` (padding is excluded); other keys
+    (``labels``, ...) are ignored. The model runs in eval mode and is put back in its previous mode.
+    """
+    family = family or family_for_model(causal_lm(model))
+    norms = residual_norms(model, family)
+    hidden = causal_lm(model).config.hidden_size
+    y_sums = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
+    h_sums = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
+    tokens = 0
+    keep: list[torch.Tensor | None] = [None]
+
+    def hook(index: int):
+        def fn(_module, inputs, output):
+            rows = keep[0]
+            for source, sums in ((output, y_sums), (inputs[0], h_sums)):
+                values = source.detach().double().cpu()
+                values = values[rows] if rows is not None else values.reshape(-1, values.shape[-1])
+                sums[index] += (values * values).sum(dim=0)
+
+        return fn
+
+    device = _model_device(model)
+    handles = [norm.register_forward_hook(hook(i)) for i, norm in enumerate(norms)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            input_ids = batch["input_ids"]
+            attention = batch.get("attention_mask")
+            if attention is None:
+                attention = torch.ones_like(input_ids)
+            keep[0] = attention.bool().cpu()
+            tokens += int(attention.sum())
+            model(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("channel_statistics: the calibration batches hold no (non-padding) token.")
+    score = sum(torch.sqrt(s / tokens) for s in y_sums)
+    energy = torch.stack([s / tokens for s in h_sums]).max(dim=0).values
+    return ChannelStatistics(score=score, energy=energy, tokens=tokens)
+
+
+def activation_channel_scores(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    family: FamilySpec | None = None,
+) -> torch.Tensor:
+    """score_j of the module docstring (float64, shape (hidden_size,))."""
+    return channel_statistics(model, batches, family).score
+
+
+def massive_channels(energy: torch.Tensor, ratio: float = MASSIVE_ENERGY_RATIO) -> torch.Tensor:
+    """Sorted indices of channels whose residual mean square exceeds ``ratio`` x the median channel's."""
+    median = energy.median().clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.nonzero(energy > ratio * median, as_tuple=False).flatten()
+
+
+def top_channels(scores: torch.Tensor, kept: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices of the ``kept`` highest scores, ``protected`` channels first (ties by channel index)."""
+    ranking = scores.double().clone()
+    if protected is not None and protected.numel():
+        ranking[protected] = float("inf")
+    order = torch.sort(ranking, descending=True, stable=True).indices
+    return order[:kept].sort().values
