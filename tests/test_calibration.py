@@ -15,6 +15,7 @@ from peft_pat.calibration import (
     top_channels,
 )
 from peft_pat.families import family_for_model
+
 from tiny_models import tiny_inputs, tiny_model
 
 
@@ -23,7 +24,9 @@ def reference_scores(model, batches):
     family = family_for_model(model)
     norms = residual_norms(model, family)
     inputs = {i: [] for i in range(len(norms))}
-    handles = [n.register_forward_hook(lambda m, a, o, i=i: inputs[i].append(a[0].detach())) for i, n in enumerate(norms)]
+    handles = [
+        n.register_forward_hook(lambda m, a, o, i=i: inputs[i].append(a[0].detach())) for i, n in enumerate(norms)
+    ]
     with torch.no_grad():
         for batch in batches:
             model(**batch)
