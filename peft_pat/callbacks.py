@@ -98,8 +98,30 @@ class PATCallback(TrainerCallback):
                 "before building the Trainer, or remove PATCallback."
             )
         tuner.set_step(state.global_step, max(state.max_steps, 1), learning_rate=args.learning_rate)
+        self._calibrate(tuner, kwargs.get("train_dataloader"))
         if self.mask_history is not None:
             self.mask_history.record(tuner)
+
+    @staticmethod
+    def _calibrate(tuner, dataloader) -> None:
+        """Importance-aware mask start from the first batches of the training dataloader, once per adapter.
+
+        Skipped when the adapter was calibrated already (a resumed run loads it from the checkpoint).
+        The random state is forked, so the training batches that follow are the ones an uncalibrated
+        run would see.
+        """
+        names = [n for n in tuner.pat_mask if n in tuner.active_adapters and tuner.needs_calibration(n)]
+        if not names:
+            return
+        if dataloader is None:
+            raise PATTypeError(
+                "PATCallback: the Trainer passed no train_dataloader, so the PAT mask cannot be calibrated. Call "
+                "model.calibrate(batches) before training, or set PATConfig(calibration_batches=0)."
+            )
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            for name in names:
+                tuner.calibrate(dataloader, adapter_name=name)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)

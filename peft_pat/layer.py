@@ -107,6 +107,11 @@ class PATLayer(BaseTunerLayer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ forward pieces
+    def in_teacher_pass(self) -> bool:
+        """True inside ``PATModel.teacher_pass()``: the layer computes its base layer only."""
+        masks = self._pat_masks
+        return masks is not None and getattr(masks, "teacher_pass", False) and not self.merged
+
     def has_hsm(self, adapter_name: str) -> bool:
         return adapter_name in self.pat_hsm_scale
 
@@ -223,6 +228,8 @@ class PATLinear(nn.Module, PATLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.in_teacher_pass():
+            return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -274,6 +281,8 @@ class PATEmbedding(nn.Module, PATLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.in_teacher_pass():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:

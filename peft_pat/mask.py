@@ -71,9 +71,13 @@ def offset(step: int, s0: int) -> float:
     return max(0.5 - step / s0, 0.0)
 
 
-def top_n_indicator(logits: torch.Tensor, n: int) -> torch.Tensor:
-    """0/1 float vector marking the ``n`` largest logits; ties go to the lower channel index."""
-    order = torch.sort(logits.detach().float(), descending=True, stable=True).indices
+def top_n_indicator(logits: torch.Tensor, n: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """0/1 float vector marking the ``n`` largest logits, ``protected`` channels (bool) first; ties go to
+    the lower channel index."""
+    ranking = logits.detach().float()
+    if protected is not None:
+        ranking = torch.where(protected.to(ranking.device), torch.inf, ranking)
+    order = torch.sort(ranking, descending=True, stable=True).indices
     indicator = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     indicator[order[:n]] = 1.0
     return indicator
@@ -106,6 +110,9 @@ class PATMask(nn.Module):
         self.register_buffer("is_hard", torch.zeros((), dtype=torch.bool))
         self.register_buffer("hard_mask", torch.ones(hidden_size))
         self.register_buffer("bad_grad_events", torch.zeros((), dtype=torch.long))
+        # Importance-aware start (calibrate): done once, saved with the adapter so a resumed run skips it.
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("protected", torch.zeros(hidden_size, dtype=torch.bool))  # never pruned
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.register_buffer("beta", torch.full((), 0.5), persistent=False)
         self._hard = False
@@ -255,12 +262,13 @@ class PATMask(nn.Module):
         training = self.training and self.logits.requires_grad and torch.is_grad_enabled()
         if training and not torch.compiler.is_compiling():  # eager only: compiled graphs must not recompile
             self._soft_training_gates += 1
-        return torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
+        soft = torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
+        return torch.where(self.protected, torch.ones_like(soft), soft)  # protected channels never fade
 
     @torch.no_grad()
     def harden(self) -> None:
         """Fix the gate to the exact top-N of w (ties broken by channel index) and polarise w to +-0.5."""
-        hard = top_n_indicator(self.logits, self.kept_width)  # same order as w = kappa * theta (kappa > 0)
+        hard = top_n_indicator(self.logits, self.kept_width, self.protected)  # order of w = kappa theta, kappa > 0
         self.hard_mask.copy_(hard)
         self.is_hard.fill_(True)
         self._hard = True
@@ -271,6 +279,36 @@ class PATMask(nn.Module):
         """w = +-0.5 on kept / pruned channels, so the stored logits always agree with the hard mask."""
         polar = torch.where(self.hard_mask > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
         self.logits.copy_(polar.to(self.logits.dtype))
+
+    @torch.no_grad()
+    def start_from_importance(self, scores: torch.Tensor, protected: torch.Tensor, margin: float) -> torch.Tensor:
+        """Importance-aware start: logits ordered by ``scores`` around the kept/pruned boundary.
+
+        The channel of importance rank k (0 = most important; ``protected`` channels rank first) gets
+        w = margin * (N - 1/2 - k) / d, so exactly the top-N start with w > 0 (the active-channel loss is
+        0 at step 0) and |w| <= margin. Returns the step-0 gate M(w) (Eq. 10 at s = 0) that the HSM
+        scales divide out, so the network still equals the base model at step 0.
+        """
+        if self._hard:
+            raise PATStateError("start_from_importance: the mask is already hard; calibrate before training.")
+        protected = protected.to(self.protected.device, torch.bool)
+        if int(protected.sum()) > self.kept_width:
+            raise PATConfigError(
+                f"{int(protected.sum())} channels are protected as massive activations but only {self.kept_width} are "
+                "kept; lower target_sparsity, or raise massive_activation_ratio / set protect_massive_activations="
+                "False to allow pruning them."
+            )
+        ranking = torch.where(protected.cpu(), torch.inf, scores.detach().double().cpu())
+        order = torch.sort(ranking, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        w = margin * (self.kept_width - 0.5 - rank.double()) / self.hidden_size
+        self.logits.copy_((w / self._kappa).to(self.logits.dtype).to(self.logits.device))
+        self.protected.copy_(protected)
+        self.calibrated.fill_(True)
+        self._last_finite_logits = None
+        gate = torch.sigmoid(w) + offset(0, 2)  # tau = 1 and beta = 1/2 at step 0
+        return torch.where(protected.cpu(), torch.ones_like(gate), gate).float()
 
     def kept_indices(self) -> torch.Tensor:
         """Sorted indices of the kept channels (the mask must be hard)."""
@@ -287,7 +325,7 @@ class PATMask(nn.Module):
             zero = self.logits.sum() * 0.0 + 0.0  # + 0.0: a log shows 0, never -0
             return {"active": zero, "polarization": zero}
         w = self.effective_logits().float()
-        binary = (w >= 0).float()
+        binary = ((w >= 0) | self.protected).float()  # protected channels count as kept whatever their logit
         count = (binary + w - w.detach()).sum()  # forward: #kept; backward: d count / d w_i = 1
         active = (count - self.kept_width).abs() / self.kept_width
         pos = (w > 0).float()
@@ -299,7 +337,7 @@ class PATMask(nn.Module):
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """Numbers for logs: kept channels (hard count, or #{w >= 0} while soft), temperature, offset."""
-        kept = float(self.hard_mask.sum()) if self._hard else float((self.logits >= 0).sum())
+        kept = float(self.hard_mask.sum()) if self._hard else float(((self.logits >= 0) | self.protected).sum())
         return {
             "kept_channels": kept,
             "gate_mean": float(self.gate().mean()),
@@ -307,6 +345,7 @@ class PATMask(nn.Module):
             "temperature": float(self.tau),
             "offset": float(self.beta),
             "hard": float(self._hard),
+            "protected_channels": float(self.protected.sum()),
             "step": float(self.step),
         }
 

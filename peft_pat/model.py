@@ -4,8 +4,11 @@ loss in its forward pass and turns a trained adapter into a smaller stock model 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import prune
+from .calibration import channel_statistics, massive_channels
 from .checks import (
     check_adapter_matches_base,
     check_adapter_name,
@@ -23,6 +27,7 @@ from .checks import (
     check_not_quantized,
 )
 from .config import PATConfig
+from .distillation import distillation_loss
 from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .io import make_save_pretrained_atomic
@@ -31,6 +36,9 @@ from .mask import PATMask
 from .surgery import get_module, prune_hidden_channels
 from .width import resolve_kept_width
 
+logger = logging.getLogger("peft_pat")
+
+HARDENING_WINDOW = 3  # optimizer steps averaged on each side of the hardening step for the loss-change log
 DEFAULT_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 
 
@@ -279,14 +287,60 @@ class PATModel(BaseTuner):
                 "set_step: this model has no PAT adapter (all were deleted?); add one with add_adapter(name, "
                 "PATConfig(...)) or wrap the base model with get_peft_model(base, PATConfig(...))."
             )
+        self._trace_hardening_loss(step)
+        self._warn_if_uncalibrated(step)
         for name, mask in self.pat_mask.items():
             if mask.set_step(step, total_steps, learning_rate=learning_rate):
                 kept = int(mask.hard_mask.sum())
+                self._hardened_at = step
                 warnings.warn(
                     f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {kept} of "
                     f"{mask.hidden_size} hidden channels kept.",
                     stacklevel=2,
                 )
+
+    def _warn_if_uncalibrated(self, step: int) -> None:
+        """Once: training started while an adapter still waits for its importance-aware start."""
+        if step < 1 or self.__dict__.get("_warned_uncalibrated"):
+            return
+        waiting = [n for n in self.pat_mask if n in self.peft_config and self.needs_calibration(n)]
+        if waiting:
+            self._warned_uncalibrated = True
+            warnings.warn(
+                f"PAT adapter(s) {waiting}: training started without the importance-aware mask start, so the mask "
+                "logits start at 0 and massive-activation channels are not protected. Call "
+                "model.calibrate(first_training_batches) before the first step (PATCallback does it for "
+                "the Trainer), or set PATConfig(calibration_batches=0) to start from 0 on purpose.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _trace_hardening_loss(self, step: int) -> None:
+        """Record the training objective per step; HARDENING_WINDOW steps after the hardening, log its change.
+
+        The objective is the distillation loss when distilling, else the task loss (auxiliary losses
+        excluded). ``hardening_loss_change`` = mean over the window after - mean over the window before.
+        """
+        losses = self.__dict__.get("_last_losses", {})
+        value = losses.get("distillation_loss", losses.get("task_loss"))
+        if value is None or step < 1:
+            return
+        trace = self.__dict__.setdefault("_objective_trace", {})
+        trace[step] = float(value)
+        hardened = self.__dict__.get("_hardened_at")
+        if hardened is None or step != hardened + HARDENING_WINDOW or "hardening_loss_change" in self.__dict__:
+            return
+        before = [trace[s] for s in range(hardened - HARDENING_WINDOW + 1, hardened + 1) if s in trace]
+        after = [trace[s] for s in range(hardened + 1, hardened + HARDENING_WINDOW + 1) if s in trace]
+        if before and after:
+            self.hardening_loss_change = sum(after) / len(after) - sum(before) / len(before)
+            logger.info(
+                "PAT: training loss across the hardening at step %d: %.4f before, %.4f after (%+.4f).",
+                hardened,
+                sum(before) / len(before),
+                sum(after) / len(after),
+                self.hardening_loss_change,
+            )
 
     def harden_mask(self, adapter_name: str | None = None) -> None:
         """Turn the mask of ``adapter_name`` (default: the active one) into the exact top-N 0/1 mask now."""
@@ -297,7 +351,10 @@ class PATModel(BaseTuner):
         """Each weighted auxiliary loss and the task loss (mean per target token of the micro-batch) of the
         last training forward. Kept as detached tensors until read, so the forward pass neither waits for
         the device nor breaks a ``torch.compile`` graph."""
-        return {key: float(value) for key, value in self.__dict__.get("_last_losses", {}).items()}
+        values = {key: float(value) for key, value in self.__dict__.get("_last_losses", {}).items()}
+        if "hardening_loss_change" in self.__dict__:
+            values["hardening_loss_change"] = float(self.hardening_loss_change)
+        return values
 
     def pat_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Schedule state and the last auxiliary losses, for logging."""
@@ -339,20 +396,137 @@ class PATModel(BaseTuner):
             total = torch.zeros(())
         return total, parts
 
+    # ------------------------------------------------------------------ teacher and calibration
+    @contextlib.contextmanager
+    def teacher_pass(self) -> Iterator[None]:
+        """Run the base model: every PAT piece (HSMs, mask, LoRA, modules_to_save copies) bypassed.
+
+        A flag read by the PAT layers' forward; unlike PEFT's ``disable_adapter()`` it leaves
+        ``requires_grad`` alone, so it is safe inside a training step (DDP, optimizers, compile).
+        """
+        wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        previous = [m._disable_adapters for m in wrappers]
+        self.pat_mask.teacher_pass = True
+        for module in wrappers:
+            module._disable_adapters = True
+        try:
+            yield
+        finally:
+            self.pat_mask.teacher_pass = False
+            for module, value in zip(wrappers, previous):
+                module._disable_adapters = value
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Mapping[str, torch.Tensor]], adapter_name: str | None = None) -> dict:
+        """Importance-aware mask start from ``batches`` (dicts with ``input_ids``, optional ``attention_mask``).
+
+        Ranks hidden channels by the activation criterion of :mod:`peft_pat.calibration` on the base
+        model (PAT bypassed), protects massive-activation channels (``protect_massive_activations``),
+        orders the mask logits by rank within +-``calibration_margin`` (the mask starts at the activation
+        top-N) and divides the change of the step-0 gate out of every HSM scale, so the network still
+        computes exactly what it computed before (the base model, for a fresh adapter). Uses the first
+        ``calibration_batches`` batches. Call before the first optimizer step; PATCallback does it.
+        Returns a summary (tokens, protected channels and their energy ratio to the median).
+        """
+        self._check_not_pruned()
+        name = self._single_adapter(adapter_name)
+        config: PATConfig = self.peft_config[name]
+        mask = self.pat_mask[name]
+        if mask.is_hard:
+            raise PATStateError("calibrate: the mask is already hard (training is past the freeze point).")
+        limit = config.calibration_batches or None
+        chosen = [batch for _, batch in zip(range(limit) if limit else iter(int, 1), batches)]
+        if not chosen:
+            raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
+        with self.teacher_pass():
+            stats = channel_statistics(self.model, chosen, self.family)
+        score, energy = _all_reduce_mean(stats.score, self.model), _all_reduce_mean(stats.energy, self.model)
+        protected = torch.zeros(mask.hidden_size, dtype=torch.bool)
+        if config.protect_massive_activations:
+            protected[massive_channels(energy, config.massive_activation_ratio)] = True
+        gate_before = mask.gate().detach().float().cpu()
+        gate_after = mask.start_from_importance(score, protected, config.calibration_margin)
+        ratio = gate_before / gate_after
+        for layer in self._pat_layers():
+            if layer.has_hsm(name):
+                scale = layer.pat_hsm_scale[name]
+                scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
+        median = float(energy.median())
+        summary = {
+            "tokens": stats.tokens,
+            "batches": len(chosen),
+            "protected_channels": protected.nonzero().flatten().tolist(),
+            "protected_energy_ratio": [round(float(energy[i]) / median, 1) for i in protected.nonzero().flatten()],
+        }
+        if summary["protected_channels"]:
+            logger.warning(
+                "PAT: protected massive-activation channel(s) %s (residual energy %s x the median) from pruning; "
+                "set protect_massive_activations=False to allow it.",
+                summary["protected_channels"],
+                summary["protected_energy_ratio"],
+            )
+        logger.info("PAT: mask start ranked %d channels on %d calibration tokens.", mask.hidden_size, stats.tokens)
+        self.calibration_summary = summary
+        return summary
+
+    def needs_calibration(self, adapter_name: str | None = None) -> bool:
+        """True while the adapter asks for an importance-aware start that has not run (and the mask is soft)."""
+        name = self._single_adapter(adapter_name)
+        mask = self.pat_mask[name]
+        return self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated) and not mask.is_hard
+
+    def _distillation_settings(self) -> tuple[float, float] | None:
+        """(weight, temperature) of the active adapter when this forward should distil, else None."""
+        if not (self.training and torch.is_grad_enabled()) or "pat_mask" not in self._modules:
+            return None
+        active = [a for a in self.active_adapters if a in self.pat_mask]
+        if len(active) != 1:
+            return None
+        config: PATConfig = self.peft_config[active[0]]
+        if config.distillation_weight <= 0:
+            return None
+        return float(config.distillation_weight), float(config.distillation_temperature)
+
     def forward(self, *args: Any, **kwargs: Any):
         self._check_not_pruned()
+        # TRL's SFTTrainer asks its patched forward for per-token log-probabilities (fused_lm_head=True) and builds
+        # no logits: nothing to distil from, so that call keeps the task loss only (docs/training.md).
+        distill = None if kwargs.get("fused_lm_head") else self._distillation_settings()
+        teacher_logits = None
+        if distill is not None:
+            teacher_kwargs = {
+                k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels", "num_items_in_batch")
+            }
+            teacher_kwargs["use_cache"] = False
+            with torch.no_grad(), self.teacher_pass():
+                teacher_logits = self.model(*args, **teacher_kwargs).logits
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
-        if not self.training or loss is None or "pat_mask" not in self._modules or not len(self.pat_mask):
+        if not self.training or "pat_mask" not in self._modules or not len(self.pat_mask):
             return outputs
-        aux, parts = self.auxiliary_loss()
+        if loss is None and teacher_logits is None:
+            return outputs
         fraction = self._aux_fraction(kwargs)
-        outputs.loss = loss + aux.to(loss.device) * fraction
-        task_loss = loss.detach()
-        if isinstance(fraction, torch.Tensor):  # loss = sum / (tokens in the whole step): log this micro-batch's mean
-            task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
+        parts_log: dict[str, torch.Tensor] = {}
+        if teacher_logits is not None:
+            weight, temperature = distill
+            kd = distillation_loss(outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature)
+            parts_log["distillation_loss"] = kd.detach()
+            kd_step = kd * fraction.to(kd.device) if isinstance(fraction, torch.Tensor) else kd * fraction
+            objective = kd_step * weight if loss is None or weight == 1.0 else loss * (1 - weight) + kd_step * weight
+        else:
+            objective = loss
+        aux, parts = self.auxiliary_loss()
+        outputs.loss = objective + aux.to(objective.device) * fraction
         self._last_losses = {key: value.detach() for key, value in parts.items()}
-        self._last_losses["task_loss"] = task_loss
+        self._last_losses.update(parts_log)
+        if loss is not None:
+            task_loss = loss.detach()
+            if isinstance(
+                fraction, torch.Tensor
+            ):  # loss = sum / (tokens in the whole step): log this micro-batch's mean
+                task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
+            self._last_losses["task_loss"] = task_loss
         return outputs
 
     @staticmethod
@@ -497,3 +671,15 @@ class PATModel(BaseTuner):
         self._pruned = True
         self.register_state_dict_pre_hook(_refuse_state_dict_after_pruning)
         return make_save_pretrained_atomic(model)
+
+
+def _all_reduce_mean(tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Mean of ``tensor`` over the processes of a running torch.distributed job (itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    device = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
+    reduced = tensor.to(device, torch.float64)
+    dist.all_reduce(reduced)
+    return (reduced / dist.get_world_size()).cpu()

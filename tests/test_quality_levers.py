@@ -1,0 +1,141 @@
+"""The importance-aware mask start (calibrate), massive-activation protection and distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from peft_pat import PATCallback, PATConfigError
+from peft_pat.calibration import channel_statistics, top_channels
+from peft_pat.distillation import distillation_loss
+
+from helpers import TokenDataset, assert_logits_close, logits, wrap
+from tiny_models import tiny_inputs, tiny_model
+
+
+def batches(n=2, seed=1):
+    return [{"input_ids": tiny_inputs(batch=2, length=8, seed=seed + i)} for i in range(n)]
+
+
+def test_teacher_pass_equals_the_untouched_base_model():
+    base_logits = logits(tiny_model("llama"), tiny_inputs())
+    model = wrap(tiny_model("llama"), init_weights=False)  # HSMs, mask and LoRA all far from identity
+    tuner = model.base_model
+    assert (logits(model, tiny_inputs()) - base_logits).abs().max() > 1e-2
+    with tuner.teacher_pass():
+        teacher = logits(model, tiny_inputs())
+    assert torch.equal(teacher, base_logits)
+    assert (logits(model, tiny_inputs()) - base_logits).abs().max() > 1e-2  # flag cleared on exit
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen2"])
+def test_calibrated_start_is_the_base_model_and_the_activation_top_n(family):
+    base = tiny_model(family)
+    expected = logits(base, tiny_inputs())
+    scores = channel_statistics(base, batches()).score
+    model = wrap(tiny_model(family), protect_massive_activations=False)
+    model.base_model.calibrate(batches())
+    mask = model.base_model.pat_mask["default"]
+    assert bool(mask.calibrated)
+    diff = assert_logits_close(logits(model, tiny_inputs()), expected)  # float rounding of s * M only
+    assert diff < 1e-5
+    w = mask.effective_logits().detach()
+    top = top_channels(scores, mask.kept_width)
+    assert torch.equal(torch.nonzero(w > 0).flatten(), top)
+    assert mask.auxiliary_losses()["active"].item() == 0.0  # exactly N channels start on the keep side
+    assert float(w.abs().max()) <= model.peft_config["default"].calibration_margin
+
+
+def test_massive_activation_channel_is_protected_through_hardening(caplog):
+    base = tiny_model("llama")
+    with torch.no_grad():
+        base.model.embed_tokens.weight[:, 5] = 300.0  # a channel with massive residual energy ...
+        for layer in base.model.layers:
+            layer.input_layernorm.weight[5] = 0.0  # ... that the consumers barely read (lowest score)
+            layer.post_attention_layernorm.weight[5] = 0.0
+        base.model.norm.weight[5] = 0.0
+    stats = channel_statistics(base, batches())
+    assert 5 not in top_channels(stats.score, 12).tolist()
+    model = wrap(base, target_sparsity=None, target_width=12)
+    with caplog.at_level("WARNING", logger="peft_pat"):
+        summary = model.base_model.calibrate(batches())
+    assert summary["protected_channels"] == [5]
+    assert "protected massive-activation channel(s) [5]" in caplog.text
+    mask = model.base_model.pat_mask["default"]
+    with torch.no_grad():
+        mask.logits[5] = -100.0  # even a logit driven far to the prune side ...
+    assert float(mask.gate()[5]) == 1.0  # ... neither fades ...
+    mask.harden()
+    assert 5 in mask.kept_indices().tolist()  # ... nor gets pruned
+
+
+def test_too_many_protected_channels_is_a_clear_error():
+    model = wrap(tiny_model("llama"), target_sparsity=None, target_width=4, massive_activation_ratio=1.0001)
+    with pytest.raises(PATConfigError, match="protected as massive activations"):
+        model.base_model.calibrate(batches())
+
+
+def test_distillation_is_the_training_loss_and_uses_the_base_teacher():
+    model = wrap(tiny_model("llama"), init_weights=False, calibration_batches=0)
+    tuner = model.base_model
+    ids = tiny_inputs(batch=2, length=8)
+    attention = torch.ones_like(ids)
+    attention[0, :3] = 0
+    teacher = tiny_model("llama")(input_ids=ids, attention_mask=attention).logits.detach()
+    model.train()
+    out = model(input_ids=ids, attention_mask=attention, labels=ids)
+    aux, _ = tuner.auxiliary_loss()
+    kd = distillation_loss(out.logits, teacher, attention)
+    torch.testing.assert_close(out.loss, kd + aux, rtol=1e-5, atol=1e-6)
+    assert "distillation_loss" in tuner.last_auxiliary_losses and "task_loss" in tuner.last_auxiliary_losses
+    out.loss.backward()
+    assert tuner.pat_mask["default"].logits.grad is not None
+
+
+def test_distillation_mixes_with_the_task_loss():
+    model = wrap(tiny_model("llama"), init_weights=False, calibration_batches=0, distillation_weight=0.25)
+    ids = tiny_inputs(batch=2, length=8)
+    teacher = tiny_model("llama")(input_ids=ids).logits.detach()
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    aux, _ = model.base_model.auxiliary_loss()
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    expected = 0.75 * ce + 0.25 * distillation_loss(out.logits, teacher) + aux
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_loss_gradient_matches_autograd():
+    torch.manual_seed(0)
+    student = torch.randn(3, 5, 17, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 5, 17, dtype=torch.float64)
+    mask = torch.ones(3, 5)
+    mask[1, :2] = 0
+    for temperature in (1.0, 2.0):
+        got = distillation_loss(student, teacher, mask, temperature, block_tokens=4)
+        log_s = torch.log_softmax(student / temperature, -1)
+        log_t = torch.log_softmax(teacher / temperature, -1)
+        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+        ref = (per_token * mask).sum() / mask.sum() * temperature**2
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+        (g,) = torch.autograd.grad(got, student)
+        (g_ref,) = torch.autograd.grad(ref, student)
+        torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-9)
+
+
+def test_trainer_callback_calibrates_once_and_the_adapter_keeps_it(tmp_path):
+    model = wrap(tiny_model("llama"), calibration_batches=2)
+    mask = model.base_model.pat_mask["default"]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PATCallback()]).train()
+    assert bool(mask.calibrated)
+    assert model.base_model.needs_calibration() is False
+    model.save_pretrained(tmp_path / "adapter")
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter", is_trainable=True)
+    assert reloaded.base_model.needs_calibration() is False  # a resumed run does not redo it
+    assert torch.equal(reloaded.base_model.pat_mask["default"].protected, mask.protected)
