@@ -101,6 +101,14 @@ class PATConfig(PeftConfig):
         default=0.8 / 3,
         metadata={"help": "Step / total steps at which the mask becomes an exact top-N 0/1 mask (paper: 0.8 s0)."},
     )
+    mask_fade_to_hard: bool = field(
+        default=True,
+        metadata={
+            "help": "Interpolate the soft gate towards the current top-N 0/1 mask, M <- (1 - f) M + f top-N(w) with "
+            "f = step / freeze step, so the channels that will go fade out gradually and the freeze changes nothing "
+            "(no loss cliff). False: the paper's gate (Eq. 10) alone."
+        },
+    )
     mask_lr: float | None = field(
         default=None,
         metadata={
@@ -175,7 +183,7 @@ class PATConfig(PeftConfig):
                 f"PATConfig.task_type={self.task_type!r} is not supported: PAT prunes decoder-only causal language "
                 "models (*ForCausalLM). Use task_type='CAUSAL_LM' (the default)."
             )
-        for name in ("init_weights", "inference_mode"):
+        for name in ("init_weights", "inference_mode", "mask_fade_to_hard"):
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
                 raise PATTypeError(f"PATConfig.{name} must be True or False, got {type(value).__name__} ({value!r}).")

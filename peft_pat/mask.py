@@ -95,6 +95,7 @@ class PATMask(nn.Module):
         freeze: float,
         mask_lr: float | None = None,
         random_init: bool = False,
+        fade_to_hard: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)
@@ -102,6 +103,7 @@ class PATMask(nn.Module):
         self.milestone_fraction = float(milestone)
         self.freeze_fraction = float(freeze)
         self.mask_lr = mask_lr
+        self.fade_to_hard = bool(fade_to_hard)
         self.logits = nn.Parameter(torch.randn(hidden_size) if random_init else torch.zeros(hidden_size))
         self.register_buffer("lr_ratio", torch.ones((), dtype=torch.float64))  # kappa
         self.register_buffer("base_lr", torch.zeros((), dtype=torch.float64))  # optimizer lr kappa was set for
@@ -115,6 +117,8 @@ class PATMask(nn.Module):
         self.register_buffer("protected", torch.zeros(hidden_size, dtype=torch.bool))  # never pruned
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.register_buffer("beta", torch.full((), 0.5), persistent=False)
+        self.register_buffer("fade", torch.zeros(()), persistent=False)  # f(s) of fade_to_hard
+        self.register_buffer("fade_target", torch.ones(hidden_size), persistent=False)  # top-N of w at this step
         self._hard = False
         self._kappa = 1.0
         self._last_finite_logits: torch.Tensor | None = None
@@ -134,6 +138,7 @@ class PATMask(nn.Module):
             freeze=config.mask_freeze,
             mask_lr=config.mask_lr,
             random_init=random_init,
+            fade_to_hard=getattr(config, "mask_fade_to_hard", False),
         )
 
     # ------------------------------------------------------------------ schedule
@@ -149,6 +154,10 @@ class PATMask(nn.Module):
         else:
             self.tau.fill_(1.0)
             self.beta.fill_(0.5)
+        fade = min(1.0, step / freeze_step(total, self.freeze_fraction)) if self.fade_to_hard and total > 0 else 0.0
+        self.fade.fill_(fade)
+        if fade > 0 and not self._hard:
+            self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
 
     def configure_learning_rate(self, learning_rate: float, total_steps: int) -> float:
         """Set kappa = mask_lr / learning_rate for an optimizer whose peak learning rate is ``learning_rate``.
@@ -263,6 +272,8 @@ class PATMask(nn.Module):
         if training and not torch.compiler.is_compiling():  # eager only: compiled graphs must not recompile
             self._soft_training_gates += 1
         soft = torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
+        if self.fade_to_hard:  # M <- (1 - f) M + f * top-N(w): exactly the hard mask at the freeze step
+            soft = torch.lerp(soft, self.fade_target, self.fade)
         return torch.where(self.protected, torch.ones_like(soft), soft)  # protected channels never fade
 
     @torch.no_grad()

@@ -139,3 +139,34 @@ def test_trainer_callback_calibrates_once_and_the_adapter_keeps_it(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter", is_trainable=True)
     assert reloaded.base_model.needs_calibration() is False  # a resumed run does not redo it
     assert torch.equal(reloaded.base_model.pat_mask["default"].protected, mask.protected)
+
+
+def test_fade_to_hard_interpolates_to_the_top_n_and_the_freeze_changes_nothing():
+    from peft_pat.mask import PATMask, freeze_step
+
+    torch.manual_seed(0)
+    mask = PATMask(32, 24, milestone=1 / 3, freeze=0.8 / 3, random_init=True, fade_to_hard=True)
+    total = 60
+    last = freeze_step(total, 0.8 / 3)
+    for step in range(last):
+        mask.set_step(step, total)
+        paper = torch.sigmoid(mask.tau * mask.effective_logits().float()) + mask.beta
+        top = torch.zeros(32)
+        top[torch.sort(mask.logits.detach(), descending=True, stable=True).indices[:24]] = 1.0
+        expected = (1 - step / last) * paper + (step / last) * top
+        torch.testing.assert_close(mask.gate().detach(), expected)
+    mask.step.fill_(last)
+    mask._refresh()  # the gate the network sees at the freeze step, just before harden() ...
+    soft_at_freeze = mask.gate().detach().clone()
+    mask.set_step(last, total)
+    assert bool(mask.is_hard)
+    assert torch.equal(soft_at_freeze, mask.gate())  # ... is exactly the hard mask
+
+
+def test_paper_gate_without_fade():
+    from peft_pat.mask import PATMask
+
+    mask = PATMask(16, 8, milestone=1 / 3, freeze=0.8 / 3, random_init=True, fade_to_hard=False)
+    mask.set_step(5, 60)
+    expected = torch.sigmoid(mask.tau * mask.effective_logits().float()) + mask.beta
+    torch.testing.assert_close(mask.gate().detach(), expected)
