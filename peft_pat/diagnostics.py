@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .callbacks import find_pat_tuner
 from .errors import PATConfigError, PATStateError, PATTypeError
 from .layer import PATLayer
 from .mask import PATMask, top_n_indicator
+from .model import find_pat_tuner
 
 
 def _tuner_and_adapter(model: nn.Module, adapter_name: str | None):

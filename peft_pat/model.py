@@ -497,3 +497,25 @@ class PATModel(BaseTuner):
         self._pruned = True
         self.register_state_dict_pre_hook(_refuse_state_dict_after_pruning)
         return make_save_pretrained_atomic(model)
+
+
+def find_pat_tuner(model: Any):
+    """The :class:`~peft_pat.model.PATModel` inside a PeftModel, possibly wrapped by DDP/FSDP/compile."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, PATModel):
+            return model
+        for attr in ("base_model", "module", "_orig_mod", "_fsdp_wrapped_module"):
+            inner = getattr(model, attr, None) if attr != "base_model" else _base_model(model)
+            if inner is not None and inner is not model:
+                model = inner
+                break
+        else:
+            return None
+        seen += 1
+    return None
+
+
+def _base_model(model: Any):
+    modules = getattr(model, "_modules", {})
+    return modules.get("base_model")

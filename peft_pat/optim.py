@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from .callbacks import find_pat_tuner
 from .errors import PATConfigError, PATTypeError
+from .model import find_pat_tuner
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any]]:
