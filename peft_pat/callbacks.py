@@ -87,7 +87,7 @@ class PATCallback(TrainerCallback):
         tuner = find_pat_tuner(model)
         if tuner is None:
             return
-        soft = [name for name, mask in tuner.pat_mask.items() if not mask._hard]
+        soft = [name for name, mask in tuner.pat_mask.items() if not mask.hardened]
         if soft:
             warnings.warn(
                 f"PAT: training ended before the mask froze for adapter(s) {soft}; merge_and_prune() will harden it "

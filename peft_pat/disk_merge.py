@@ -320,7 +320,7 @@ def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: to
         adapter=f"The PAT adapter in {adapter.folder}", base="the base checkpoint", action="Merge it into",
     )  # fmt: skip
     mask = adapter.mask
-    if not mask._hard:
+    if not mask.hardened:
         warnings.warn(
             f"The PAT mask in {adapter.folder} is still soft (step {int(mask.step)} of {int(mask.total_steps)}, before "
             "the freeze point); hardening it now to the exact top-N channels. The merged model then differs from "

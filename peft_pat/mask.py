@@ -272,6 +272,23 @@ class PATMask(nn.Module):
         polar = torch.where(self.hard_mask > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
         self.logits.copy_(polar.to(self.logits.dtype))
 
+    @property
+    def hardened(self) -> bool:
+        """Whether the gate is the frozen exact top-N 0/1 mask (no device sync; the ``is_hard`` buffer holds it)."""
+        return self._hard
+
+    @property
+    def learning_rate_ratio(self) -> float:
+        """kappa = mask_lr / optimizer learning rate: the logits are w = kappa * theta (module docstring)."""
+        return self._kappa
+
+    @torch.no_grad()
+    def kept_set(self) -> torch.Tensor:
+        """Bool (d,): the channels hardening keeps: the hard mask once hard, the top-N of the logits while soft."""
+        if self._hard:
+            return self.hard_mask > 0.5
+        return top_n_indicator(self.logits, self.kept_width) > 0.5
+
     def kept_indices(self) -> torch.Tensor:
         """Sorted indices of the kept channels (the mask must be hard)."""
         if not self._hard:

@@ -475,7 +475,7 @@ class PATModel(BaseTuner):
         self._check_not_pruned()
         name = self._single_adapter(adapter_name)
         mask = self.pat_mask[name]
-        if not mask._hard:
+        if not mask.hardened:
             warnings.warn(
                 f"PAT adapter '{name}': the mask is still soft (step {int(mask.step)} of {int(mask.total_steps)}, "
                 "before the freeze point); hardening it now to the exact top-N channels. The merged model then "

@@ -118,7 +118,7 @@ def test_single_file_checkpoint_tokenizer_and_generation(tmp_path):
 
 def test_soft_mask_is_hardened_with_a_warning(tmp_path):
     base, adapter, model = _checkpoint(tmp_path, "mistral", train=True)
-    assert not model.base_model.pat_mask["default"]._hard
+    assert not model.base_model.pat_mask["default"].hardened
     with pytest.warns(UserWarning, match="still soft"):
         small = model.merge_and_prune()
     with pytest.warns(UserWarning, match="still soft"):

@@ -157,5 +157,5 @@ def test_state_survives_state_dict_roundtrip():
         mask.set_step(s, 30)
     copy = make_mask()
     copy.load_state_dict(mask.state_dict())
-    assert copy._hard == mask._hard and torch.equal(copy.gate(), mask.gate())
+    assert copy.hardened == mask.hardened and torch.equal(copy.gate(), mask.gate())
     assert float(copy.tau) == float(mask.tau) and int(copy.step) == 9

@@ -43,7 +43,7 @@ def test_trained_adapter_merges_exactly(family):
     model = wrap(base)
     train_steps(model, ids, steps=8)
     mask = model.base_model.pat_mask["default"]
-    assert mask._hard and int(mask.hard_mask.sum()) == 48
+    assert mask.hardened and int(mask.hard_mask.sum()) == 48
     expected = logits(model, ids)
     small = model.merge_and_prune()
     assert_logits_close(logits(small, ids), expected)
