@@ -28,7 +28,7 @@ from .families import FAMILIES, FamilySpec, family_for_model_type
 from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
-from .surgery import get_module, prune_hidden_channels
+from .surgery import get_module, own_config, prune_hidden_channels
 from .width import resolve_kept_width
 
 DEFAULT_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
@@ -463,7 +463,7 @@ class PATModel(BaseTuner):
         lm_head = get_module(self.model, family.lm_head)
         base = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
         if getattr(self.model.config, "tie_word_embeddings", False) and lm_head.weight is not base.weight:
-            self.model.config.tie_word_embeddings = False
+            own_config(self.model).tie_word_embeddings = False  # not the caller's config object
 
     def merge_and_prune(self, adapter_name: str | None = None, progressbar: bool = False) -> nn.Module:
         """Fold LoRA and the HSMs into the base weights, drop the masked hidden channels and return the

@@ -9,6 +9,7 @@ rewrites the config. Peak extra memory is about one weight matrix at a time.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -26,6 +27,19 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 def _set_weight(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+
+
+def own_config(model: nn.Module):
+    """Give ``model`` (and each submodule that shares it) its own copy of its config; returns the copy.
+
+    transformers models keep the config object they were built from, so writing into ``model.config``
+    would also change the caller's object (and every model built from it later)."""
+    shared = model.config
+    config = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = config
+    return config
 
 
 def pruned_config_updates(config, kept: int) -> dict:
@@ -52,7 +66,10 @@ def validate_keep(keep: torch.Tensor, hidden_size: int, num_heads: int) -> torch
 def prune_hidden_channels(
     model: nn.Module, family: FamilySpec, keep: torch.Tensor, progressbar: bool = False
 ) -> nn.Module:
-    """Keep hidden channels ``keep`` of ``model`` (a stock ``*ForCausalLM``), in place; returns ``model``."""
+    """Keep hidden channels ``keep`` of ``model`` (a stock ``*ForCausalLM``), in place; returns ``model``.
+
+    The model gets its own copy of its config (:func:`own_config`): the config object it was built from
+    is left as it was."""
     config = model.config
     d = int(config.hidden_size)
     keep = validate_keep(keep, d, int(config.num_attention_heads))
@@ -105,6 +122,7 @@ def prune_hidden_channels(
         _set_weight(lm_head, "weight", prune.prune_columns(lm_head.weight, keep.to(lm_head.weight.device)))
     lm_head.in_features = kept
 
+    config = own_config(model)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)
     return model
