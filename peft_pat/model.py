@@ -23,13 +23,13 @@ from .checks import (
     check_not_quantized,
 )
 from .config import PATConfig
-from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
+from .errors import PATConfigError, PATStateError, UnsupportedModelError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
 from .surgery import get_module, own_config, prune_hidden_channels
-from .width import resolve_kept_width
+from .width import kept_width_for
 
 DEFAULT_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 
@@ -77,15 +77,18 @@ class PATModel(BaseTuner):
         self._pruned = False
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged."""
+        """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged.
+
+        BaseTuner calls :meth:`_prepare_adapter_config` (once) and then :meth:`_prepare_model`, which runs
+        the checks, before it replaces any module."""
         check_adapter_name(adapter_name)
-        config = self.peft_config[adapter_name]
-        explicit_targets = getattr(config, "target_modules", None) is not None
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
-        family = family_for_model_type(config.base_model_type)
-        check_causal_lm_layout(model, family)
-        check_injection_targets(model, config, family, explicit_targets)
+        self._explicit_targets = getattr(self.peft_config[adapter_name], "target_modules", None) is not None
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _prepare_model(self, peft_config: PATConfig, model: nn.Module) -> None:
+        family = family_for_model_type(peft_config.base_model_type)
+        check_causal_lm_layout(model, family)
+        check_injection_targets(model, peft_config, family, self._explicit_targets)
 
     @property
     def family(self) -> FamilySpec:
@@ -109,25 +112,7 @@ class PATModel(BaseTuner):
             hidden,
             vocab,
         )
-        if peft_config.kept_width is None:
-            peft_config.kept_width = resolve_kept_width(
-                hidden, heads, peft_config.target_sparsity, peft_config.target_width, peft_config.width_multiple
-            )
-        elif not 0 < peft_config.kept_width < hidden or peft_config.kept_width % heads:
-            raise AdapterMismatchError(
-                f"kept_width={peft_config.kept_width} recorded in the adapter does not fit this base model "
-                f"(hidden_size={hidden}, num_attention_heads={heads}): it must lie strictly between 0 and hidden_size "
-                "and be a multiple of the head count. Load the adapter onto the base it was trained from, or remove "
-                "kept_width from adapter_config.json so it is recomputed from target_sparsity / target_width."
-            )
-        elif peft_config.target_width is None:
-            resolved = resolve_kept_width(hidden, heads, peft_config.target_sparsity, None, peft_config.width_multiple)
-            if resolved != peft_config.kept_width:
-                raise PATConfigError(
-                    f"kept_width={peft_config.kept_width} contradicts target_sparsity={peft_config.target_sparsity} "
-                    f"on hidden_size={hidden}, which gives {resolved}. kept_width is filled in automatically; to "
-                    f"choose the width yourself give target_width={peft_config.kept_width} instead of target_sparsity."
-                )
+        peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
         if peft_config.hsm_rank is None:
             peft_config.hsm_rank = default_hsm_rank(hidden)
         elif peft_config.hsm_rank >= hidden:
