@@ -21,14 +21,15 @@ from .checks import (
     check_causal_lm_layout,
     check_injection_targets,
     check_not_quantized,
+    plain_float_layer_error,
 )
 from .config import PATConfig
-from .errors import PATConfigError, PATStateError, UnsupportedModelError
+from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
-from .surgery import get_module, own_config, prune_hidden_channels
+from .surgery import own_config, prune_hidden_channels
 from .width import kept_width_for
 
 DEFAULT_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
@@ -170,11 +171,6 @@ class PATModel(BaseTuner):
         is_embedding = family.is_embedding(current_key)
         with_hsm = family.is_producer(current_key)
         wants_lora = peft_config.r > 0 and bool(check_target_module_exists(peft_config, current_key))
-        if is_embedding and wants_lora:
-            raise PATConfigError(
-                f"target_modules matches the embedding '{current_key}', which PAT already adapts with an HSM "
-                "(no LoRA on embeddings); remove it from target_modules."
-            )
         diagonal = is_embedding and peft_config.embedding_hsm == "diagonal"
         kwargs: dict[str, Any] = {
             "lora_rank": peft_config.r if wants_lora else 0,
@@ -188,18 +184,12 @@ class PATModel(BaseTuner):
         if isinstance(target, PATLayer):
             target.update_layer(adapter_name, masks, **kwargs)
             return
-        if isinstance(target, BaseTunerLayer):
-            raise UnsupportedModelError(f"'{current_key}' is already wrapped by another PEFT method ({type(target)}).")
-        if type(target) is nn.Linear or (isinstance(target, nn.Linear) and type(target).__module__.startswith("torch")):
-            new_module: nn.Module = PATLinear(target, adapter_name, masks, **kwargs)
-        elif isinstance(target, nn.Embedding) and is_embedding:
-            new_module = PATEmbedding(target, adapter_name, masks, **kwargs)
-        else:
-            raise UnsupportedModelError(
-                f"PAT cannot wrap '{current_key}' of type {type(target).__module__}.{type(target).__name__}: only "
-                "plain float nn.Linear / nn.Embedding layers can be merged and pruned exactly. Quantized layers "
-                "(bitsandbytes, GPTQ, AWQ, ...) are not supported; load the base model in a float dtype."
-            )
+        # check_injection_targets refused everything else before injection; this guards direct calls
+        error = plain_float_layer_error(current_key, target, nn.Embedding if is_embedding else nn.Linear)
+        if error is not None:
+            raise error
+        layer_cls = PATEmbedding if is_embedding else PATLinear
+        new_module: nn.Module = layer_cls(target, adapter_name, masks, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -380,8 +370,8 @@ class PATModel(BaseTuner):
     def _fold_tied_diagonal_embedding(self, adapter_name: str) -> bool:
         """Keep tied embeddings tied: E <- E diag(g), final-norm gain <- gain / g (exact; module docstring of prune)."""
         family = self.family
-        embedding = get_module(self.model, family.embedding)
-        lm_head = get_module(self.model, family.lm_head)
+        embedding = self.model.get_submodule(family.embedding)
+        lm_head = self.model.get_submodule(family.lm_head)
         if not isinstance(embedding, PATEmbedding) or adapter_name not in embedding.pat_hsm_scale:
             return False
         if adapter_name in embedding.pat_hsm_down:
@@ -394,7 +384,7 @@ class PATModel(BaseTuner):
         gate_scale = embedding.hsm_gate_scale(adapter_name).detach()
         if not prune.can_divide_out(gate_scale):
             return False  # dividing the final norm by a near-zero scale would lose precision: untie instead
-        norm = get_module(self.model, family.final_norm)
+        norm = self.model.get_submodule(family.final_norm)
         with torch.no_grad():
             prune.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
             norm.weight.data = prune.divide_norm_gain(
@@ -444,8 +434,8 @@ class PATModel(BaseTuner):
 
     def _untie_flag_if_diverged(self) -> None:
         family = self.family
-        embedding = get_module(self.model, family.embedding)
-        lm_head = get_module(self.model, family.lm_head)
+        embedding = self.model.get_submodule(family.embedding)
+        lm_head = self.model.get_submodule(family.lm_head)
         base = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
         if getattr(self.model.config, "tie_word_embeddings", False) and lm_head.weight is not base.weight:
             own_config(self.model).tie_word_embeddings = False  # not the caller's config object
