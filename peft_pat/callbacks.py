@@ -51,7 +51,14 @@ class PATCallback(TrainerCallback):
 
     # -------------------------------------------------------------- ordering
     def on_init_end(self, args, state, control, **kwargs):
-        """Run first among the callbacks so the PAT numbers are in ``logs`` before reporters see them."""
+        """Run first among the callbacks so the PAT numbers are in ``logs`` before reporters see them.
+
+        transformers (5.24) has no supported way to do this from a callback: the Trainer puts the
+        ``report_to`` integrations before user callbacks, ``TrainerCallback`` has no priority, and
+        ``CallbackHandler.call_event`` passes the model, optimizer, scheduler and dataloaders but neither
+        the handler nor the Trainer (whose ``pop_callback`` / ``add_callback`` only append). So the handler
+        is found up the call stack (it calls this event); if it is not found, the order stays as it was.
+        """
         frame = sys._getframe(1)
         while frame is not None:
             handler = frame.f_locals.get("self")

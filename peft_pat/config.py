@@ -220,7 +220,3 @@ class PATConfig(PeftConfig):
             raise PATConfigError(f"PATConfig.bias={self.bias!r} is not supported; PAT trains no biases, use 'none'.")
         if self.target_parameters:
             raise PATConfigError("PATConfig.target_parameters is not supported by PAT; use target_modules.")
-
-    @property
-    def lora_scaling(self) -> float:
-        return self.lora_alpha / self.r if self.r else 0.0

@@ -28,10 +28,6 @@ _LLAMA_PRODUCERS = ("self_attn.o_proj", "mlp.down_proj")
 _LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-# Roles of the modules that read, write or normalise the residual stream (FamilySpec.module_roles).
-ROLES = ("embedding", "producer", "consumer", "residual_norm", "branch_norm", "final_norm", "lm_head")
-
-
 @dataclass(frozen=True)
 class FamilySpec:
     """Facts about one decoder family; module paths are relative to the ``*ForCausalLM`` model.
@@ -73,7 +69,8 @@ class FamilySpec:
         return match.group(2) if match else None
 
     def module_roles(self, num_layers: int, tied: bool) -> dict[str, str]:
-        """Every module that touches the residual stream, by full path, with its role in :data:`ROLES`.
+        """Every module that touches the residual stream, by full path, with its role: ``embedding``,
+        ``producer``, ``consumer``, ``residual_norm``, ``branch_norm``, ``final_norm`` or ``lm_head``.
 
         Used to transform a checkpoint tensor by tensor (``peft-pat merge``). A tied ``lm_head`` is
         not listed: it has no tensor of its own.

@@ -79,11 +79,6 @@ class LoRAUpdate:
 Delta = torch.Tensor | LoRAUpdate  # dW given whole (tests, small layers) or as LoRA factors
 
 
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """dW = scaling * B A, shape (out, in), float32."""
-    return scaling * (_f32(lora_b) @ _f32(lora_a))
-
-
 def _delta_columns(delta: Delta, cols: slice) -> torch.Tensor:
     return delta.columns(cols) if isinstance(delta, LoRAUpdate) else _f32(delta[:, cols])
 

@@ -22,6 +22,8 @@ from .families import FamilySpec
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``. Unused by peft_pat; kept only for benchmarks/quality (posthoc.py,
+    torch_pruning_peer.py) until they call ``get_submodule`` themselves, then delete."""
     return model.get_submodule(path)
 
 
@@ -74,8 +76,8 @@ def prune_hidden_channels(
     d = int(config.hidden_size)
     keep = validate_keep(keep, d, int(config.num_attention_heads))
     kept = int(keep.numel())
-    embedding = get_module(model, family.embedding)
-    lm_head = get_module(model, family.lm_head)
+    embedding = model.get_submodule(family.embedding)
+    lm_head = model.get_submodule(family.lm_head)
     tied = lm_head.weight is embedding.weight
     scales = None
     if family.embedding_scale_attr:
@@ -93,7 +95,7 @@ def prune_hidden_channels(
         if hasattr(embedding, "scalar_embed_scale"):
             embedding.scalar_embed_scale = scale
 
-    layers = get_module(model, family.layers)
+    layers = model.get_submodule(family.layers)
     for layer in tqdm(layers, disable=not progressbar, desc="Pruning hidden channels"):
         for path in family.producers:
             linear = layer.get_submodule(path)
@@ -112,7 +114,7 @@ def prune_hidden_channels(
             k = keep.to(norm.weight.device)
             _set_weight(norm, "weight", prune.rescale_norm_gain(norm.weight, k, family.norm_offset, factor))
 
-    final_norm = get_module(model, family.final_norm)
+    final_norm = model.get_submodule(family.final_norm)
     k = keep.to(final_norm.weight.device)
     final_gain = prune.rescale_norm_gain(final_norm.weight, k, family.norm_offset, factors["final_norm"])
     _set_weight(final_norm, "weight", final_gain)
