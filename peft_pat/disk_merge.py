@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from .errors import AdapterMismatchError, CheckpointError, PATConfigError
 from .families import FamilySpec, family_for_model_type
 from .io import atomic_directory
 from .mask import PATMask
+from .merge_plan import PRUNED_AXIS, gate_scale, harden_for_merge, keeps_tie, lora_scaling
 from .shards import (
     SAFE_WEIGHTS_INDEX_NAME,
     SafetensorsWriter,
@@ -90,12 +90,11 @@ class PATAdapterWeights:
         if module not in self.lora:
             return None
         lora_a, lora_b = self.lora[module]
-        return prune.LoRAUpdate(lora_a, lora_b, self.config.lora_alpha / self.config.r)
+        return prune.LoRAUpdate(lora_a, lora_b, lora_scaling(self.config.lora_alpha, self.config.r))
 
     def gate_scale(self, module: str) -> torch.Tensor:
         """g = s ⊙ M of the module's HSM, float32 (as PATLayer.hsm_gate_scale)."""
-        scale = self.hsm[module]["scale"]
-        return scale.float() * self.mask.gate().to(scale.device, torch.float32)
+        return gate_scale(self.hsm[module]["scale"], self.mask.gate())
 
 
 def _adapter_folder(adapter: Path, adapter_name: str | None) -> Path:
@@ -177,20 +176,6 @@ def load_pat_adapter(adapter: str | Path, adapter_name: str | None = None) -> PA
 
 
 # ---------------------------------------------------------------------------------------------- plan
-# (role, parameter) -> the axis that is cut to the kept channels; None: the tensor keeps its shape.
-_PRUNED_AXIS: dict[tuple[str, str], int | None] = {
-    ("embedding", "weight"): 1,
-    ("producer", "weight"): 0,
-    ("producer", "bias"): 0,
-    ("consumer", "weight"): 1,
-    ("consumer", "bias"): None,
-    ("lm_head", "weight"): 1,
-    ("residual_norm", "weight"): 0,
-    ("branch_norm", "weight"): 0,
-    ("final_norm", "weight"): 0,
-}
-
-
 @dataclass
 class _MergePlan:
     """Everything that decides how one tensor is transformed; built once, before any shard is read."""
@@ -221,7 +206,7 @@ class _MergePlan:
         dtype, shape = self._out_dtype(spec.dtype), list(spec.shape)
         if self.tied_in and module == self.family.lm_head:
             return []  # a tied lm_head has no tensor of its own (written from the embedding if untied)
-        axis = _PRUNED_AXIS.get((role, param), -1) if role is not None else None
+        axis = PRUNED_AXIS.get((role, param), -1) if role is not None else None
         if axis == -1:
             raise CheckpointError(f"{spec.file}: unexpected tensor {spec.name!r} for a {self.family.name} model.")
         if axis is not None:
@@ -320,14 +305,7 @@ def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: to
         adapter=f"The PAT adapter in {adapter.folder}", base="the base checkpoint", action="Merge it into",
     )  # fmt: skip
     mask = adapter.mask
-    if not mask.hardened:
-        warnings.warn(
-            f"The PAT mask in {adapter.folder} is still soft (step {int(mask.step)} of {int(mask.total_steps)}, before "
-            "the freeze point); hardening it now to the exact top-N channels. The merged model then differs from "
-            "the soft-masked model; train past the freeze point for an exact match.",
-            stacklevel=3,
-        )
-        mask.harden()
+    harden_for_merge(mask, f"The PAT mask in {adapter.folder}", stacklevel=3)
     try:
         keep = validate_keep(mask.kept_indices(), int(config.hidden_size), int(config.num_attention_heads))
     except PATConfigError as exc:
@@ -361,12 +339,7 @@ def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: to
             raise AdapterMismatchError(f"The adapter saves a copy of {name!r}; the base checkpoint has no such tensor.")
 
     emb = adapter.hsm[family.embedding]
-    tied_fold = (
-        tied_in
-        and "down" not in emb
-        and family.lm_head not in adapter.lora
-        and prune.can_divide_out(adapter.gate_scale(family.embedding))
-    )
+    tied_fold = keeps_tie(tied_in, "down" in emb, family.lm_head in adapter.lora, adapter.gate_scale(family.embedding))
     compute_dtype = dtype or next(s.dtype for s in specs if s.name == f"{family.embedding}.weight")
     d, kept = int(config.hidden_size), int(keep.numel())
     scales = prune.embedding_scales(d, kept, compute_dtype)  # as the model loaded in that dtype multiplies

@@ -23,6 +23,7 @@ from torch import nn
 from . import prune
 from .errors import PATStateError
 from .hsm import low_rank_hsm
+from .merge_plan import gate_scale, lora_scaling
 
 
 class PATLayer(BaseTunerLayer):
@@ -67,7 +68,7 @@ class PATLayer(BaseTunerLayer):
         if lora_rank > 0:
             in_features, out_features = self._lora_shape()
             self.pat_r[adapter_name] = lora_rank
-            self.pat_scaling[adapter_name] = lora_alpha / lora_rank
+            self.pat_scaling[adapter_name] = lora_scaling(lora_alpha, lora_rank)
             self.pat_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
             self.pat_lora_A[adapter_name] = nn.Linear(in_features, lora_rank, bias=False)
             self.pat_lora_B[adapter_name] = nn.Linear(lora_rank, out_features, bias=False)
@@ -112,9 +113,7 @@ class PATLayer(BaseTunerLayer):
 
     def hsm_gate_scale(self, adapter_name: str) -> torch.Tensor:
         """g = s ⊙ M, float32, shape (d,)."""
-        gate = self._pat_masks[adapter_name].gate()
-        scale = self.pat_hsm_scale[adapter_name]
-        return scale.float() * gate.to(scale.device, torch.float32)
+        return gate_scale(self.pat_hsm_scale[adapter_name], self._pat_masks[adapter_name].gate())
 
     def _apply_hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s ⊙ M ⊙ (y + L1 L0 y), computed in the activation dtype (weights are cast, not activations).

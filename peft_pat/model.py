@@ -29,6 +29,7 @@ from .families import FAMILIES, FamilySpec, family_for_model_type
 from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
+from .merge_plan import harden_for_merge, keeps_tie
 from .surgery import own_config, prune_hidden_channels
 from .width import kept_width_for
 
@@ -374,16 +375,13 @@ class PATModel(BaseTuner):
         lm_head = self.model.get_submodule(family.lm_head)
         if not isinstance(embedding, PATEmbedding) or adapter_name not in embedding.pat_hsm_scale:
             return False
-        if adapter_name in embedding.pat_hsm_down:
-            return False
         base = embedding.get_base_layer()
-        if getattr(lm_head, "weight", None) is not base.weight:
-            return False
-        if isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A:
-            return False  # lm_head's own LoRA update is not scaled by g: untie instead
+        if adapter_name in embedding.pat_hsm_down or getattr(lm_head, "weight", None) is not base.weight:
+            return False  # a low-rank embedding HSM, or not tied
         gate_scale = embedding.hsm_gate_scale(adapter_name).detach()
-        if not prune.can_divide_out(gate_scale):
-            return False  # dividing the final norm by a near-zero scale would lose precision: untie instead
+        head_lora = isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A
+        if not keeps_tie(True, False, head_lora, gate_scale):
+            return False  # untie instead
         norm = self.model.get_submodule(family.final_norm)
         with torch.no_grad():
             prune.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
@@ -450,14 +448,7 @@ class PATModel(BaseTuner):
         self._check_not_pruned()
         name = self._single_adapter(adapter_name)
         mask = self.pat_mask[name]
-        if not mask.hardened:
-            warnings.warn(
-                f"PAT adapter '{name}': the mask is still soft (step {int(mask.step)} of {int(mask.total_steps)}, "
-                "before the freeze point); hardening it now to the exact top-N channels. The merged model then "
-                "differs from the soft-masked model; train past the freeze point for an exact match.",
-                stacklevel=2,
-            )
-            mask.harden()
+        harden_for_merge(mask, f"PAT adapter '{name}'", stacklevel=2)
         keep = mask.kept_indices()
         family = self.family
         others = [a for a in self.peft_config if a != name]
