@@ -113,7 +113,7 @@ class PATMask(nn.Module):
         self._last_finite_logits: torch.Tensor | None = None
         self._reported_bad_events = 0
         self._soft_training_gates = 0  # gate() calls in training since the last set_step ...
-        self._auxiliary_loss_seen = False  # ... and whether auxiliary_losses() ran among them
+        self._auxiliary_loss_seen = False  # ... and whether mask_losses() ran among them
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
@@ -296,7 +296,7 @@ class PATMask(nn.Module):
         return torch.nonzero(self.hard_mask > 0.5, as_tuple=False).flatten()
 
     # ------------------------------------------------------------------ losses
-    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+    def mask_losses(self) -> dict[str, torch.Tensor]:
         """Active-channel loss |#{w >= 0} - N| / N (Eq. 11, straight-through count) and polarisation."""
         self._auxiliary_loss_seen = True
         if self._hard:

@@ -5,7 +5,7 @@ touched it decides: which channels are kept (a soft mask is hardened first, with
 LoRA scaling, each HSM's per-channel scale g = s ⊙ M, whether tied embeddings stay tied (the
 diagonal embedding HSM moved into the final norm) and which axis of each tensor is cut.
 :meth:`peft_pat.model.PATModel.merge_and_prune` and :mod:`peft_pat.disk_merge` both take these
-answers from here; the tensor algebra that carries them out is :mod:`peft_pat.prune`.
+answers from here; the tensor algebra that carries them out is :mod:`peft_pat.fold`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from . import prune
+from . import fold
 
 # (role, parameter) -> the axis cut to the kept channels; None: the tensor keeps its shape.
 PRUNED_AXIS: dict[tuple[str, str], int | None] = {
@@ -61,4 +61,4 @@ def keeps_tie(tied: bool, low_rank_embedding_hsm: bool, lm_head_has_lora: bool, 
     It does when the embedding HSM is diagonal (E <- E diag(g) then serves both ends, and the final norm's
     gain is divided by g to undo it at the head), ``lm_head`` has no LoRA of its own (its update is not
     scaled by g) and g can be divided out without losing precision; otherwise the merge unties them."""
-    return tied and not low_rank_embedding_hsm and not lm_head_has_lora and prune.can_divide_out(embedding_gate)
+    return tied and not low_rank_embedding_hsm and not lm_head_has_lora and fold.can_divide_out(embedding_gate)

@@ -14,7 +14,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import prune
+from . import fold
 from .checks import (
     check_adapter_matches_base,
     check_adapter_name,
@@ -26,10 +26,10 @@ from .checks import (
 from .config import PATConfig
 from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
-from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
 from .merge_plan import harden_for_merge, keeps_tie
+from .saving import make_save_pretrained_atomic
 from .surgery import own_config, prune_hidden_channels
 from .width import kept_width_for
 
@@ -294,7 +294,7 @@ class PATModel(BaseTuner):
             if name not in self.pat_mask:
                 continue
             config: PATConfig = self.peft_config[name]
-            mask_losses = self.pat_mask[name].auxiliary_losses()
+            mask_losses = self.pat_mask[name].mask_losses()
             terms = {
                 "active_loss": mask_losses["active"] * config.active_loss_weight,
                 "polarization_loss": mask_losses["polarization"] * config.polarization_weight,
@@ -384,10 +384,8 @@ class PATModel(BaseTuner):
             return False  # untie instead
         norm = self.model.get_submodule(family.final_norm)
         with torch.no_grad():
-            prune.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
-            norm.weight.data = prune.divide_norm_gain(
-                norm.weight, gate_scale.to(norm.weight.device), family.norm_offset
-            )
+            fold.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
+            norm.weight.data = fold.divide_norm_gain(norm.weight, gate_scale.to(norm.weight.device), family.norm_offset)
         embedding.merged_adapters.append(adapter_name)
         return True
 

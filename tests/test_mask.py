@@ -105,7 +105,7 @@ def test_active_loss_counts_and_pushes_all_logits_together():
     mask = make_mask(d=8, kept=4)
     with torch.no_grad():
         mask.logits.copy_(torch.tensor([0.3, 0.2, 0.1, 0.4, 0.5, -0.1, 0.6, 0.7]))
-    losses = mask.auxiliary_losses()
+    losses = mask.mask_losses()
     assert losses["active"].item() == pytest.approx(abs(7 - 4) / 4)
     losses["active"].backward()
     assert torch.allclose(mask.logits.grad, torch.full((8,), 1 / 4))
@@ -115,7 +115,7 @@ def test_polarisation_is_finite_when_one_side_is_empty():
     mask = make_mask(d=8, kept=4)
     with torch.no_grad():
         mask.logits.fill_(1.0)
-    polar = mask.auxiliary_losses()["polarization"]
+    polar = mask.mask_losses()["polarization"]
     assert torch.isfinite(polar) and polar.item() == pytest.approx(0.25)
 
 

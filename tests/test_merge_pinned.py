@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_pat import prune
+from peft_pat import fold
 from peft_pat.disk_merge import merge_checkpoint
 
 from helpers import wrap
@@ -97,7 +97,7 @@ def stored():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_merges_are_bit_identical_and_pinned(case, tmp_path, monkeypatch, stored):
-    monkeypatch.setattr(prune, "CHUNK_BYTES", 4096)  # many row / column chunks in both paths
+    monkeypatch.setattr(fold, "CHUNK_BYTES", 4096)  # many row / column chunks in both paths
     family, base_kwargs, pat = CASES[case]
     memory, disk = _merge_both_ways(tmp_path, family, base_kwargs, pat)
     digests = {name: _digest(t) for name, t in sorted(memory.items())}
