@@ -1,6 +1,6 @@
 """Where the residual stream of each supported decoder family is written, read and normalised.
 
-Hidden-width pruning needs to know, per family, three kinds of modules (pat-method.md §1):
+Hidden-width pruning needs to know, per family, three kinds of modules (docs/method.md §1):
 
 * **producers** write into the residual stream: the token embedding and, in every decoder layer, the
   last linear of each branch (``o_proj``, ``down_proj``). PAT puts an HSM on each of their outputs

@@ -1,4 +1,4 @@
-"""Pure tensor algebra of folding and pruning (pat-method.md §5, §9.1). No modules, no training code.
+"""Pure tensor algebra of folding and pruning (docs/method.md §5). No modules, no training code.
 
 Notation: d hidden width, K the kept channels (|K| = d'), D = I + L1 L0 the HSM operator (Eq. 5),
 g = s ⊙ M the HSM's per-channel scale times the mask gate, c = sqrt(d'/d).

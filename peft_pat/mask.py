@@ -5,7 +5,7 @@ One logit vector w in R^d per adapter. Before the freeze step the gate is soft,
     M = sigmoid(tau(s) * w) + beta(s),   tau(s) = 1 / (1 - ln s / ln s0),   beta(s) = max(0.5 - s / s0, 0)
 
 (Eqs. 8-10, s = optimizer step, s0 = milestone step). At the freeze step the gate becomes the exact
-top-N indicator of w and stays fixed (pat-method.md §9.3-9.4), so the rest of training runs on the
+top-N indicator of w and stays fixed (docs/method.md §8), so the rest of training runs on the
 network that ships. The schedule state (step, total steps, hard mask) lives in buffers and is saved
 with the adapter, so a resumed run continues exactly where it stopped.
 

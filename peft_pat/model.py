@@ -59,7 +59,7 @@ def _shared_parameter_ids(model: nn.Module) -> set[int]:
 class PATModel(BaseTuner):
     """Pruning-Aware Tuning (Liu et al., AAAI-25) as a PEFT tuner.
 
-    Layout (pat-method.md §1): an HSM on the embedding and on every ``o_proj``/``down_proj`` output,
+    Layout (docs/method.md §1): an HSM on the embedding and on every ``o_proj``/``down_proj`` output,
     one :class:`~peft_pat.mask.PATMask` per adapter shared by all of them (``self.pat_mask``), and LoRA
     on ``target_modules``. The training-time forward adds the auxiliary losses to ``output.loss``.
     """

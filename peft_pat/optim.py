@@ -2,7 +2,7 @@
 
 Decoupled weight decay (AdamW) moves every decayed parameter by ``-lr * wd * p`` per step. The PAT
 mask logits w decide which hidden channels survive through their sign and are pulled towards +-0.5 by
-the polarisation loss (pat-method.md §3), so decay would drag all of them towards the undecided
+the polarisation loss (docs/method.md §3), so decay would drag all of them towards the undecided
 boundary w = 0. :func:`optimizer_param_groups` therefore puts the logits in a group without decay.
 
 The mask's own learning rate needs no group: it is a reparametrisation inside

@@ -1,4 +1,4 @@
-"""Choosing the kept hidden width N: :func:`kept_width_for` decides it once per injection.
+"""Choosing the kept hidden width N (docs/method.md §6): :func:`kept_width_for` decides it once per injection.
 
 transformers refuses to save a config whose ``hidden_size`` is not a multiple of
 ``num_attention_heads``, and GPU tensor-core kernels prefer widths that are multiples of 64/128. N is

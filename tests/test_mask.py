@@ -15,7 +15,7 @@ def make_mask(d=16, kept=12, **kw):
 
 
 def test_schedule_matches_paper_example():
-    # pat-method.md §3: s0 = 10k gives tau = 1, 2, 4, 6.6, 13.3 at steps 1, 100, 1k, 2.5k, 5k.
+    # docs/method.md §3: s0 = 10k gives tau = 1, 2, 4, 6.6, 13.3 at steps 1, 100, 1k, 2.5k, 5k.
     s0 = 10_000
     for step, tau in [(1, 1.0), (100, 2.0), (1000, 4.0), (2500, 6.64), (5000, 13.29)]:
         assert temperature(step, s0) == pytest.approx(tau, rel=5e-3)
