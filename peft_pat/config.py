@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 from ._registry import PatPeftType
 from .errors import PATConfigError, PATTypeError
 
+DEFAULT_TARGET_SPARSITY = 0.25  # used when neither target_sparsity nor target_width is given
 IDENTITY_LOSS_FORMS = ("l0_gram", "none")
 EMBEDDING_HSM_FORMS = ("auto", "full", "diagonal")
 
@@ -50,7 +51,8 @@ class PATConfig(PeftConfig):
 
     # --- how much to prune ---
     target_sparsity: float | None = field(
-        default=None, metadata={"help": "Fraction of hidden channels removed, in (0, 1). Default 0.25."}
+        default=None,  # None: DEFAULT_TARGET_SPARSITY (0.25), unless target_width is given
+        metadata={"help": f"Fraction of hidden channels removed, in (0, 1). Default {DEFAULT_TARGET_SPARSITY}."},
     )
     target_width: int | None = field(
         default=None, metadata={"help": "Number of hidden channels kept (instead of target_sparsity)."}
@@ -285,7 +287,3 @@ class PATConfig(PeftConfig):
             raise PATConfigError(f"PATConfig.bias={self.bias!r} is not supported; PAT trains no biases, use 'none'.")
         if self.target_parameters:
             raise PATConfigError("PATConfig.target_parameters is not supported by PAT; use target_modules.")
-
-    @property
-    def lora_scaling(self) -> float:
-        return self.lora_alpha / self.r if self.r else 0.0

@@ -5,7 +5,7 @@ One logit vector w in R^d per adapter. Before the freeze step the gate is soft,
     M = sigmoid(tau(s) * w) + beta(s),   tau(s) = 1 / (1 - ln s / ln s0),   beta(s) = max(0.5 - s / s0, 0)
 
 (Eqs. 8-10, s = optimizer step, s0 = milestone step). At the freeze step the gate becomes the exact
-top-N indicator of w and stays fixed (pat-method.md §9.3-9.4), so the rest of training runs on the
+top-N indicator of w and stays fixed (docs/method.md §8), so the rest of training runs on the
 network that ships. The schedule state (step, total steps, hard mask) lives in buffers and is saved
 with the adapter, so a resumed run continues exactly where it stopped.
 
@@ -124,7 +124,7 @@ class PATMask(nn.Module):
         self._last_finite_logits: torch.Tensor | None = None
         self._reported_bad_events = 0
         self._soft_training_gates = 0  # gate() calls in training since the last set_step ...
-        self._auxiliary_loss_seen = False  # ... and whether auxiliary_losses() ran among them
+        self._auxiliary_loss_seen = False  # ... and whether mask_losses() ran among them
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
@@ -321,6 +321,23 @@ class PATMask(nn.Module):
         gate = torch.sigmoid(w) + offset(0, 2)  # tau = 1 and beta = 1/2 at step 0
         return torch.where(protected.cpu(), torch.ones_like(gate), gate).float()
 
+    @property
+    def hardened(self) -> bool:
+        """Whether the gate is the frozen exact top-N 0/1 mask (no device sync; the ``is_hard`` buffer holds it)."""
+        return self._hard
+
+    @property
+    def learning_rate_ratio(self) -> float:
+        """kappa = mask_lr / optimizer learning rate: the logits are w = kappa * theta (module docstring)."""
+        return self._kappa
+
+    @torch.no_grad()
+    def kept_set(self) -> torch.Tensor:
+        """Bool (d,): the channels hardening keeps: the hard mask once hard, the top-N of the logits while soft."""
+        if self._hard:
+            return self.hard_mask > 0.5
+        return top_n_indicator(self.logits, self.kept_width, self.protected) > 0.5
+
     def kept_indices(self) -> torch.Tensor:
         """Sorted indices of the kept channels (the mask must be hard)."""
         if not self._hard:
@@ -328,7 +345,7 @@ class PATMask(nn.Module):
         return torch.nonzero(self.hard_mask > 0.5, as_tuple=False).flatten()
 
     # ------------------------------------------------------------------ losses
-    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+    def mask_losses(self) -> dict[str, torch.Tensor]:
         """Active-channel loss |#{w >= 0} - N| / N (Eq. 11, straight-through count) and polarisation."""
         self._auxiliary_loss_seen = True
         if self._hard:

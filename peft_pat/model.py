@@ -17,7 +17,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import prune
+from . import fold
 from .calibration import channel_statistics, massive_channels
 from .checks import (
     check_adapter_matches_base,
@@ -25,16 +25,18 @@ from .checks import (
     check_causal_lm_layout,
     check_injection_targets,
     check_not_quantized,
+    plain_float_layer_error,
 )
 from .config import PATConfig
 from .distillation import distillation_loss
-from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
+from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
-from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
-from .surgery import get_module, prune_hidden_channels
-from .width import resolve_kept_width
+from .merge_plan import harden_for_merge, keeps_tie
+from .saving import make_save_pretrained_atomic
+from .surgery import own_config, prune_hidden_channels
+from .width import kept_width_for
 
 logger = logging.getLogger("peft_pat")
 
@@ -65,7 +67,7 @@ def _shared_parameter_ids(model: nn.Module) -> set[int]:
 class PATModel(BaseTuner):
     """Pruning-Aware Tuning (Liu et al., AAAI-25) as a PEFT tuner.
 
-    Layout (pat-method.md §1): an HSM on the embedding and on every ``o_proj``/``down_proj`` output,
+    Layout (docs/method.md §1): an HSM on the embedding and on every ``o_proj``/``down_proj`` output,
     one :class:`~peft_pat.mask.PATMask` per adapter shared by all of them (``self.pat_mask``), and LoRA
     on ``target_modules``. The training-time forward adds the auxiliary losses to ``output.loss``.
     """
@@ -85,15 +87,18 @@ class PATModel(BaseTuner):
         self._pruned = False
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged."""
+        """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged.
+
+        BaseTuner calls :meth:`_prepare_adapter_config` (once) and then :meth:`_prepare_model`, which runs
+        the checks, before it replaces any module."""
         check_adapter_name(adapter_name)
-        config = self.peft_config[adapter_name]
-        explicit_targets = getattr(config, "target_modules", None) is not None
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
-        family = family_for_model_type(config.base_model_type)
-        check_causal_lm_layout(model, family)
-        check_injection_targets(model, config, family, explicit_targets)
+        self._explicit_targets = getattr(self.peft_config[adapter_name], "target_modules", None) is not None
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _prepare_model(self, peft_config: PATConfig, model: nn.Module) -> None:
+        family = family_for_model_type(peft_config.base_model_type)
+        check_causal_lm_layout(model, family)
+        check_injection_targets(model, peft_config, family, self._explicit_targets)
 
     @property
     def family(self) -> FamilySpec:
@@ -117,25 +122,7 @@ class PATModel(BaseTuner):
             hidden,
             vocab,
         )
-        if peft_config.kept_width is None:
-            peft_config.kept_width = resolve_kept_width(
-                hidden, heads, peft_config.target_sparsity, peft_config.target_width, peft_config.width_multiple
-            )
-        elif not 0 < peft_config.kept_width < hidden or peft_config.kept_width % heads:
-            raise AdapterMismatchError(
-                f"kept_width={peft_config.kept_width} recorded in the adapter does not fit this base model "
-                f"(hidden_size={hidden}, num_attention_heads={heads}): it must lie strictly between 0 and hidden_size "
-                "and be a multiple of the head count. Load the adapter onto the base it was trained from, or remove "
-                "kept_width from adapter_config.json so it is recomputed from target_sparsity / target_width."
-            )
-        elif peft_config.target_width is None:
-            resolved = resolve_kept_width(hidden, heads, peft_config.target_sparsity, None, peft_config.width_multiple)
-            if resolved != peft_config.kept_width:
-                raise PATConfigError(
-                    f"kept_width={peft_config.kept_width} contradicts target_sparsity={peft_config.target_sparsity} "
-                    f"on hidden_size={hidden}, which gives {resolved}. kept_width is filled in automatically; to "
-                    f"choose the width yourself give target_width={peft_config.kept_width} instead of target_sparsity."
-                )
+        peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
         if peft_config.hsm_rank is None:
             peft_config.hsm_rank = default_hsm_rank(hidden)
         elif peft_config.hsm_rank >= hidden:
@@ -193,11 +180,6 @@ class PATModel(BaseTuner):
         is_embedding = family.is_embedding(current_key)
         with_hsm = family.is_producer(current_key)
         wants_lora = peft_config.r > 0 and bool(check_target_module_exists(peft_config, current_key))
-        if is_embedding and wants_lora:
-            raise PATConfigError(
-                f"target_modules matches the embedding '{current_key}', which PAT already adapts with an HSM "
-                "(no LoRA on embeddings); remove it from target_modules."
-            )
         diagonal = is_embedding and peft_config.embedding_hsm == "diagonal"
         kwargs: dict[str, Any] = {
             "lora_rank": peft_config.r if wants_lora else 0,
@@ -211,18 +193,12 @@ class PATModel(BaseTuner):
         if isinstance(target, PATLayer):
             target.update_layer(adapter_name, masks, **kwargs)
             return
-        if isinstance(target, BaseTunerLayer):
-            raise UnsupportedModelError(f"'{current_key}' is already wrapped by another PEFT method ({type(target)}).")
-        if type(target) is nn.Linear or (isinstance(target, nn.Linear) and type(target).__module__.startswith("torch")):
-            new_module: nn.Module = PATLinear(target, adapter_name, masks, **kwargs)
-        elif isinstance(target, nn.Embedding) and is_embedding:
-            new_module = PATEmbedding(target, adapter_name, masks, **kwargs)
-        else:
-            raise UnsupportedModelError(
-                f"PAT cannot wrap '{current_key}' of type {type(target).__module__}.{type(target).__name__}: only "
-                "plain float nn.Linear / nn.Embedding layers can be merged and pruned exactly. Quantized layers "
-                "(bitsandbytes, GPTQ, AWQ, ...) are not supported; load the base model in a float dtype."
-            )
+        # check_injection_targets refused everything else before injection; this guards direct calls
+        error = plain_float_layer_error(current_key, target, nn.Embedding if is_embedding else nn.Linear)
+        if error is not None:
+            raise error
+        layer_cls = PATEmbedding if is_embedding else PATLinear
+        new_module: nn.Module = layer_cls(target, adapter_name, masks, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -375,7 +351,7 @@ class PATModel(BaseTuner):
             if name not in self.pat_mask:
                 continue
             config: PATConfig = self.peft_config[name]
-            mask_losses = self.pat_mask[name].auxiliary_losses()
+            mask_losses = self.pat_mask[name].mask_losses()
             terms = {
                 "active_loss": mask_losses["active"] * config.active_loss_weight,
                 "polarization_loss": mask_losses["polarization"] * config.polarization_weight,
@@ -432,7 +408,7 @@ class PATModel(BaseTuner):
         name = self._single_adapter(adapter_name)
         config: PATConfig = self.peft_config[name]
         mask = self.pat_mask[name]
-        if mask.is_hard:
+        if mask.hardened:
             raise PATStateError("calibrate: the mask is already hard (training is past the freeze point).")
         limit = config.calibration_batches or None
         chosen = [batch for _, batch in zip(range(limit) if limit else iter(int, 1), batches)]
@@ -473,7 +449,7 @@ class PATModel(BaseTuner):
         """True while the adapter asks for an importance-aware start that has not run (and the mask is soft)."""
         name = self._single_adapter(adapter_name)
         mask = self.pat_mask[name]
-        return self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated) and not mask.is_hard
+        return self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated) and not mask.hardened
 
     def _distillation_settings(self) -> tuple[float, float] | None:
         """(weight, temperature) of the active adapter when this forward should distil, else None."""
@@ -569,26 +545,21 @@ class PATModel(BaseTuner):
     def _fold_tied_diagonal_embedding(self, adapter_name: str) -> bool:
         """Keep tied embeddings tied: E <- E diag(g), final-norm gain <- gain / g (exact; module docstring of prune)."""
         family = self.family
-        embedding = get_module(self.model, family.embedding)
-        lm_head = get_module(self.model, family.lm_head)
+        embedding = self.model.get_submodule(family.embedding)
+        lm_head = self.model.get_submodule(family.lm_head)
         if not isinstance(embedding, PATEmbedding) or adapter_name not in embedding.pat_hsm_scale:
             return False
-        if adapter_name in embedding.pat_hsm_down:
-            return False
         base = embedding.get_base_layer()
-        if getattr(lm_head, "weight", None) is not base.weight:
-            return False
-        if isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A:
-            return False  # lm_head's own LoRA update is not scaled by g: untie instead
+        if adapter_name in embedding.pat_hsm_down or getattr(lm_head, "weight", None) is not base.weight:
+            return False  # a low-rank embedding HSM, or not tied
         gate_scale = embedding.hsm_gate_scale(adapter_name).detach()
-        if not prune.can_divide_out(gate_scale):
-            return False  # dividing the final norm by a near-zero scale would lose precision: untie instead
-        norm = get_module(self.model, family.final_norm)
+        head_lora = isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A
+        if not keeps_tie(True, False, head_lora, gate_scale):
+            return False  # untie instead
+        norm = self.model.get_submodule(family.final_norm)
         with torch.no_grad():
-            prune.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
-            norm.weight.data = prune.divide_norm_gain(
-                norm.weight, gate_scale.to(norm.weight.device), family.norm_offset
-            )
+            fold.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
+            norm.weight.data = fold.divide_norm_gain(norm.weight, gate_scale.to(norm.weight.device), family.norm_offset)
         embedding.merged_adapters.append(adapter_name)
         return True
 
@@ -633,11 +604,11 @@ class PATModel(BaseTuner):
 
     def _untie_flag_if_diverged(self) -> None:
         family = self.family
-        embedding = get_module(self.model, family.embedding)
-        lm_head = get_module(self.model, family.lm_head)
+        embedding = self.model.get_submodule(family.embedding)
+        lm_head = self.model.get_submodule(family.lm_head)
         base = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
         if getattr(self.model.config, "tie_word_embeddings", False) and lm_head.weight is not base.weight:
-            self.model.config.tie_word_embeddings = False
+            own_config(self.model).tie_word_embeddings = False  # not the caller's config object
 
     def merge_and_prune(self, adapter_name: str | None = None, progressbar: bool = False) -> nn.Module:
         """Fold LoRA and the HSMs into the base weights, drop the masked hidden channels and return the
@@ -649,14 +620,7 @@ class PATModel(BaseTuner):
         self._check_not_pruned()
         name = self._single_adapter(adapter_name)
         mask = self.pat_mask[name]
-        if not mask._hard:
-            warnings.warn(
-                f"PAT adapter '{name}': the mask is still soft (step {int(mask.step)} of {int(mask.total_steps)}, "
-                "before the freeze point); hardening it now to the exact top-N channels. The merged model then "
-                "differs from the soft-masked model; train past the freeze point for an exact match.",
-                stacklevel=2,
-            )
-            mask.harden()
+        harden_for_merge(mask, f"PAT adapter '{name}'", stacklevel=2)
         keep = mask.kept_indices()
         family = self.family
         others = [a for a in self.peft_config if a != name]
@@ -683,3 +647,25 @@ def _all_reduce_mean(tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
     reduced = tensor.to(device, torch.float64)
     dist.all_reduce(reduced)
     return (reduced / dist.get_world_size()).cpu()
+
+
+def find_pat_tuner(model: Any):
+    """The :class:`~peft_pat.model.PATModel` inside a PeftModel, possibly wrapped by DDP/FSDP/compile."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, PATModel):
+            return model
+        for attr in ("base_model", "module", "_orig_mod", "_fsdp_wrapped_module"):
+            inner = getattr(model, attr, None) if attr != "base_model" else _base_model(model)
+            if inner is not None and inner is not model:
+                model = inner
+                break
+        else:
+            return None
+        seen += 1
+    return None
+
+
+def _base_model(model: Any):
+    modules = getattr(model, "_modules", {})
+    return modules.get("base_model")

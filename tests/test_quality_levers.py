@@ -43,7 +43,7 @@ def test_calibrated_start_is_the_base_model_and_the_activation_top_n(family):
     w = mask.effective_logits().detach()
     top = top_channels(scores, mask.kept_width)
     assert torch.equal(torch.nonzero(w > 0).flatten(), top)
-    assert mask.auxiliary_losses()["active"].item() == 0.0  # exactly N channels start on the keep side
+    assert mask.mask_losses()["active"].item() == 0.0  # exactly N channels start on the keep side
     assert float(w.abs().max()) <= model.peft_config["default"].calibration_margin
 
 
@@ -159,7 +159,7 @@ def test_fade_to_hard_interpolates_to_the_top_n_and_the_freeze_changes_nothing()
     mask._refresh()  # the gate the network sees at the freeze step, just before harden() ...
     soft_at_freeze = mask.gate().detach().clone()
     mask.set_step(last, total)
-    assert bool(mask.is_hard)
+    assert mask.hardened
     assert torch.equal(soft_at_freeze, mask.gate())  # ... is exactly the hard mask
 
 

@@ -142,7 +142,7 @@ def test_trainer_with_bf16_then_exact_merge(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[PATCallback()])
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
-    assert model.base_model.pat_mask["default"]._hard
+    assert model.base_model.pat_mask["default"].hardened
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     ids = tiny_inputs()
     expected = logits(model, ids)
@@ -178,7 +178,7 @@ def test_compiled_training_recompiles_only_at_the_freeze():
         optimizer.zero_grad()
         model.set_step(step + 1, total)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert model.base_model.pat_mask["default"]._hard
+    assert model.base_model.pat_mask["default"].hardened
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[0] == 1  # one graph for the whole forward
     assert graphs[-1] == 2 and len(set(graphs)) == 2  # one recompile, at the freeze, never again
