@@ -1,4 +1,4 @@
-"""benchmarks/quality.py end to end on a tiny random Llama and a tiny fake data folder (seconds).
+"""``python -m benchmarks.quality`` end to end on a tiny random Llama and a tiny fake data folder (seconds).
 
 Checks the machinery, not the numbers: every method builds a stock model of the right width, the
 evaluation covers the tasks found in the folder (names unlike the real ones), the results JSON,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import quality as quality_script  # noqa: E402  (benchmarks/quality.py is shadowed by the package; load it below)
+from benchmarks.quality import cli
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "tree", "big", "small", "runs", "eats", "the", "a", "is", "of"]
-
-
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_cli", REPO / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _char_tokenizer() -> PreTrainedTokenizerFast:
@@ -93,8 +80,6 @@ def _fake_data(root: Path) -> Path:
 
 
 def test_benchmark_end_to_end_on_tiny_model(tmp_path):
-    assert quality_script.__file__.endswith("__init__.py")  # the package, not the script, is importable as `quality`
-    cli = _load_script()
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     out = tmp_path / "results"
     common = ["--model", str(model_dir), "--data-dir", str(data), "--no-progress", "--ppl-context", "64",
@@ -151,7 +136,7 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
 
 
 def test_candidates_are_read_from_the_instruction():
-    from quality.commonsense import TaskDataError, parse_choice
+    from benchmarks.quality.commonsense import TaskDataError, parse_choice
 
     record = {
         "instruction": "Please choose the correct answer to the question: Why?\n\nAnswer1: because. Answer2: "
@@ -177,7 +162,6 @@ def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path):
     from peft_pat import PATConfig
     from peft_pat.pretrained import load_causal_lm
 
-    cli = _load_script()
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     base, _ = load_causal_lm(str(model_dir))
     model = get_peft_model(base, PATConfig(task_type="CAUSAL_LM", target_sparsity=0.5, r=2))
@@ -193,7 +177,7 @@ def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path):
 
 
 def test_loss_on_full_labels_every_token_and_answer_only_the_answer():
-    from quality.commonsense import IGNORE, encode_example
+    from benchmarks.quality.commonsense import IGNORE, encode_example
 
     record = {
         "instruction": "Is the sun big? Answer format: true/false",

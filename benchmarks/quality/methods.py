@@ -24,9 +24,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_pat import FamilySpec, PATConfig
+from peft_pat.calibration import activation_channel_scores
 from peft_pat.pretrained import load_causal_lm
 
-from .posthoc import activation_channel_scores, cut_by_activation
+from .posthoc import cut_by_activation
 from .torch_pruning_peer import prune_with_torch_pruning
 from .training import train
 
@@ -81,9 +82,7 @@ class TuningSetup:
     def activation_scores(self, model: nn.Module, key: str) -> torch.Tensor:
         """Channel scores of ``model`` on the calibration batches, cached under ``key``."""
         if key not in self._activation_scores:
-            self._activation_scores[key] = activation_channel_scores(
-                model, self.family, self.calibration_batches, self.device
-            )
+            self._activation_scores[key] = activation_channel_scores(model, self.calibration_batches, self.family)
         return self._activation_scores[key]
 
 

@@ -9,9 +9,6 @@ what it measured.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 import traceback
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from peft_pat import family_for_model
 from peft_pat.pretrained import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
+from ..measure import machine_info, write_json
 from . import methods
 from .commonsense import TaskMixture, load_test_items
 from .evaluation import evaluate_model
@@ -36,7 +34,7 @@ from .wikitext import perplexity_windows
 
 @dataclass
 class BenchmarkOptions:
-    """All options of ``benchmarks/quality.py`` (see its ``--help``)."""
+    """All options of ``python -m benchmarks.quality`` (see its ``--help``)."""
 
     model: str = "smollm2-135m"
     data_dir: Path = Path("../shared/data")
@@ -74,30 +72,10 @@ class BenchmarkOptions:
         return Path(self.data_dir) / "wikitext-2-raw" / "wiki.test.raw"
 
 
-def hardware() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def _options_json(options: BenchmarkOptions) -> dict:
     return {
         k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()
     }
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
 
 
 class Recorder:
@@ -106,7 +84,12 @@ class Recorder:
     def __init__(self, options: BenchmarkOptions, extra: dict) -> None:
         self.options = options
         self.out = Path(options.output)
-        self.payload = {"options": _options_json(options), "hardware": hardware(), **extra, "runs": []}
+        self.payload = {
+            "options": _options_json(options),
+            "hardware": machine_info(options.device),
+            **extra,
+            "runs": [],
+        }
         self.started = time.perf_counter()
 
     def add(self, run: dict) -> None:
@@ -117,7 +100,7 @@ class Recorder:
         self.payload["wall_seconds"] = time.perf_counter() - self.started
         self.payload["finished"] = final
         self.payload["comparisons"] = comparisons(self.payload["runs"], self.options.scoring[0])
-        _write_json(self.out / "quality.json", self.payload)
+        write_json(self.out / "quality.json", self.payload)
         (self.out / "quality.md").write_text(markdown_table(self.payload))
         runs = [r for r in self.payload["runs"] if "error" not in r]
         if runs:

@@ -15,33 +15,28 @@ Evaluation of every final stock model: WikiText-2 perplexity (concatenate and ch
 accuracy on the commonsense test sets by log-likelihood of the answer texts (lm-eval-harness style,
 acc and length-normalised acc_norm, with standard errors), parameter count and kept width.
 
-    python benchmarks/quality.py --quick             # < 15 min on 2 CPU cores (one sparsity, short runs)
-    python benchmarks/quality.py                     # default preset, about 90 min on 2 CPU cores
-    python benchmarks/quality.py --evaluate-checkpoint outputs/quickstart/pruned   # no training
-    python benchmarks/quality.py --methods pat,prune_then_tune --sparsities 0.25 --steps 300 --device cuda
+    python -m benchmarks.quality --quick             # < 15 min on 2 CPU cores (one sparsity, short runs)
+    python -m benchmarks.quality                     # default preset, about 90 min on 2 CPU cores
+    python -m benchmarks.quality --evaluate-checkpoint outputs/quickstart/pruned   # no training
+    python -m benchmarks.quality --methods pat,prune_then_tune --sparsities 0.25 --steps 300 --device cuda
 
 Writes quality.json (everything, per-item correctness included), quality.md (table + paired
-comparisons) and quality.png (accuracy and perplexity vs. sparsity) to --output. The code lives in
-the package benchmarks/quality/ next to this script (a package directory wins over this module of
-the same name on import, so ``from quality.runner import ...`` below imports the package).
+comparisons) and quality.png (accuracy and perplexity vs. sparsity) to --output.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads collapse on a shared CPU
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from .methods import METHODS
+from .runner import BenchmarkOptions, evaluate_checkpoint, run_benchmark
 
-from quality.methods import METHODS
-from quality.runner import BenchmarkOptions, evaluate_checkpoint, run_benchmark
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Budgets from measured costs (docs/quality.md). On 2 CPU cores shared with other jobs one training
 # step (8 instruction examples) took 3.4-7.8 s and evaluating one model (150 test items + 4096
@@ -164,7 +159,3 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluate_checkpoint is not None:
         return evaluate_checkpoint(options, args.evaluate_checkpoint)
     return run_benchmark(options)
-
-
-if __name__ == "__main__":
-    main()
