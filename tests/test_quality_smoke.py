@@ -82,7 +82,16 @@ def _fake_data(root: Path) -> Path:
     return data
 
 
-def test_benchmark_end_to_end_on_tiny_model(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is faster, and much faster on a shared, loaded CPU (no thread contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread):
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     out = tmp_path / "results"
     common = ["--model", str(model_dir), "--data-dir", str(data), "--no-progress", "--ppl-context", "64",
@@ -176,7 +185,7 @@ def test_candidates_are_read_from_the_instruction():
         parse_choice({**record, "instruction": "Why?"}, "t", "here")
 
 
-def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path):
+def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path, one_thread):
     """--evaluate-checkpoint on a PAT adapter folder: base from the adapter config, merge_and_prune, evaluate."""
     from peft import get_peft_model
 
@@ -250,7 +259,7 @@ def test_distillation_loss_is_the_token_mean_of_the_teacher_to_student_kl():
     assert float(distillation_loss(padded, teacher, mask, temperature=t)) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_posthoc_rival_distils_from_a_frozen_dense_teacher_on_a_tiny_model():
+def test_posthoc_rival_distils_from_a_frozen_dense_teacher_on_a_tiny_model(one_thread):
     """The prune -> LoRA rival with --loss distill: the same Trainer setup, KL to the dense model optimised
     (the first logged loss is the KL of the untrained student), the task CE logged, the teacher untouched."""
     import copy

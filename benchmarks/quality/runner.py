@@ -358,6 +358,13 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
             else:
                 record("torch_pruning", sparsity, lambda: methods.torch_pruning(setup, width))  # noqa: B023
     recorder.flush(final=True)
+    for t in recorder.payload["pat_targets"]:
+        print(
+            f"PPL ratio PAT / best post-hoc ({t['best_posthoc_label']}) at {t['sparsity']:.0%}: "
+            f"{t['ppl_ratio_pat_over_best_posthoc']:.3f} (target <= {t['ppl_target']}); "
+            f"mean acc_norm difference {100 * t['mean_acc_norm_difference']:+.1f} "
+            f"± {100 * t['paired_stderr']:.1f} points"
+        )
     print(f"done in {recorder.payload['wall_seconds'] / 60:.1f} min; results in {options.output}")
     return recorder.payload
 
