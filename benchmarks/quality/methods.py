@@ -50,7 +50,7 @@ LABELS = {
 }
 PAT_TYPES = {f.name: f.type for f in dataclasses.fields(PATConfig) if f.init}  # annotations, as text
 PAT_FIELDS = set(PAT_TYPES)
-PAT_DEFAULTS = PATConfig()
+PAT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PATConfig) if f.init}  # declared defaults
 
 
 @dataclass
@@ -115,9 +115,9 @@ class TuningSetup:
         defaults; ``--loss answer|full`` turns the package's distillation off; ``--pat-options`` come last
         and win."""
         overrides: dict = {}
-        if self.lora_rank != PAT_DEFAULTS.r:
+        if self.lora_rank != PAT_DEFAULTS["r"]:
             overrides["r"] = self.lora_rank
-        if self.lora_alpha != PAT_DEFAULTS.lora_alpha:
+        if self.lora_alpha != PAT_DEFAULTS["lora_alpha"]:
             overrides["lora_alpha"] = self.lora_alpha
         if self.loss != "distill" and "distillation_weight" in PAT_FIELDS:
             overrides["distillation_weight"] = 0.0
