@@ -23,9 +23,9 @@ peak resident memory (VmHWM) and the part above the resident memory just before 
 models is measured by benchmarks/merge_memory.py; its numbers are read from
 benchmarks/results/merge_memory.json when that file exists and printed next to these.
 
-    python benchmarks/training.py --profile                         # 324 s on 2 cores (docs/performance.md)
-    python benchmarks/training.py --configs pat,lora-matched --batch 4 --seq-len 256 --repeats 10
-    python benchmarks/training.py --profile                         # also torch.profiler top ops per config
+    python -m benchmarks.training --profile                         # 324 s on 2 cores (docs/performance.md)
+    python -m benchmarks.training --configs pat,lora-matched --batch 4 --seq-len 256 --repeats 10
+    python -m benchmarks.training --profile                         # also torch.profiler top ops per config
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from measure import (
+from .measure import (
     PeakMemory,
     alternate,
     format_table,
@@ -190,7 +188,8 @@ def probe_merge(args) -> dict:
 
 
 def _probe_argv(args, extra: list[str]) -> list[str]:
-    argv = [__file__, "--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    argv = ["-m", "benchmarks.training", "--model", args.model]
+    argv += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     argv += ["--rank", str(args.rank), "--lr", str(args.lr), "--seed", str(args.seed)]
     argv += ["--memory-steps", str(args.memory_steps), "--lora-matched-rank", str(args.lora_matched_rank)]
     argv += ["--threads", str(torch.get_num_threads())]
