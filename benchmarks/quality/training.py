@@ -37,7 +37,6 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback
-
 from peft_pat.distillation import distillation_loss
 
 LOSSES = ("answer", "full", "distill")
