@@ -128,6 +128,13 @@ class PATMask(nn.Module):
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
+    OPTIONAL_STATE = ("calibrated", "protected")  # added in 0.2: adapters saved by 0.1 load without them
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.OPTIONAL_STATE:
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def from_config(cls, config, random_init: bool = False) -> PATMask:
         """The mask a resolved ``PATConfig`` describes (``base_hidden_size`` and ``kept_width`` filled in)."""

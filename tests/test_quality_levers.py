@@ -170,3 +170,13 @@ def test_paper_gate_without_fade():
     mask.set_step(5, 60)
     expected = torch.sigmoid(mask.tau * mask.effective_logits().float()) + mask.beta
     torch.testing.assert_close(mask.gate().detach(), expected)
+
+
+def test_a_mask_saved_before_calibration_existed_still_loads():
+    from peft_pat.mask import PATMask
+
+    old = PATMask(16, 8, milestone=1 / 3, freeze=0.8 / 3, random_init=True)
+    state = {k: v for k, v in old.state_dict().items() if k not in PATMask.OPTIONAL_STATE}
+    new = PATMask(16, 8, milestone=1 / 3, freeze=0.8 / 3)
+    new.load_state_dict(state)  # strict: an adapter written by peft-pat 0.1 has no calibrated/protected buffers
+    assert torch.equal(new.logits, old.logits) and not bool(new.calibrated) and not bool(new.protected.any())
