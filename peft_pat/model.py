@@ -488,7 +488,7 @@ class PATModel(BaseTuner):
             weight, temperature = distill
             kd = distillation_loss(outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature)
             parts_log["distillation_loss"] = kd.detach()
-            kd_step = kd * fraction.to(kd.device) if isinstance(fraction, torch.Tensor) else kd * fraction
+            kd_step = kd * self._distillation_share(kwargs, outputs.logits, fraction).to(kd.device)
             objective = kd_step * weight if loss is None or weight == 1.0 else loss * (1 - weight) + kd_step * weight
         else:
             objective = loss
@@ -504,6 +504,20 @@ class PATModel(BaseTuner):
                 task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
             self._last_losses["task_loss"] = task_loss
         return outputs
+
+    @staticmethod
+    def _distillation_share(kwargs: dict[str, Any], logits: torch.Tensor, fraction) -> torch.Tensor:
+        """Weight of this micro-batch's mean KL in the step: 1, or, when the Trainer normalises the task loss by
+        the label tokens of the whole step (``num_items_in_batch``), (this micro-batch's distilled tokens) /
+        (the step's label tokens), so the sum over micro-batches is the same for any accumulation split."""
+        if not isinstance(fraction, torch.Tensor):
+            return torch.as_tensor(float(fraction))
+        attention = kwargs.get("attention_mask")
+        tokens = attention.sum() if attention is not None else torch.tensor(logits.shape[:-1].numel())
+        total = torch.as_tensor(kwargs["num_items_in_batch"], dtype=torch.float32, device=fraction.device).clamp(
+            min=1.0
+        )
+        return tokens.to(fraction.device, torch.float32) / total
 
     @staticmethod
     def _aux_fraction(kwargs: dict[str, Any]) -> float | torch.Tensor:

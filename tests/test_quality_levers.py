@@ -77,7 +77,7 @@ def test_too_many_protected_channels_is_a_clear_error():
 
 
 def test_distillation_is_the_training_loss_and_uses_the_base_teacher():
-    model = wrap(tiny_model("llama"), init_weights=False, calibration_batches=0)
+    model = wrap(tiny_model("llama"), init_weights=False, calibration_batches=0, distillation_weight=1.0)
     tuner = model.base_model
     ids = tiny_inputs(batch=2, length=8)
     attention = torch.ones_like(ids)

@@ -283,7 +283,9 @@ def test_posthoc_rival_distils_from_a_frozen_dense_teacher_on_a_tiny_model(one_t
         labels = ids[step].masked_fill(mask == 0, -100)
         batches.append({"input_ids": ids[step], "attention_mask": mask, "labels": labels})
     student = copy.deepcopy(teacher)
-    cut_by_activation(student, family, activation_channel_scores(student, batches[:1], family), 48)
+    cut_by_activation(
+        student, family, activation_channel_scores(student, batches[:1], family), torch.tensor([], dtype=torch.long), 48
+    )
     student = get_peft_model(student, LoraConfig(r=4, lora_alpha=4, target_modules=list(family.lora_targets)))
     with torch.no_grad():
         fwd = {k: v for k, v in batches[0].items() if k != "labels"}
