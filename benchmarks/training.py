@@ -4,6 +4,8 @@ Configurations (``--configs``), all on every decoder linear (q, k, v, o, gate, u
 
   pat           PAT with the defaults users get: r=20 LoRA, HSM rank about 5% of d (32 for d=576),
                 25% target sparsity, mask in its soft phase (gate recomputed in every HSM)
+  pat-no-kd     ``pat`` without the distillation teacher (distillation_weight=0): pat / pat-no-kd is the
+                cost of distillation (one extra no-grad forward of the base model and the blockwise KL)
   pat-hard      the same after the freeze step (hard 0/1 gate)
   pat-unfused   ``pat`` with the HSM composed of plain autograd ops (the implementation before
                 peft_pat/hsm.py), to show what the fused HSM saves
@@ -53,7 +55,7 @@ from .measure import (
 
 REPO = Path(__file__).resolve().parent.parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = ("pat", "pat-unfused", "pat-hard", "lora-20", "lora-matched")
+CONFIGS = ("pat", "pat-no-kd", "pat-unfused", "pat-hard", "lora-20", "lora-matched")
 FAR_AWAY = 10**9  # total steps for the soft-phase schedule: the mask never reaches its freeze step
 
 
@@ -81,10 +83,12 @@ def lora_parameters_per_rank(base) -> int:
     )
 
 
-def pat_config(args):
+def pat_config(args, distillation: bool = True):
+    """The package defaults (distillation from the dense model included) or, for pat-no-kd, without the teacher."""
     from peft_pat import PATConfig
 
-    return PATConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=float(args.rank), target_sparsity=0.25)
+    extra = {} if distillation else {"distillation_weight": 0.0}
+    return PATConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=float(args.rank), target_sparsity=0.25, **extra)
 
 
 def matched_rank(args) -> tuple[int, int]:
@@ -109,7 +113,7 @@ def build(config_name: str, args, lora_matched_rank: int):
     if args.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config_name.startswith("pat"):
-        model = get_peft_model(base, pat_config(args))
+        model = get_peft_model(base, pat_config(args, distillation=config_name != "pat-no-kd"))
     else:
         rank = args.rank if config_name == "lora-20" else lora_matched_rank
         lora = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=float(rank), target_modules=LORA_TARGETS)
