@@ -33,14 +33,15 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from peft_pat import PATConfig, family_for_model, prune_hidden_channels
-from peft_pat.calibration import channel_statistics, massive_channels, top_channels
+from peft_pat import PATConfig, family_for_model
+from peft_pat.calibration import channel_statistics, massive_channels
 from peft_pat.distillation import distillation_loss
 from peft_pat.pretrained import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
 from .quality.commonsense import TaskMixture
 from .quality.evaluation import perplexity
+from .quality.posthoc import cut_by_activation
 from .quality.wikitext import perplexity_windows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         teacher = copy.deepcopy(base).eval().requires_grad_(False) if args.loss == "distill" else None
         stats = channel_statistics(base, batches[:CALIBRATION_BATCHES])
-        keep = top_channels(stats.score, kept, massive_channels(stats.energy))
-        prune_hidden_channels(base, family_for_model(base), keep)
+        cut_by_activation(base, family_for_model(base), stats.score, massive_channels(stats.energy), kept)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=20, lora_alpha=20, target_modules=targets))
     params = [q for q in model.parameters() if q.requires_grad]

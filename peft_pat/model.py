@@ -5,6 +5,7 @@ loss in its forward pass and turns a trained adapter into a smaller stock model 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import warnings
@@ -411,7 +412,7 @@ class PATModel(BaseTuner):
         if mask.hardened:
             raise PATStateError("calibrate: the mask is already hard (training is past the freeze point).")
         limit = config.calibration_batches or None
-        chosen = [batch for _, batch in zip(range(limit) if limit else iter(int, 1), batches)]
+        chosen = list(itertools.islice(batches, limit))
         if not chosen:
             raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
         with self.teacher_pass():
