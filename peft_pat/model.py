@@ -487,7 +487,9 @@ class PATModel(BaseTuner):
         parts_log: dict[str, torch.Tensor] = {}
         if teacher_logits is not None:
             weight, temperature = distill
-            kd = distillation_loss(outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature)
+            kd = distillation_loss(
+                outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature, consume_teacher=True
+            )
             parts_log["distillation_loss"] = kd.detach()
             kd_step = kd * self._distillation_share(kwargs, outputs.logits, fraction).to(kd.device)
             objective = kd_step * weight if loss is None or weight == 1.0 else loss * (1 - weight) + kd_step * weight

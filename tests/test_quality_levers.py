@@ -105,22 +105,42 @@ def test_distillation_mixes_with_the_task_loss():
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_distillation_loss_gradient_matches_autograd():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_distillation_loss_matches_autograd_and_leaves_the_teacher_alone(dtype, padded):
     torch.manual_seed(0)
-    student = torch.randn(3, 5, 17, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(3, 5, 17, dtype=torch.float64)
+    student = (torch.randn(3, 5, 17, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(3, 5, 17, dtype=torch.float64) * 3).to(dtype)
+    teacher_before = teacher.clone()
     mask = torch.ones(3, 5)
-    mask[1, :2] = 0
+    if padded:
+        mask[1, :2] = 0
+    tol = {torch.float64: (1e-6, 1e-9), torch.float32: (1e-5, 1e-7), torch.bfloat16: (2e-2, 2e-3)}[dtype]
     for temperature in (1.0, 2.0):
-        got = distillation_loss(student, teacher, mask, temperature, block_tokens=4)
-        log_s = torch.log_softmax(student / temperature, -1)
-        log_t = torch.log_softmax(teacher / temperature, -1)
+        got = distillation_loss(student, teacher, mask if padded else None, temperature, block_tokens=4)
+        log_s = torch.log_softmax(student.double() / temperature, -1)
+        log_t = torch.log_softmax(teacher.double() / temperature, -1)
         per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
         ref = (per_token * mask).sum() / mask.sum() * temperature**2
-        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.double(), ref, rtol=tol[0], atol=tol[1])
         (g,) = torch.autograd.grad(got, student)
         (g_ref,) = torch.autograd.grad(ref, student)
-        torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-9)
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), g_ref.double(), rtol=tol[0], atol=tol[1] * 10)
+        assert torch.equal(teacher, teacher_before)  # the caller's teacher logits are not overwritten
+
+
+def test_distillation_loss_may_consume_the_teacher_and_gives_the_same_result():
+    torch.manual_seed(0)
+    student = torch.randn(2, 7, 33, requires_grad=True)
+    teacher = torch.randn(2, 7, 33)
+    kept = distillation_loss(student, teacher, block_tokens=3)
+    (g_kept,) = torch.autograd.grad(kept, student)
+    scratch = teacher.clone()
+    consumed = distillation_loss(student, scratch, block_tokens=3, consume_teacher=True)
+    (g_consumed,) = torch.autograd.grad(consumed, student)
+    assert torch.equal(kept, consumed) and torch.equal(g_kept, g_consumed)
+    assert not torch.equal(scratch, teacher)  # overwritten in place: no copy of the teacher logits was made
 
 
 def test_trainer_callback_calibrates_once_and_the_adapter_keeps_it(tmp_path):
