@@ -106,10 +106,10 @@ class PATConfig(PeftConfig):
     mask_fade_to_hard: bool = field(
         default=False,
         metadata={
-            "help": "Interpolate the soft gate towards the current top-N 0/1 mask, M <- (1 - f) M + f top-N(w) with "
-            "f = step / freeze step, so the channels that will go fade out gradually and the freeze changes nothing "
-            "(no loss cliff). Off by default: on SmolLM2 at 25% it trained worse than the paper's gate "
-            "(docs/quality.md, Levers)."
+            "help": "Interpolate the soft gate towards a 0/1 target, M <- (1 - f) M + f target with f = step / freeze "
+            "step, so the channels that will go fade out gradually and the freeze changes nothing (no loss cliff). "
+            "The target is the set the importance-aware start chose (fixed at calibration and saved), or, without "
+            "calibration, the top-N of the logits at each step. docs/quality.md (Levers) has the measurements."
         },
     )
     mask_lr: float | None = field(

@@ -118,7 +118,9 @@ class PATMask(nn.Module):
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.register_buffer("beta", torch.full((), 0.5), persistent=False)
         self.register_buffer("fade", torch.zeros(()), persistent=False)  # f(s) of fade_to_hard
-        self.register_buffer("fade_target", torch.ones(hidden_size), persistent=False)  # top-N of w at this step
+        # The 0/1 set fade_to_hard fades to: fixed by calibrate (saved, so a resumed run fades to the same set);
+        # without calibration, the top-N of w at this step.
+        self.register_buffer("fade_target", torch.ones(hidden_size))
         self._hard = False
         self._kappa = 1.0
         self._last_finite_logits: torch.Tensor | None = None
@@ -128,7 +130,7 @@ class PATMask(nn.Module):
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
-    OPTIONAL_STATE = ("calibrated", "protected")  # added in 0.2: adapters saved by 0.1 load without them
+    OPTIONAL_STATE = ("calibrated", "protected", "fade_target")  # added in 0.2: 0.1 adapters load without them
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self.OPTIONAL_STATE:
@@ -163,7 +165,7 @@ class PATMask(nn.Module):
             self.beta.fill_(0.5)
         fade = min(1.0, step / freeze_step(total, self.freeze_fraction)) if self.fade_to_hard and total > 0 else 0.0
         self.fade.fill_(fade)
-        if fade > 0 and not self._hard:
+        if fade > 0 and not self._hard and not bool(self.calibrated):
             self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
 
     def configure_learning_rate(self, learning_rate: float, total_steps: int) -> float:
@@ -283,10 +285,17 @@ class PATMask(nn.Module):
             soft = torch.lerp(soft, self.fade_target, self.fade)
         return torch.where(self.protected, torch.ones_like(soft), soft)  # protected channels never fade
 
+    def _fades_to_calibrated_set(self) -> bool:
+        return self.fade_to_hard and bool(self.calibrated)
+
     @torch.no_grad()
     def harden(self) -> None:
-        """Fix the gate to the exact top-N of w (ties broken by channel index) and polarise w to +-0.5."""
-        hard = top_n_indicator(self.logits, self.kept_width, self.protected)  # order of w = kappa theta, kappa > 0
+        """Fix the gate to the exact top-N of w (ties broken by channel index), or to the set a calibrated
+        fade_to_hard mask faded to, and polarise w to +-0.5."""
+        if self._fades_to_calibrated_set():
+            hard = self.fade_target.clone()  # the gate already equals it at the freeze step: no cliff
+        else:
+            hard = top_n_indicator(self.logits, self.kept_width, self.protected)  # order of w = kappa theta
         self.hard_mask.copy_(hard)
         self.is_hard.fill_(True)
         self._hard = True
@@ -323,6 +332,7 @@ class PATMask(nn.Module):
         w = margin * (self.kept_width - 0.5 - rank.double()) / self.hidden_size
         self.logits.copy_((w / self._kappa).to(self.logits.dtype).to(self.logits.device))
         self.protected.copy_(protected)
+        self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
         self.calibrated.fill_(True)
         self._last_finite_logits = None
         gate = torch.sigmoid(w) + offset(0, 2)  # tau = 1 and beta = 1/2 at step 0
@@ -343,6 +353,8 @@ class PATMask(nn.Module):
         """Bool (d,): the channels hardening keeps: the hard mask once hard, the top-N of the logits while soft."""
         if self._hard:
             return self.hard_mask > 0.5
+        if self._fades_to_calibrated_set():
+            return self.fade_target > 0.5
         return top_n_indicator(self.logits, self.kept_width, self.protected) > 0.5
 
     def kept_indices(self) -> torch.Tensor:

@@ -183,6 +183,40 @@ def test_fade_to_hard_interpolates_to_the_top_n_and_the_freeze_changes_nothing()
     assert torch.equal(soft_at_freeze, mask.gate())  # ... is exactly the hard mask
 
 
+def test_calibrated_fade_goes_to_the_calibrated_set_even_when_the_logits_reorder():
+    from peft_pat.mask import PATMask, freeze_step
+
+    mask = PATMask(32, 24, milestone=1 / 3, freeze=0.8 / 3, fade_to_hard=True)
+    total = 60
+    mask.set_step(0, total, learning_rate=1e-3)
+    scores = torch.arange(32.0)  # channel 31 most important: the start keeps 8..31
+    protected = torch.zeros(32, dtype=torch.bool)
+    protected[0] = True  # ... except that channel 0 is protected, so 9..31 and 0
+    mask.start_from_importance(scores, protected, margin=0.02)
+    start = mask.kept_set().clone()
+    assert start[0] and not start[8] and start[9:].all()
+    last = freeze_step(total, 0.8 / 3)
+    with torch.no_grad():
+        mask.logits.copy_(-mask.logits)  # the logits reorder completely (noise, a strong gradient, ...)
+    for step in range(1, last):
+        mask.set_step(step, total)
+        paper = torch.sigmoid(mask.tau * mask.effective_logits().float()) + mask.beta
+        expected = torch.lerp(paper, start.float(), step / last)
+        expected[0] = 1.0
+        torch.testing.assert_close(mask.gate().detach(), expected)
+        assert torch.equal(mask.kept_set(), start)
+    state = {k: v.clone() for k, v in mask.state_dict().items()}
+    resumed = PATMask(32, 24, milestone=1 / 3, freeze=0.8 / 3, fade_to_hard=True)
+    resumed.load_state_dict(state)  # a resumed run fades to the same set
+    mask.step.fill_(last)
+    mask._refresh()
+    soft_at_freeze = mask.gate().detach().clone()
+    mask.set_step(last, total)
+    resumed.set_step(last, total)
+    assert torch.equal(soft_at_freeze, mask.gate())  # the freeze changes nothing ...
+    assert torch.equal(mask.kept_set(), start) and torch.equal(resumed.kept_set(), start)  # ... and keeps the set
+
+
 def test_paper_gate_without_fade():
     from peft_pat.mask import PATMask
 
