@@ -6,8 +6,11 @@ One logit vector w in R^d per adapter. Before the freeze step the gate is soft,
 
 (Eqs. 8-10, s = optimizer step, s0 = milestone step). At the freeze step the gate becomes the exact
 top-N indicator of w and stays fixed (docs/method.md §8), so the rest of training runs on the
-network that ships. The schedule state (step, total steps, hard mask) lives in buffers and is saved
-with the adapter, so a resumed run continues exactly where it stopped.
+network that ships. With ``fade_to_hard`` (the default through PATConfig) and a calibrated start, the
+soft gate is interpolated towards the calibrated kept set T, M <- (1 - f) M + f T with f = s / freeze
+step, so the channels that go fade out linearly, the freeze changes nothing, and the mask hardens to T.
+The schedule state (step, total steps, hard mask, T) lives in buffers and is saved with the adapter,
+so a resumed run continues exactly where it stopped.
 
 The mask's own learning rate is a reparametrisation: the stored parameter is theta, the logits are
 w = kappa * theta, and the backward pass hands theta the gradient of w unchanged. An Adam-type
@@ -118,10 +121,10 @@ class PATMask(nn.Module):
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.register_buffer("beta", torch.full((), 0.5), persistent=False)
         self.register_buffer("fade", torch.zeros(()), persistent=False)  # f(s) of fade_to_hard
-        # The 0/1 set fade_to_hard fades to: fixed by calibrate (saved, so a resumed run fades to the same set);
-        # without calibration, the top-N of w at this step.
+        # The 0/1 set fade_to_hard fades to: the set calibrate chose (saved, so a resumed run fades to the same set).
         self.register_buffer("fade_target", torch.ones(hidden_size))
         self._hard = False
+        self._fading = False  # fade_to_hard and calibrated and still soft (a Python flag: gate() must not sync)
         self._kappa = 1.0
         self._last_finite_logits: torch.Tensor | None = None
         self._reported_bad_events = 0
@@ -163,10 +166,9 @@ class PATMask(nn.Module):
         else:
             self.tau.fill_(1.0)
             self.beta.fill_(0.5)
-        fade = min(1.0, step / freeze_step(total, self.freeze_fraction)) if self.fade_to_hard and total > 0 else 0.0
+        self._fading = self._fades_to_calibrated_set() and not self._hard
+        fade = min(1.0, step / freeze_step(total, self.freeze_fraction)) if self._fading and total > 0 else 0.0
         self.fade.fill_(fade)
-        if fade > 0 and not self._hard and not bool(self.calibrated):
-            self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
 
     def configure_learning_rate(self, learning_rate: float, total_steps: int) -> float:
         """Set kappa = mask_lr / learning_rate for an optimizer whose peak learning rate is ``learning_rate``.
@@ -281,11 +283,12 @@ class PATMask(nn.Module):
         if training and not torch.compiler.is_compiling():  # eager only: compiled graphs must not recompile
             self._soft_training_gates += 1
         soft = torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
-        if self.fade_to_hard:  # M <- (1 - f) M + f * top-N(w): exactly the hard mask at the freeze step
+        if self._fading:  # M <- (1 - f) M + f * target: exactly the hard mask at the freeze step
             soft = torch.lerp(soft, self.fade_target, self.fade)
         return torch.where(self.protected, torch.ones_like(soft), soft)  # protected channels never fade
 
     def _fades_to_calibrated_set(self) -> bool:
+        """fade_to_hard acts once calibrate has fixed the target; an uncalibrated mask keeps the paper's gate."""
         return self.fade_to_hard and bool(self.calibrated)
 
     @torch.no_grad()
@@ -334,6 +337,7 @@ class PATMask(nn.Module):
         self.protected.copy_(protected)
         self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
         self.calibrated.fill_(True)
+        self._fading = self.fade_to_hard
         self._last_finite_logits = None
         gate = torch.sigmoid(w) + offset(0, 2)  # tau = 1 and beta = 1/2 at step 0
         return torch.where(protected.cpu(), torch.ones_like(gate), gate).float()
