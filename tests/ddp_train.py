@@ -61,10 +61,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, required=True, help="per process")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--distillation-weight", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = wrap(tiny_model("llama"), target_sparsity=0.25)
+    model = wrap(tiny_model("llama"), target_sparsity=0.25, distillation_weight=args.distillation_weight)
     grads = FirstStepGradients()
     training = TrainingArguments(
         output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,

@@ -35,14 +35,17 @@ def run(command: list[str], timeout: int = 600) -> None:
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0.0, 0.5], ids=["task-loss", "distillation"])
+def runs(tmp_path_factory, request):
+    """The same comparison with the task loss only and with distillation mixed in (weight 0.5): the teacher
+    forward runs on each rank's shard and the KL is weighted by the rank's share of the step's tokens."""
     root = tmp_path_factory.mktemp("ddp")
+    extra = ["--distillation-weight", str(request.param)]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launch += ["--main_process_port", str(free_port())]
-    run([*launch, str(SCRIPT), "--out", str(root / "ddp"), "--batch-size", "2"])
-    run([sys.executable, str(SCRIPT), "--out", str(root / "single"), "--batch-size", "4"])
+    run([*launch, str(SCRIPT), "--out", str(root / "ddp"), "--batch-size", "2", *extra])
+    run([sys.executable, str(SCRIPT), "--out", str(root / "single"), "--batch-size", "4", *extra])
     load = lambda name: torch.load(root / name, weights_only=False)  # noqa: E731
     return load("ddp/rank0.pt"), load("ddp/rank1.pt"), load("single/rank0.pt")
 

@@ -18,15 +18,17 @@ def trainable_grads(model):
 # ------------------------------------------------------------------------------------------ checkpointing
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("phase_step", [3, 12])  # soft gate (step 3 of 30) and hard gate (after the freeze at 8)
-def test_checkpointing_gives_the_same_gradients(use_reentrant, phase_step):
-    """The gate is recomputed inside every checkpointed layer during backward, never cached per forward."""
+@pytest.mark.parametrize("distillation_weight", [0.0, 1.0])
+def test_checkpointing_gives_the_same_gradients(use_reentrant, phase_step, distillation_weight):
+    """The gate is recomputed inside every checkpointed layer during backward, never cached per forward; the
+    teacher forward (no grad, PAT bypassed) runs through the same checkpointed layers."""
     ids = tiny_inputs(length=9)
     grads = []
     for checkpointing in (False, True):
         base = tiny_model("llama")
         if checkpointing:
             base.activation_checkpointing_enable({"use_reentrant": use_reentrant})
-        model = wrap(base, init_weights=False)
+        model = wrap(base, init_weights=False, distillation_weight=distillation_weight)
         model.set_step(phase_step, 30)
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
@@ -116,8 +118,9 @@ def test_logged_task_loss_is_a_per_token_mean_under_accumulation(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bf16 autocast
-def test_bf16_autocast_trains_the_mask_in_float32():
-    model = wrap(tiny_model("llama"), init_weights=False)
+@pytest.mark.parametrize("distillation_weight", [0.0, 1.0])
+def test_bf16_autocast_trains_the_mask_in_float32(distillation_weight):
+    model = wrap(tiny_model("llama"), init_weights=False, distillation_weight=distillation_weight)
     model.set_step(2, 30)
     model.train()
     ids = tiny_inputs(length=9)
