@@ -1,0 +1,74 @@
+"""A pruned checkpoint runs in llama.cpp: GGUF conversion with llama.cpp's own converter, logits and greedy
+tokens against transformers'. Skipped unless llama-cpp-python is importable and its converter is found
+(``LLAMA_CPP_CONVERTER`` or the cache that ``examples/deploy_llamacpp.py`` fills; see README "Deploy").
+
+The tiny model is pruned by PAT itself (random non-trivial adapter, random hardened mask) from width 64 to
+48 with 4 heads of head_dim 32: ``hidden_size != num_attention_heads * head_dim``, the case engines may
+not expect.
+"""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports sentencepiece")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def deploy():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        module = importlib.import_module("deploy_llamacpp")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    if module.find_converter() is None:
+        pytest.skip(
+            "llama.cpp's convert_hf_to_gguf.py not found: set LLAMA_CPP_CONVERTER or run "
+            "`python examples/deploy_llamacpp.py --tiny` once (it fetches the converter)"
+        )
+    return module
+
+
+@pytest.fixture(scope="module")
+def converted(deploy, tmp_path_factory):
+    folder = deploy.tiny_pruned_folder(tmp_path_factory.mktemp("pruned") / "model")
+    gguf = deploy.convert(folder, folder.parent / "model-f32.gguf", "f32")
+    return folder, gguf
+
+
+def test_pruned_config_is_the_engine_hard_case(converted):
+    config = json.loads((converted[0] / "config.json").read_text())
+    assert config["hidden_size"] == 48 and config["head_dim"] == 32 and config["num_attention_heads"] == 4
+
+
+def test_gguf_carries_head_dim(converted):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(converted[1])
+    fields = {name: field.parts[field.data[0]][0] for name, field in reader.fields.items() if field.data}
+    assert int(fields["llama.embedding_length"]) == 48
+    assert int(fields["llama.attention.key_length"]) == 32
+    assert int(fields["llama.attention.value_length"]) == 32
+    assert int(fields["llama.rope.dimension_count"]) == 32
+
+
+def test_llama_cpp_logits_and_greedy_tokens_match_transformers(deploy, converted):
+    ids = [1] + list(np.random.default_rng(0).integers(3, 97, size=23))
+    result = deploy.compare(converted[0], converted[1], [int(i) for i in ids], new_tokens=12)
+    # float32 GGUF: the engine and transformers differ only by summation order
+    assert result["max_abs_logit_diff"] <= 1e-3 * max(1.0, result["max_abs_logit"]), result
+    assert result["argmax_agreement"] == 1.0
+    assert result["greedy_llama_cpp"] == result["greedy_transformers"]
+
+
+def test_missing_head_dim_is_refused_before_conversion(deploy, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 48, "num_attention_heads": 5}))
+    with pytest.raises(ValueError, match="head_dim"):
+        deploy.check_config(tmp_path)
