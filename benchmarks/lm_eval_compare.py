@@ -22,8 +22,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "lm_eval_tasks"))
 
-TASKS = {"ARC-Challenge": "pat_arc_challenge", "ARC-Easy": "pat_arc_easy", "boolq": "pat_boolq",
-         "openbookqa": "pat_openbookqa", "piqa": "pat_piqa"}
+TASKS = {
+    "ARC-Challenge": "pat_arc_challenge",
+    "ARC-Easy": "pat_arc_easy",
+    "boolq": "pat_boolq",
+    "openbookqa": "pat_openbookqa",
+    "piqa": "pat_piqa",
+}
 
 
 def ours(model, tokenizer, data: Path, limit: int, ppl_length: int, ppl_tokens: int | None) -> dict:
@@ -56,16 +61,23 @@ def harness(path: str, data: Path, limit: int, ppl_length: int, batch_size: int,
     out = {}
     start = time.perf_counter()
     result = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={path},dtype=float32,max_length={ppl_length}",
-        tasks=list(TASKS.values()), task_manager=manager, limit=limit, batch_size=batch_size,
-        log_samples=True, device="cpu",
+        model="hf",
+        model_args=f"pretrained={path},dtype=float32,max_length={ppl_length}",
+        tasks=list(TASKS.values()),
+        task_manager=manager,
+        limit=limit,
+        batch_size=batch_size,
+        log_samples=True,
+        device="cpu",
     )
     seconds = time.perf_counter() - start
     for task, name in TASKS.items():
         metrics = result["results"][name]
         samples = sorted(result["samples"][name], key=lambda s: s["doc_id"])
         out[task] = {
-            "acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"], "n": len(samples),
+            "acc": metrics["acc,none"],
+            "acc_norm": metrics["acc_norm,none"],
+            "n": len(samples),
             "correct": "".join(str(int(s["acc"])) for s in samples),
             "correct_norm": "".join(str(int(s["acc_norm"])) for s in samples),
             "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
@@ -74,18 +86,42 @@ def harness(path: str, data: Path, limit: int, ppl_length: int, batch_size: int,
     out["seconds_commonsense"] = seconds
     start = time.perf_counter()
     result = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={path},dtype=float32,max_length={ppl_length}",
-        tasks=["pat_wikitext2"], task_manager=manager, limit=wikitext_docs, batch_size=1, device="cpu",
+        model="hf",
+        model_args=f"pretrained={path},dtype=float32,max_length={ppl_length}",
+        tasks=["pat_wikitext2"],
+        task_manager=manager,
+        limit=wikitext_docs,
+        batch_size=1,
+        device="cpu",
     )
-    out["wikitext2"] = {k.split(",")[0]: v for k, v in result["results"]["pat_wikitext2"].items() if "," in k}
-    out["wikitext2"]["seconds"] = time.perf_counter() - start
+    w = {k.split(",")[0]: v for k, v in result["results"]["pat_wikitext2"].items() if "," in k}
+    w["seconds"] = time.perf_counter() - start
+    # token perplexity from bits per byte: total NLL = bpb * ln 2 * bytes, over every token of the pages
+    import math
+
+    import pat_tasks
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pages = pat_tasks.wikitext_dataset(data_dir=str(data))["test"]["page"][:wikitext_docs]
+    size = sum(len(p.encode("utf-8")) for p in pages)
+    tokens = sum(len(tokenizer(pat_tasks.wikitext_detokenizer({"page": p}))["input_ids"]) for p in pages)
+    w.update(
+        documents=len(pages),
+        bytes=size,
+        tokens=tokens,
+        token_perplexity=math.exp(w["bits_per_byte"] * math.log(2) * size / tokens),
+    )
+    out["wikitext2"] = w
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("PAT_DATA_DIR", HERE.parent.parent / "shared" / "data")))
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("PAT_DATA_DIR", HERE.parent.parent / "shared" / "data"))
+    )
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--ppl-max-length", type=int, default=512)
     parser.add_argument("--ppl-tokens", type=int, default=None, help="our scorer's WikiText token budget (None: all)")
@@ -113,18 +149,27 @@ def main(argv: list[str] | None = None) -> dict:
         a, b = mine[task], theirs[task]
         diffs = [abs(x - y) for la, lb in zip(a["loglikelihoods"], b["loglikelihoods"]) for x, y in zip(la, lb)]
         rows[task] = {
-            "n": a["n"], "ours_acc": a["acc"], "lm_eval_acc": b["acc"], "ours_acc_norm": a["acc_norm"],
+            "n": a["n"],
+            "ours_acc": a["acc"],
+            "lm_eval_acc": b["acc"],
+            "ours_acc_norm": a["acc_norm"],
             "lm_eval_acc_norm": b["acc_norm"],
             "items_acc_differ": sum(x != y for x, y in zip(a["correct"], b["correct"])),
             "items_acc_norm_differ": sum(x != y for x, y in zip(a["correct_norm"], b["correct_norm"])),
-            "max_abs_loglikelihood_diff": max(diffs), "ours_seconds": a["seconds"],
+            "max_abs_loglikelihood_diff": max(diffs),
+            "ours_seconds": a["seconds"],
             "lm_eval_example_request": b["example_request"],
         }
-    mean = {k: sum(r[k] for r in rows.values()) / len(rows)
-            for k in ("ours_acc", "lm_eval_acc", "ours_acc_norm", "lm_eval_acc_norm")}
+    mean = {
+        k: sum(r[k] for r in rows.values()) / len(rows)
+        for k in ("ours_acc", "lm_eval_acc", "ours_acc_norm", "lm_eval_acc_norm")
+    }
     w = theirs["wikitext2"]
     report = {
-        "model": args.model, "limit": args.limit, "tasks": rows, "mean": mean,
+        "model": args.model,
+        "limit": args.limit,
+        "tasks": rows,
+        "mean": mean,
         "lm_eval_commonsense_seconds": theirs["seconds_commonsense"],
         "ours_commonsense_seconds": sum(r["ours_seconds"] for r in rows.values()),
         "wikitext2": {"ours": mine["wikitext2"], "lm_eval": w},

@@ -65,8 +65,18 @@ def fetch_converter(version: str | None = None) -> Path:
     version = version or llama_cpp_version()
     target = CACHE / f"llama.cpp-{version}"
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-                   f"llama-cpp-python=={version}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            tmp,
+            f"llama-cpp-python=={version}",
+        ]
         print("fetching llama.cpp's converter:", " ".join(command))
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
@@ -74,9 +84,11 @@ def fetch_converter(version: str | None = None) -> Path:
         wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
         staging = Path(tmp) / "out"
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+            members = [
+                m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+            ]
             for member in members:
-                member.name = member.name[len(prefix):]
+                member.name = member.name[len(prefix) :]
             tar.extractall(staging, members=members, filter="data")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
@@ -112,8 +124,14 @@ def load_gguf(path: Path, n_ctx: int = 512, threads: int | None = None, logits_a
     from llama_cpp import Llama
 
     threads = threads or min(2, os.cpu_count() or 1)
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 logits_all=logits_all, verbose=False)
+    return Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        verbose=False,
+    )
 
 
 def engine_logits(llm, ids: list[int]) -> np.ndarray:
@@ -144,9 +162,10 @@ def transformers_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
     import torch
 
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def compare(folder: Path, gguf: Path, ids: list[int], new_tokens: int = 8) -> dict:
@@ -201,16 +220,29 @@ def tiny_pruned_folder(folder: Path, sparsity: float = 0.25, seed: int = 0) -> P
     import peft_pat
 
     tokenizer, vocab_size = tiny_bpe_tokenizer(97)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
     torch.manual_seed(seed)
     base = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in base.named_parameters():
             if "norm" in name:
                 param.copy_(1.0 + torch.rand_like(param) - 0.5)
-    model = get_peft_model(base, peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, init_weights=False))
+    model = get_peft_model(
+        base, peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, init_weights=False)
+    )
     mask = model.base_model.pat_mask["default"]
     with torch.no_grad():
         mask.logits.copy_(torch.randn(mask.hidden_size, generator=torch.Generator().manual_seed(seed + 1)))
@@ -238,7 +270,7 @@ def activation_keep(model, tokenizer, sparsity: float, batches: int = 4, length:
     from peft_pat.calibration import activation_channel_scores, top_channels
 
     d, heads = int(model.config.hidden_size), int(model.config.num_attention_heads)
-    kept = max(heads, int(round(d * (1 - sparsity) / heads)) * heads)
+    kept = max(heads, round(d * (1 - sparsity) / heads) * heads)
     data = Path(os.environ.get("PAT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     text = (data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:200_000]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: batches * length]

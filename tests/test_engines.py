@@ -60,7 +60,7 @@ def test_gguf_carries_head_dim(converted):
 
 
 def test_llama_cpp_logits_and_greedy_tokens_match_transformers(deploy, converted):
-    ids = [1] + list(np.random.default_rng(0).integers(3, 97, size=23))
+    ids = [1, *list(np.random.default_rng(0).integers(3, 97, size=23))]
     result = deploy.compare(converted[0], converted[1], [int(i) for i in ids], new_tokens=12)
     # float32 GGUF: the engine and transformers differ only by summation order
     assert result["max_abs_logit_diff"] <= 1e-3 * max(1.0, result["max_abs_logit"]), result
