@@ -75,7 +75,3 @@ class DecoderShape:
         for step in range(new_tokens):
             total += weights + batch * self.hidden + kv_row * (context + step) + kv_row
         return total * bytes_per_value
-
-
-def ideal_speedup(dense: float, pruned: float) -> float:
-    return dense / pruned

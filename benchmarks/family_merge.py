@@ -13,10 +13,10 @@ default rank, hard mask at 25% sparsity) and, in a process of its own, measures
 * the extra resident memory at the peak of ``merge_and_prune()`` (VmHWM reset right before the
   call, minus the resident memory just before it), next to the size of one decoder layer.
 
-    python benchmarks/family_merge.py                        # all families, about 2 minutes on 2 cores
-    python benchmarks/family_merge.py --families llama gemma2 --layers 2
+    python -m benchmarks.family_merge                        # all families, about 2 minutes on 2 cores
+    python -m benchmarks.family_merge --families llama gemma2 --layers 2
 
-The shapes come from the tiny-model builders of the test suite (``tests/tiny_models.py``), scaled up,
+The shapes come from the tiny-model builders the test suite uses (``benchmarks/tiny_models.py``), scaled up,
 so the benchmark and the tests agree on what each family's config looks like. Prints a table and
 writes JSON (default ``benchmarks/results/family_merge.json``).
 """
@@ -31,10 +31,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from measure import PeakMemory, format_table, machine_info, write_json  # noqa: E402
+from .measure import PeakMemory, format_table, machine_info, write_json  # noqa: E402
 
 MIB = 1 << 20
 
@@ -46,7 +44,7 @@ def child(args) -> dict:
 
     from peft_pat import PATConfig
 
-    from tiny_models import tiny_model
+    from .tiny_models import tiny_model
 
     torch.set_num_threads(args.threads)
     shape = dict(
@@ -98,7 +96,7 @@ def child(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tiny_models import ALL_FAMILIES
+    from .tiny_models import ALL_FAMILIES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=list(ALL_FAMILIES), choices=ALL_FAMILIES)
@@ -120,7 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
     for family in args.families:
         forward = [a for a in (argv if argv is not None else sys.argv[1:]) if a]
         done = subprocess.run(
-            [sys.executable, __file__, *forward, "--child", family], capture_output=True, text=True, check=False
+            [sys.executable, "-m", "benchmarks.family_merge", *forward, "--child", family],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode:
             raise SystemExit(f"{family} failed:\n{done.stderr[-4000:]}")

@@ -25,9 +25,9 @@ bytes for decode) and efficiency = measured / ideal. ``--width-sweep`` also time
 one Llama-2-7B-shaped layer at hidden widths near 3/4 and 1/2 of 4096 (multiples of 128, 64, 32, 16,
 8 and odd widths), which is the evidence behind peft_pat.width's rounding default.
 
-    python benchmarks/inference.py --threads 1                      # 391 s on one core (docs/performance.md)
-    python benchmarks/inference.py --models llama2-7b-shape --layers 4 --repeats 9
-    python benchmarks/inference.py --device cuda --layers 32 --dtype bfloat16 --batches 1,8,32 --prompt-lengths 128,512
+    python -m benchmarks.inference --threads 1                      # 391 s on one core (docs/performance.md)
+    python -m benchmarks.inference --models llama2-7b-shape --layers 4 --repeats 9
+    python -m benchmarks.inference --device cuda --layers 32 --dtype bfloat16 --batches 1,8,32 --prompt-lengths 128,512
 
 Writes ``--out`` (default benchmarks/results/inference.json) and prints the tables.
 """
@@ -45,10 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cost_model import DecoderShape
-from measure import alternate, format_table, machine_info, median, peak_rss_mib, write_json
+from .cost_model import DecoderShape
+from .measure import alternate, format_table, machine_info, median, peak_rss_mib, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -67,16 +67,6 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def current_rss_mib() -> float:
-    """Current resident set size, MiB (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mib()
-
-
 def proc_status_mib(field: str) -> float:
     """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...), MiB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -109,9 +99,15 @@ class PeakMemory:
         self.extra_mib = self.peak_mib - self.before_mib
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def run_json_subprocess(args: list[str], timeout: float | None = None) -> dict:
-    """Run ``python args...`` in a fresh process; its last stdout line must be one JSON object."""
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    """Run ``python args...`` in a fresh process from the repository root (so ``-m benchmarks.<name>``
+    imports); its last stdout line must be one JSON object."""
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ}
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"subprocess {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]

@@ -12,8 +12,8 @@ its own process so nothing else counts:
   in a child process, whose peak resident memory (``ru_maxrss`` from ``wait4``) is set against the
   checkpoint size, the largest shard and the same command's resident memory after imports only.
 
-    flock /tmp/peft_pat_heavy.lock python benchmarks/merge_memory.py                   # 16 layers, bfloat16
-    python benchmarks/merge_memory.py --layers 2 --skip-cli --output /tmp/mm.json      # quick look
+    flock /tmp/peft_pat_heavy.lock python -m benchmarks.merge_memory                   # 16 layers, bfloat16
+    python -m benchmarks.merge_memory --layers 2 --skip-cli --output /tmp/mm.json      # quick look
 
 Prints a table and writes JSON (default benchmarks/results/merge_memory.json). Run it once, under the
 heavy lock: other processes do not change a process's own RSS, but they slow it down.
@@ -33,9 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from measure import PeakMemory, proc_status_mib
+from .measure import PeakMemory, proc_status_mib
 
 MIB = 1 << 20
 SHAPES = {
@@ -141,8 +139,8 @@ def child_save(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- parent
 def _run_child(args, mode: str) -> dict:
-    argv = [sys.executable, __file__, "--child", mode, *_forward(args)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    argv = [sys.executable, "-m", "benchmarks.merge_memory", "--child", mode, *_forward(args)]
+    done = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"child {mode} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -150,7 +148,7 @@ def _run_child(args, mode: str) -> dict:
 
 def _forward(args) -> list[str]:
     out = ["--shape", args.shape, "--layers", str(args.layers), "--dtype", args.dtype, "--threads", str(args.threads)]
-    out += ["--shard-size", args.shard_size, "--work", str(args.work)]
+    out += ["--shard-size", args.shard_size, "--work", str(Path(args.work).resolve())]
     return out + (["--tied"] if args.tied else [])
 
 

@@ -4,6 +4,8 @@ Configurations (``--configs``), all on every decoder linear (q, k, v, o, gate, u
 
   pat           PAT with the defaults users get: r=20 LoRA, HSM rank about 5% of d (32 for d=576),
                 25% target sparsity, mask in its soft phase (gate recomputed in every HSM)
+  pat-no-kd     ``pat`` without the distillation teacher (distillation_weight=0): pat / pat-no-kd is the
+                cost of distillation (one extra no-grad forward of the base model and the blockwise KL)
   pat-hard      the same after the freeze step (hard 0/1 gate)
   pat-unfused   ``pat`` with the HSM composed of plain autograd ops (the implementation before
                 peft_pat/hsm.py), to show what the fused HSM saves
@@ -23,9 +25,9 @@ peak resident memory (VmHWM) and the part above the resident memory just before 
 models is measured by benchmarks/merge_memory.py; its numbers are read from
 benchmarks/results/merge_memory.json when that file exists and printed next to these.
 
-    python benchmarks/training.py --profile                         # 324 s on 2 cores (docs/performance.md)
-    python benchmarks/training.py --configs pat,lora-matched --batch 4 --seq-len 256 --repeats 10
-    python benchmarks/training.py --profile                         # also torch.profiler top ops per config
+    python -m benchmarks.training --profile                         # 324 s on 2 cores (docs/performance.md)
+    python -m benchmarks.training --configs pat,lora-matched --batch 4 --seq-len 256 --repeats 10
+    python -m benchmarks.training --profile                         # also torch.profiler top ops per config
 """
 
 from __future__ import annotations
@@ -41,9 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from measure import (
+from .measure import (
     PeakMemory,
     alternate,
     format_table,
@@ -55,7 +55,7 @@ from measure import (
 
 REPO = Path(__file__).resolve().parent.parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = ("pat", "pat-unfused", "pat-hard", "lora-20", "lora-matched")
+CONFIGS = ("pat", "pat-no-kd", "pat-unfused", "pat-hard", "lora-20", "lora-matched")
 FAR_AWAY = 10**9  # total steps for the soft-phase schedule: the mask never reaches its freeze step
 
 
@@ -83,10 +83,12 @@ def lora_parameters_per_rank(base) -> int:
     )
 
 
-def pat_config(args):
+def pat_config(args, distillation: bool = True):
+    """The package defaults (distillation from the dense model included) or, for pat-no-kd, without the teacher."""
     from peft_pat import PATConfig
 
-    return PATConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=float(args.rank), target_sparsity=0.25)
+    extra = {} if distillation else {"distillation_weight": 0.0}
+    return PATConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=float(args.rank), target_sparsity=0.25, **extra)
 
 
 def matched_rank(args) -> tuple[int, int]:
@@ -111,7 +113,7 @@ def build(config_name: str, args, lora_matched_rank: int):
     if args.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config_name.startswith("pat"):
-        model = get_peft_model(base, pat_config(args))
+        model = get_peft_model(base, pat_config(args, distillation=config_name != "pat-no-kd"))
     else:
         rank = args.rank if config_name == "lora-20" else lora_matched_rank
         lora = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=float(rank), target_modules=LORA_TARGETS)
@@ -190,7 +192,8 @@ def probe_merge(args) -> dict:
 
 
 def _probe_argv(args, extra: list[str]) -> list[str]:
-    argv = [__file__, "--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    argv = ["-m", "benchmarks.training", "--model", args.model]
+    argv += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     argv += ["--rank", str(args.rank), "--lr", str(args.lr), "--seed", str(args.seed)]
     argv += ["--memory-steps", str(args.memory_steps), "--lora-matched-rank", str(args.lora_matched_rank)]
     argv += ["--threads", str(torch.get_num_threads())]

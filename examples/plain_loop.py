@@ -13,8 +13,12 @@ The three things a custom loop owes PAT:
    group needs a special rate (this assumes an Adam-type optimizer).
 2. No weight decay on the mask logits: ``peft_pat.optimizer_param_groups(model, weight_decay)``
    returns the param groups for that.
-3. The auxiliary losses are already in ``model(**batch, labels=...).loss``: back-propagate it as is
-   (divided by the accumulation steps, like the task loss).
+3. The auxiliary losses (and the distillation from the dense model) are already in
+   ``model(**batch, labels=...).loss``: back-propagate it as is (divided by the accumulation steps,
+   like the task loss).
+4. ``model.calibrate(batches)`` once before the first step: the importance-aware mask start from the
+   first ``PATConfig.calibration_batches`` training batches (forward only; it also protects
+   massive-activation channels).
 
 With ``--plots`` (default on) it records the mask every few steps and writes the PNGs of
 :mod:`peft_pat.plotting` next to the pruned model.
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.train()
     model.set_step(0, args.steps, learning_rate=args.lr)  # the peak rate: the mask's own rate is derived from it
+    calibration = [{k: v.to(device) for k, v in batch.items()} for _, batch in zip(range(8), loader)]
+    model.calibrate(calibration)  # importance-aware mask start; protects massive-activation channels
     history.record(model)
     batches = iter(loader)
     start = time.perf_counter()

@@ -13,7 +13,7 @@ Data: ``<data>/commonsense/<task>/train.json``, each a JSON list of records
 
 and the loss covers ``{output}</s>`` only. Tasks are concatenated and shuffled. ``--tiny`` needs no
 data folder: it trains on a few generated records. Score the pruned model zero-shot with
-``python benchmarks/quality.py --evaluate-checkpoint <output>/pruned``.
+``python -m benchmarks.quality --evaluate-checkpoint <output>/pruned``.
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ from .errors import (
     UnsupportedModelError,
 )
 from .families import FAMILIES, FamilySpec, family_for_model, supported_model_types
-from .io import save_pruned
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
-from .model import PATModel
+from .model import PATModel, find_pat_tuner
 from .optim import optimizer_param_groups
+from .saving import save_pruned
 from .surgery import prune_hidden_channels
 
 register(PATConfig, PATModel)
@@ -45,6 +45,7 @@ __all__ = [
     "PatPeftType",
     "UnsupportedModelError",
     "family_for_model",
+    "find_pat_tuner",
     "optimizer_param_groups",
     "prune_hidden_channels",
     "save_pruned",

@@ -1,4 +1,4 @@
-"""Registration of the ``PAT`` tuner type with PEFT (peft-plumbing.md §1.2, approach A).
+"""Registration of the ``PAT`` tuner type with PEFT.
 
 PEFT's ``register_peft_method`` only accepts members of its closed ``PeftType`` enum, so we keep an
 enum of our own (a ``str`` enum, which hashes and compares equal to ``"PAT"``, the value written to

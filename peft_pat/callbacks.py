@@ -15,33 +15,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .diagnostics import MaskHistory
 from .errors import PATTypeError
+from .model import find_pat_tuner  # re-exported: benchmarks and user code import it from here
 
 LOG_PREFIX = "pat/"
-
-
-def find_pat_tuner(model: Any):
-    """The :class:`~peft_pat.model.PATModel` inside a PeftModel, possibly wrapped by DDP/FSDP/compile."""
-    from .model import PATModel
-
-    seen = 0
-    while model is not None and seen < 8:
-        if isinstance(model, PATModel):
-            return model
-        for attr in ("base_model", "module", "_orig_mod", "_fsdp_wrapped_module"):
-            inner = getattr(model, attr, None) if attr != "base_model" else _base_model(model)
-            if inner is not None and inner is not model:
-                model = inner
-                break
-        else:
-            return None
-        seen += 1
-    return None
-
-
-def _base_model(model: Any):
-    modules = getattr(model, "_modules", {})
-    return modules.get("base_model")
 
 
 def _inner_optimizer(optimizer: Any):
@@ -67,17 +45,20 @@ class PATCallback(TrainerCallback):
             )
         self.log = log
         self.record_mask_every = record_mask_every
-        self.mask_history = None
-        if record_mask_every is not None:
-            from .diagnostics import MaskHistory  # diagnostics imports this module
-
-            self.mask_history = MaskHistory()
+        self.mask_history = MaskHistory() if record_mask_every is not None else None
         self._decay_undo: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self._warned_optimizer = False
 
     # -------------------------------------------------------------- ordering
     def on_init_end(self, args, state, control, **kwargs):
-        """Run first among the callbacks so the PAT numbers are in ``logs`` before reporters see them."""
+        """Run first among the callbacks so the PAT numbers are in ``logs`` before reporters see them.
+
+        transformers (5.24) has no supported way to do this from a callback: the Trainer puts the
+        ``report_to`` integrations before user callbacks, ``TrainerCallback`` has no priority, and
+        ``CallbackHandler.call_event`` passes the model, optimizer, scheduler and dataloaders but neither
+        the handler nor the Trainer (whose ``pop_callback`` / ``add_callback`` only append). So the handler
+        is found up the call stack (it calls this event); if it is not found, the order stays as it was.
+        """
         frame = sys._getframe(1)
         while frame is not None:
             handler = frame.f_locals.get("self")
@@ -98,8 +79,30 @@ class PATCallback(TrainerCallback):
                 "before building the Trainer, or remove PATCallback."
             )
         tuner.set_step(state.global_step, max(state.max_steps, 1), learning_rate=args.learning_rate)
+        self._calibrate(tuner, kwargs.get("train_dataloader"))
         if self.mask_history is not None:
             self.mask_history.record(tuner)
+
+    @staticmethod
+    def _calibrate(tuner, dataloader) -> None:
+        """Importance-aware mask start from the first batches of the training dataloader, once per adapter.
+
+        Skipped when the adapter was calibrated already (a resumed run loads it from the checkpoint).
+        The random state is forked, so the training batches that follow are the ones an uncalibrated
+        run would see.
+        """
+        names = [n for n in tuner.pat_mask if n in tuner.active_adapters and tuner.needs_calibration(n)]
+        if not names:
+            return
+        if dataloader is None:
+            raise PATTypeError(
+                "PATCallback: the Trainer passed no train_dataloader, so the PAT mask cannot be calibrated. Call "
+                "model.calibrate(batches) before training, or set PATConfig(calibration_batches=0)."
+            )
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            for name in names:
+                tuner.calibrate(dataloader, adapter_name=name)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)
@@ -113,7 +116,7 @@ class PATCallback(TrainerCallback):
         tuner = find_pat_tuner(model)
         if tuner is None:
             return
-        soft = [name for name, mask in tuner.pat_mask.items() if not mask._hard]
+        soft = [name for name, mask in tuner.pat_mask.items() if not mask.hardened]
         if soft:
             warnings.warn(
                 f"PAT: training ended before the mask froze for adapter(s) {soft}; merge_and_prune() will harden it "

@@ -114,7 +114,9 @@ def check_causal_lm_layout(model: nn.Module, family: FamilySpec) -> None:
             ) from None
 
 
-def _plain_float_layer_error(key: str, module: nn.Module, kind: type[nn.Module]) -> UnsupportedModelError | None:
+def plain_float_layer_error(key: str, module: nn.Module, kind: type[nn.Module]) -> UnsupportedModelError | None:
+    """None if ``module`` is a plain float torch ``kind`` (``nn.Linear`` / ``nn.Embedding``) PAT can wrap and
+    merge exactly, else the error that says why not. The one rule for what PAT wraps."""
     plain = isinstance(module, kind) and (type(module) is kind or type(module).__module__.startswith("torch"))
     if kind is nn.Embedding:  # transformers' scaled embeddings (Gemma) subclass nn.Embedding and are plain float
         plain = isinstance(module, nn.Embedding)
@@ -161,7 +163,7 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
             base = module.get_base_layer()
         embedding = family.is_embedding(key)
         if family.is_producer(key):
-            error = _plain_float_layer_error(key, base, nn.Embedding if embedding else nn.Linear)
+            error = plain_float_layer_error(key, base, nn.Embedding if embedding else nn.Linear)
             if error is not None:
                 raise error
         if config.r == 0:
@@ -186,7 +188,7 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
                 f"linear layer; LoRA goes on nn.Linear modules. In {family.name} models they are named "
                 f"{list(family.lora_targets)}: list those names (or a regex that matches only linear layers)."
             )
-        error = _plain_float_layer_error(key, base, nn.Linear)
+        error = plain_float_layer_error(key, base, nn.Linear)
         if error is not None:
             raise error
         lora_layers.append((key, min(base.in_features, base.out_features)))

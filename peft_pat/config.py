@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 from ._registry import PatPeftType
 from .errors import PATConfigError, PATTypeError
 
+DEFAULT_TARGET_SPARSITY = 0.25  # used when neither target_sparsity nor target_width is given
 IDENTITY_LOSS_FORMS = ("l0_gram", "none")
 EMBEDDING_HSM_FORMS = ("auto", "full", "diagonal")
 
@@ -50,7 +51,8 @@ class PATConfig(PeftConfig):
 
     # --- how much to prune ---
     target_sparsity: float | None = field(
-        default=None, metadata={"help": "Fraction of hidden channels removed, in (0, 1). Default 0.25."}
+        default=None,  # None: DEFAULT_TARGET_SPARSITY (0.25), unless target_width is given
+        metadata={"help": f"Fraction of hidden channels removed, in (0, 1). Default {DEFAULT_TARGET_SPARSITY}."},
     )
     target_width: int | None = field(
         default=None, metadata={"help": "Number of hidden channels kept (instead of target_sparsity)."}
@@ -101,6 +103,15 @@ class PATConfig(PeftConfig):
         default=0.8 / 3,
         metadata={"help": "Step / total steps at which the mask becomes an exact top-N 0/1 mask (paper: 0.8 s0)."},
     )
+    mask_fade_to_hard: bool = field(
+        default=False,
+        metadata={
+            "help": "Interpolate the soft gate towards the current top-N 0/1 mask, M <- (1 - f) M + f top-N(w) with "
+            "f = step / freeze step, so the channels that will go fade out gradually and the freeze changes nothing "
+            "(no loss cliff). Off by default: on SmolLM2 at 25% it trained worse than the paper's gate "
+            "(docs/quality.md, Levers)."
+        },
+    )
     mask_lr: float | None = field(
         default=None,
         metadata={
@@ -120,6 +131,39 @@ class PATConfig(PeftConfig):
         default="l0_gram", metadata={"help": "'l0_gram': sum over HSMs of mean((L0 L0^T - I)^2); 'none'."}
     )
     identity_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the identity loss."})
+    # --- importance-aware start (docs/quality.md: the largest single lever measured) ---
+    calibration_batches: int = field(
+        default=8,
+        metadata={
+            "help": "Training batches run forward (no gradient) at the start of training to rank hidden channels by "
+            "activation (norm outputs summed over layers); the mask logits start ordered by that rank, so the "
+            "mask begins at the activation top-N. PATCallback takes them from the Trainer's dataloader; a plain "
+            "loop calls model.calibrate(batches). 0: logits start at 0 (the paper's start)."
+        },
+    )
+    calibration_margin: float = field(
+        default=0.02,
+        metadata={"help": "Largest |logit| of the importance-aware start (logits are ranked within +-margin)."},
+    )
+    protect_massive_activations: bool = field(
+        default=True,
+        metadata={
+            "help": "Never prune channels whose residual mean square exceeds massive_activation_ratio x the median "
+            "(massive activations: attention-sink channels whose removal destroys the model). Needs calibration."
+        },
+    )
+    massive_activation_ratio: float = field(
+        default=100.0, metadata={"help": "Energy ratio to the median channel above which a channel is protected."}
+    )
+    # --- distillation from the dense model (the same weights with every PAT piece bypassed) ---
+    distillation_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "w in loss = (1 - w) * task loss + w * T^2 KL(teacher || student) over every non-padding token; "
+            "the teacher is the base model (PAT bypassed, no gradient, one extra forward). 0: task loss only."
+        },
+    )
+    distillation_temperature: float = field(default=1.0, metadata={"help": "T of the distillation loss."})
     # --- recorded at injection, checked when loading onto another base ---
     base_model_type: str | None = field(default=None, metadata={"help": "Filled in automatically."})
     base_hidden_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
@@ -142,7 +186,7 @@ class PATConfig(PeftConfig):
                 f"PATConfig.task_type={self.task_type!r} is not supported: PAT prunes decoder-only causal language "
                 "models (*ForCausalLM). Use task_type='CAUSAL_LM' (the default)."
             )
-        for name in ("init_weights", "inference_mode"):
+        for name in ("init_weights", "inference_mode", "mask_fade_to_hard"):
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
                 raise PATTypeError(f"PATConfig.{name} must be True or False, got {type(value).__name__} ({value!r}).")
@@ -206,6 +250,32 @@ class PATConfig(PeftConfig):
             _check_number(name, value, (int, float))
             if value < 0:
                 raise PATConfigError(f"PATConfig.{name} must be >= 0, got {value}.")
+        _check_number("calibration_batches", self.calibration_batches, (int,))
+        if self.calibration_batches < 0:
+            raise PATConfigError(
+                f"PATConfig.calibration_batches must be >= 0 (0 disables the importance-aware start), got "
+                f"{self.calibration_batches}."
+            )
+        if not isinstance(self.protect_massive_activations, bool):
+            raise PATTypeError(
+                "PATConfig.protect_massive_activations must be True or False, got "
+                f"{self.protect_massive_activations!r}."
+            )
+        for name, low in (
+            ("calibration_margin", 0.0),
+            ("massive_activation_ratio", 1.0),
+            ("distillation_temperature", 0.0),
+        ):
+            value = getattr(self, name)
+            _check_number(name, value, (int, float))
+            if not value > low:
+                raise PATConfigError(f"PATConfig.{name} must be > {low:g}, got {value}.")
+        _check_number("distillation_weight", self.distillation_weight, (int, float))
+        if not 0.0 <= self.distillation_weight <= 1.0:
+            raise PATConfigError(
+                f"PATConfig.distillation_weight={self.distillation_weight} must lie in [0, 1]: the loss is "
+                "(1 - w) * task loss + w * distillation (1: distillation only, 0: task loss only)."
+            )
         if self.identity_loss not in IDENTITY_LOSS_FORMS:
             raise PATConfigError(
                 f"PATConfig.identity_loss={self.identity_loss!r} is unknown; choose one of {IDENTITY_LOSS_FORMS}."
@@ -218,7 +288,3 @@ class PATConfig(PeftConfig):
             raise PATConfigError(f"PATConfig.bias={self.bias!r} is not supported; PAT trains no biases, use 'none'.")
         if self.target_parameters:
             raise PATConfigError("PATConfig.target_parameters is not supported by PAT; use target_modules.")
-
-    @property
-    def lora_scaling(self) -> float:
-        return self.lora_alpha / self.r if self.r else 0.0

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .callbacks import find_pat_tuner
 from .errors import PATConfigError, PATStateError, PATTypeError
 from .layer import PATLayer
-from .mask import PATMask, top_n_indicator
+from .mask import PATMask
+from .model import find_pat_tuner
 
 
 def _tuner_and_adapter(model: nn.Module, adapter_name: str | None):
@@ -69,16 +69,15 @@ class MaskHistory:
         self.adapter_name = name
         mask: PATMask = tuner.pat_mask[name]
         self.kept_width = mask.kept_width
-        logits = (mask.logits.detach().float() * mask._kappa).cpu()
-        kept = mask.hard_mask.detach().cpu() > 0.5 if mask._hard else top_n_indicator(logits, mask.kept_width) > 0.5
+        logits = (mask.logits.detach().float() * mask.learning_rate_ratio).cpu()
         snapshot = MaskSnapshot(
             step=int(mask.step),
             logits=logits,
             gate=mask.gate().detach().float().cpu(),
-            kept=kept,
+            kept=mask.kept_set().cpu(),
             temperature=float(mask.tau),
             offset=float(mask.beta),
-            hard=mask._hard,
+            hard=mask.hardened,
         )
         if self.snapshots and self.snapshots[-1].step == snapshot.step:
             self.snapshots[-1] = snapshot  # recording the same step twice keeps the latest state
@@ -148,7 +147,7 @@ def hsm_norms(model: nn.Module, adapter_name: str | None = None) -> list[HSMNorm
     """One :class:`HSMNorm` per HSM of ``adapter_name`` (default: the active adapter), embedding first."""
     tuner, name = _tuner_and_adapter(model, adapter_name)
     mask: PATMask = tuner.pat_mask[name]
-    kept = (mask.hard_mask > 0.5) if mask._hard else top_n_indicator(mask.logits, mask.kept_width) > 0.5
+    kept = mask.kept_set()
     layer_pattern = re.compile(re.escape(tuner.family.layers) + r"\.(\d+)\.(.+)$")
     rows = []
     for module_name, module in tuner.model.named_modules():

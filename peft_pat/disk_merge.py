@@ -2,12 +2,12 @@
 
 The base checkpoint is never loaded as a model. Each tensor of each safetensors shard is read, given
 its role from the family table (:meth:`FamilySpec.module_roles`), folded and pruned with the same pure
-functions of :mod:`peft_pat.prune` that the in-memory merge uses, in the same order and dtypes, and
+functions of :mod:`peft_pat.fold` that the in-memory merge uses, in the same order and dtypes, and
 written to the output shard of the same name. So the result equals ``merge_and_prune()`` bit for bit,
 while peak memory is the adapter plus about one weight matrix, whatever the model size.
 
 Per role (K kept channels, g = s ⊙ M of the module's HSM, D = I + L1 L0, factors from
-:func:`peft_pat.prune.pruning_factors`):
+:func:`peft_pat.fold.pruning_factors`):
 
 * embedding: ``E' = (E D^T diag(g))[:, K] * f_emb``; with tied embeddings and a diagonal HSM the tie is
   kept (``E diag(g)``, and the final norm's gain is divided by g), otherwise an ``lm_head`` equal to the
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +32,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
-from . import prune
+from . import fold
 from .checks import check_adapter_matches_base
 from .config import PATConfig
 from .errors import AdapterMismatchError, CheckpointError, PATConfigError
 from .families import FamilySpec, family_for_model_type
-from .io import atomic_directory
 from .mask import PATMask
+from .merge_plan import PRUNED_AXIS, gate_scale, harden_for_merge, keeps_tie, lora_scaling
+from .saving import atomic_directory
 from .shards import (
     SAFE_WEIGHTS_INDEX_NAME,
     SafetensorsWriter,
@@ -86,16 +86,15 @@ class PATAdapterWeights:
     hsm: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> {down, up, scale}
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: tensor name -> tensor
 
-    def lora_update(self, module: str) -> prune.LoRAUpdate | None:
+    def lora_update(self, module: str) -> fold.LoRAUpdate | None:
         if module not in self.lora:
             return None
         lora_a, lora_b = self.lora[module]
-        return prune.LoRAUpdate(lora_a, lora_b, self.config.lora_alpha / self.config.r)
+        return fold.LoRAUpdate(lora_a, lora_b, lora_scaling(self.config.lora_alpha, self.config.r))
 
     def gate_scale(self, module: str) -> torch.Tensor:
         """g = s ⊙ M of the module's HSM, float32 (as PATLayer.hsm_gate_scale)."""
-        scale = self.hsm[module]["scale"]
-        return scale.float() * self.mask.gate().to(scale.device, torch.float32)
+        return gate_scale(self.hsm[module]["scale"], self.mask.gate())
 
 
 def _adapter_folder(adapter: Path, adapter_name: str | None) -> Path:
@@ -177,20 +176,6 @@ def load_pat_adapter(adapter: str | Path, adapter_name: str | None = None) -> PA
 
 
 # ---------------------------------------------------------------------------------------------- plan
-# (role, parameter) -> the axis that is cut to the kept channels; None: the tensor keeps its shape.
-_PRUNED_AXIS: dict[tuple[str, str], int | None] = {
-    ("embedding", "weight"): 1,
-    ("producer", "weight"): 0,
-    ("producer", "bias"): 0,
-    ("consumer", "weight"): 1,
-    ("consumer", "bias"): None,
-    ("lm_head", "weight"): 1,
-    ("residual_norm", "weight"): 0,
-    ("branch_norm", "weight"): 0,
-    ("final_norm", "weight"): 0,
-}
-
-
 @dataclass
 class _MergePlan:
     """Everything that decides how one tensor is transformed; built once, before any shard is read."""
@@ -221,7 +206,7 @@ class _MergePlan:
         dtype, shape = self._out_dtype(spec.dtype), list(spec.shape)
         if self.tied_in and module == self.family.lm_head:
             return []  # a tied lm_head has no tensor of its own (written from the embedding if untied)
-        axis = _PRUNED_AXIS.get((role, param), -1) if role is not None else None
+        axis = PRUNED_AXIS.get((role, param), -1) if role is not None else None
         if axis == -1:
             raise CheckpointError(f"{spec.file}: unexpected tensor {spec.name!r} for a {self.family.name} model.")
         if axis is not None:
@@ -244,7 +229,7 @@ class _MergePlan:
         if role == "embedding":
             hsm, g = adapter.hsm[module], adapter.gate_scale(module)
             for rows in source.row_chunks():
-                folded = prune.fold_and_prune_embedding(
+                folded = fold.fold_and_prune_embedding(
                     source.rows(rows), hsm.get("down"), hsm.get("up"), g, keep, f["embedding"]
                 )
                 yield spec.name, folded
@@ -263,18 +248,18 @@ class _MergePlan:
         elif role == "producer":
             hsm, g = adapter.hsm[module], adapter.gate_scale(module)
             if param == "bias":
-                folded = prune.fold_bias(tensor, hsm.get("down"), hsm.get("up"), g).to(tensor.dtype)
-                yield spec.name, prune.prune_rows(folded, keep, f["producer"])
+                folded = fold.fold_bias(tensor, hsm.get("down"), hsm.get("up"), g).to(tensor.dtype)
+                yield spec.name, fold.prune_rows(folded, keep, f["producer"])
             else:
                 yield (
                     spec.name,
-                    prune.fold_and_prune_producer(tensor, lora, hsm.get("down"), hsm.get("up"), g, keep, f["producer"]),
+                    fold.fold_and_prune_producer(tensor, lora, hsm.get("down"), hsm.get("up"), g, keep, f["producer"]),
                 )
         else:  # norms
             gain = tensor
             if role == "final_norm" and self.tied_fold:
-                gain = prune.divide_norm_gain(gain, adapter.gate_scale(family.embedding), family.norm_offset)
-            yield spec.name, prune.rescale_norm_gain(gain, keep, family.norm_offset, f[role])
+                gain = fold.divide_norm_gain(gain, adapter.gate_scale(family.embedding), family.norm_offset)
+            yield spec.name, fold.rescale_norm_gain(gain, keep, family.norm_offset, f[role])
 
 
 class _Source:
@@ -290,7 +275,7 @@ class _Source:
     def row_chunks(self) -> list[slice]:
         """The chunk boundaries the in-memory fold of a tensor of this shape uses (same bits)."""
         shape = self.spec.shape
-        return prune.row_chunks(shape[0], int(torch.Size(shape[1:]).numel()))
+        return fold.row_chunks(shape[0], int(torch.Size(shape[1:]).numel()))
 
     def rows(self, rows: slice | None) -> torch.Tensor:
         """Rows ``rows`` of the first dimension, or the whole tensor for None."""
@@ -302,15 +287,15 @@ class _Source:
 
 
 def _merge_rows(
-    weight_rows: torch.Tensor, lora: prune.LoRAUpdate | None, rows: slice, keep: torch.Tensor | None
+    weight_rows: torch.Tensor, lora: fold.LoRAUpdate | None, rows: slice, keep: torch.Tensor | None
 ) -> torch.Tensor:
     """Rows ``rows`` of W + dW, restricted to the kept columns K (None: all columns)."""
     if lora is None:
-        return weight_rows if keep is None else prune.prune_columns(weight_rows, keep)
+        return weight_rows if keep is None else fold.prune_columns(weight_rows, keep)
     lora = lora.restricted(rows)
     if keep is None:
-        return prune.merge_lora(weight_rows, lora)
-    return prune.merge_lora_and_prune_columns(weight_rows, lora, keep)
+        return fold.merge_lora(weight_rows, lora)
+    return fold.merge_lora_and_prune_columns(weight_rows, lora, keep)
 
 
 def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: torch.dtype | None) -> _MergePlan:
@@ -320,14 +305,7 @@ def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: to
         adapter=f"The PAT adapter in {adapter.folder}", base="the base checkpoint", action="Merge it into",
     )  # fmt: skip
     mask = adapter.mask
-    if not mask._hard:
-        warnings.warn(
-            f"The PAT mask in {adapter.folder} is still soft (step {int(mask.step)} of {int(mask.total_steps)}, before "
-            "the freeze point); hardening it now to the exact top-N channels. The merged model then differs from "
-            "the soft-masked model; train past the freeze point for an exact match.",
-            stacklevel=3,
-        )
-        mask.harden()
+    harden_for_merge(mask, f"The PAT mask in {adapter.folder}", stacklevel=3)
     try:
         keep = validate_keep(mask.kept_indices(), int(config.hidden_size), int(config.num_attention_heads))
     except PATConfigError as exc:
@@ -361,16 +339,11 @@ def _plan(config, specs: list[TensorSpec], adapter: PATAdapterWeights, dtype: to
             raise AdapterMismatchError(f"The adapter saves a copy of {name!r}; the base checkpoint has no such tensor.")
 
     emb = adapter.hsm[family.embedding]
-    tied_fold = (
-        tied_in
-        and "down" not in emb
-        and family.lm_head not in adapter.lora
-        and prune.can_divide_out(adapter.gate_scale(family.embedding))
-    )
+    tied_fold = keeps_tie(tied_in, "down" in emb, family.lm_head in adapter.lora, adapter.gate_scale(family.embedding))
     compute_dtype = dtype or next(s.dtype for s in specs if s.name == f"{family.embedding}.weight")
     d, kept = int(config.hidden_size), int(keep.numel())
-    scales = prune.embedding_scales(d, kept, compute_dtype)  # as the model loaded in that dtype multiplies
-    factors = prune.pruning_factors(d, kept, bool(family.embedding_scale_attr), tied_fold, embedding_scales=scales)
+    scales = fold.embedding_scales(d, kept, compute_dtype)  # as the model loaded in that dtype multiplies
+    factors = fold.pruning_factors(d, kept, bool(family.embedding_scale_attr), tied_fold, embedding_scales=scales)
     return _MergePlan(family, adapter, keep, factors, roles, tied_in, tied_fold, dtype)
 
 

@@ -1,6 +1,6 @@
 """Where the residual stream of each supported decoder family is written, read and normalised.
 
-Hidden-width pruning needs to know, per family, three kinds of modules (pat-method.md §1):
+Hidden-width pruning needs to know, per family, three kinds of modules (docs/method.md §1):
 
 * **producers** write into the residual stream: the token embedding and, in every decoder layer, the
   last linear of each branch (``o_proj``, ``down_proj``). PAT puts an HSM on each of their outputs
@@ -9,7 +9,7 @@ Hidden-width pruning needs to know, per family, three kinds of modules (pat-meth
   ``qkv_proj`` / ``gate_up_proj``) and ``lm_head``. At merge time they keep only their input columns K.
 * **norms**: RMS norms that read the residual stream (``input_layernorm``, the final ``norm``, ...)
   and, in Gemma 2/3, norms that sit on a branch output before the residual add. Their gains are
-  sliced to K and rescaled (see :mod:`peft_pat.prune`).
+  sliced to K and rescaled (see :mod:`peft_pat.fold`).
 
 Everything here is data: one :class:`FamilySpec` per family in :data:`FAMILIES`. Adding a family is
 one entry plus its tests. Per-head norms (Qwen3 / Gemma3 ``q_norm``/``k_norm``) act on ``head_dim``,
@@ -26,10 +26,6 @@ from .errors import UnsupportedModelError
 _LLAMA_CONSUMERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 _LLAMA_PRODUCERS = ("self_attn.o_proj", "mlp.down_proj")
 _LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-# Roles of the modules that read, write or normalise the residual stream (FamilySpec.module_roles).
-ROLES = ("embedding", "producer", "consumer", "residual_norm", "branch_norm", "final_norm", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,8 @@ class FamilySpec:
         return match.group(2) if match else None
 
     def module_roles(self, num_layers: int, tied: bool) -> dict[str, str]:
-        """Every module that touches the residual stream, by full path, with its role in :data:`ROLES`.
+        """Every module that touches the residual stream, by full path, with its role: ``embedding``,
+        ``producer``, ``consumer``, ``residual_norm``, ``branch_norm``, ``final_norm`` or ``lm_head``.
 
         Used to transform a checkpoint tensor by tensor (``peft-pat merge``). A tied ``lm_head`` is
         not listed: it has no tensor of its own.

@@ -20,9 +20,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from . import prune
+from . import fold
 from .errors import PATStateError
 from .hsm import low_rank_hsm
+from .merge_plan import gate_scale, lora_scaling
 
 
 class PATLayer(BaseTunerLayer):
@@ -67,7 +68,7 @@ class PATLayer(BaseTunerLayer):
         if lora_rank > 0:
             in_features, out_features = self._lora_shape()
             self.pat_r[adapter_name] = lora_rank
-            self.pat_scaling[adapter_name] = lora_alpha / lora_rank
+            self.pat_scaling[adapter_name] = lora_scaling(lora_alpha, lora_rank)
             self.pat_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
             self.pat_lora_A[adapter_name] = nn.Linear(in_features, lora_rank, bias=False)
             self.pat_lora_B[adapter_name] = nn.Linear(lora_rank, out_features, bias=False)
@@ -107,14 +108,17 @@ class PATLayer(BaseTunerLayer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ forward pieces
+    def in_teacher_pass(self) -> bool:
+        """True inside ``PATModel.teacher_pass()``: the layer computes its base layer only."""
+        masks = self._pat_masks
+        return masks is not None and getattr(masks, "teacher_pass", False) and not self.merged
+
     def has_hsm(self, adapter_name: str) -> bool:
         return adapter_name in self.pat_hsm_scale
 
     def hsm_gate_scale(self, adapter_name: str) -> torch.Tensor:
         """g = s ⊙ M, float32, shape (d,)."""
-        gate = self._pat_masks[adapter_name].gate()
-        scale = self.pat_hsm_scale[adapter_name]
-        return scale.float() * gate.to(scale.device, torch.float32)
+        return gate_scale(self.pat_hsm_scale[adapter_name], self._pat_masks[adapter_name].gate())
 
     def _apply_hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s ⊙ M ⊙ (y + L1 L0 y), computed in the activation dtype (weights are cast, not activations).
@@ -139,10 +143,10 @@ class PATLayer(BaseTunerLayer):
         eye = torch.eye(gram.shape[0], device=gram.device)
         return ((gram - eye) ** 2).mean()
 
-    def _lora_update(self, adapter_name: str) -> prune.LoRAUpdate | None:
+    def _lora_update(self, adapter_name: str) -> fold.LoRAUpdate | None:
         if adapter_name not in self.pat_lora_A:
             return None
-        return prune.LoRAUpdate(
+        return fold.LoRAUpdate(
             self.pat_lora_A[adapter_name].weight, self.pat_lora_B[adapter_name].weight, self.pat_scaling[adapter_name]
         )
 
@@ -223,6 +227,8 @@ class PATLinear(nn.Module, PATLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.in_teacher_pass():
+            return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -248,11 +254,11 @@ class PATLinear(nn.Module, PATLayer):
         if not self.has_hsm(adapter_name):
             if delta is None:
                 return (base.weight.detach().clone() if out is None else out), base.bias
-            return prune.merge_lora(base.weight, delta, out=out), base.bias
+            return fold.merge_lora(base.weight, delta, out=out), base.bias
         down, up = self.hsm_factors(adapter_name)
         gate_scale = self.hsm_gate_scale(adapter_name)
         dtype = base.weight.dtype
-        return prune.fold_producer(base.weight, base.bias, delta, down, up, gate_scale, dtype=dtype, out=out)
+        return fold.fold_producer(base.weight, base.bias, delta, down, up, gate_scale, dtype=dtype, out=out)
 
     def __repr__(self) -> str:
         return "pat." + super().__repr__()
@@ -275,6 +281,8 @@ class PATEmbedding(nn.Module, PATLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.in_teacher_pass():
+            return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -287,7 +295,7 @@ class PATEmbedding(nn.Module, PATLayer):
         base = self.get_base_layer()
         down, up = self.hsm_factors(adapter_name)
         gate_scale = self.hsm_gate_scale(adapter_name)
-        return prune.fold_embedding(base.weight, down, up, gate_scale, dtype=base.weight.dtype, out=out), None
+        return fold.fold_embedding(base.weight, down, up, gate_scale, dtype=base.weight.dtype, out=out), None
 
     def __repr__(self) -> str:
         return "pat." + super().__repr__()

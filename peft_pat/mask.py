@@ -5,7 +5,7 @@ One logit vector w in R^d per adapter. Before the freeze step the gate is soft,
     M = sigmoid(tau(s) * w) + beta(s),   tau(s) = 1 / (1 - ln s / ln s0),   beta(s) = max(0.5 - s / s0, 0)
 
 (Eqs. 8-10, s = optimizer step, s0 = milestone step). At the freeze step the gate becomes the exact
-top-N indicator of w and stays fixed (pat-method.md §9.3-9.4), so the rest of training runs on the
+top-N indicator of w and stays fixed (docs/method.md §8), so the rest of training runs on the
 network that ships. The schedule state (step, total steps, hard mask) lives in buffers and is saved
 with the adapter, so a resumed run continues exactly where it stopped.
 
@@ -71,9 +71,13 @@ def offset(step: int, s0: int) -> float:
     return max(0.5 - step / s0, 0.0)
 
 
-def top_n_indicator(logits: torch.Tensor, n: int) -> torch.Tensor:
-    """0/1 float vector marking the ``n`` largest logits; ties go to the lower channel index."""
-    order = torch.sort(logits.detach().float(), descending=True, stable=True).indices
+def top_n_indicator(logits: torch.Tensor, n: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """0/1 float vector marking the ``n`` largest logits, ``protected`` channels (bool) first; ties go to
+    the lower channel index."""
+    ranking = logits.detach().float()
+    if protected is not None:
+        ranking = torch.where(protected.to(ranking.device), torch.inf, ranking)
+    order = torch.sort(ranking, descending=True, stable=True).indices
     indicator = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     indicator[order[:n]] = 1.0
     return indicator
@@ -91,6 +95,7 @@ class PATMask(nn.Module):
         freeze: float,
         mask_lr: float | None = None,
         random_init: bool = False,
+        fade_to_hard: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)
@@ -98,6 +103,7 @@ class PATMask(nn.Module):
         self.milestone_fraction = float(milestone)
         self.freeze_fraction = float(freeze)
         self.mask_lr = mask_lr
+        self.fade_to_hard = bool(fade_to_hard)
         self.logits = nn.Parameter(torch.randn(hidden_size) if random_init else torch.zeros(hidden_size))
         self.register_buffer("lr_ratio", torch.ones((), dtype=torch.float64))  # kappa
         self.register_buffer("base_lr", torch.zeros((), dtype=torch.float64))  # optimizer lr kappa was set for
@@ -106,16 +112,28 @@ class PATMask(nn.Module):
         self.register_buffer("is_hard", torch.zeros((), dtype=torch.bool))
         self.register_buffer("hard_mask", torch.ones(hidden_size))
         self.register_buffer("bad_grad_events", torch.zeros((), dtype=torch.long))
+        # Importance-aware start (calibrate): done once, saved with the adapter so a resumed run skips it.
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("protected", torch.zeros(hidden_size, dtype=torch.bool))  # never pruned
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.register_buffer("beta", torch.full((), 0.5), persistent=False)
+        self.register_buffer("fade", torch.zeros(()), persistent=False)  # f(s) of fade_to_hard
+        self.register_buffer("fade_target", torch.ones(hidden_size), persistent=False)  # top-N of w at this step
         self._hard = False
         self._kappa = 1.0
         self._last_finite_logits: torch.Tensor | None = None
         self._reported_bad_events = 0
         self._soft_training_gates = 0  # gate() calls in training since the last set_step ...
-        self._auxiliary_loss_seen = False  # ... and whether auxiliary_losses() ran among them
+        self._auxiliary_loss_seen = False  # ... and whether mask_losses() ran among them
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
+
+    OPTIONAL_STATE = ("calibrated", "protected")  # added in 0.2: adapters saved by 0.1 load without them
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.OPTIONAL_STATE:
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_config(cls, config, random_init: bool = False) -> PATMask:
@@ -127,6 +145,7 @@ class PATMask(nn.Module):
             freeze=config.mask_freeze,
             mask_lr=config.mask_lr,
             random_init=random_init,
+            fade_to_hard=getattr(config, "mask_fade_to_hard", False),
         )
 
     # ------------------------------------------------------------------ schedule
@@ -142,6 +161,10 @@ class PATMask(nn.Module):
         else:
             self.tau.fill_(1.0)
             self.beta.fill_(0.5)
+        fade = min(1.0, step / freeze_step(total, self.freeze_fraction)) if self.fade_to_hard and total > 0 else 0.0
+        self.fade.fill_(fade)
+        if fade > 0 and not self._hard:
+            self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
 
     def configure_learning_rate(self, learning_rate: float, total_steps: int) -> float:
         """Set kappa = mask_lr / learning_rate for an optimizer whose peak learning rate is ``learning_rate``.
@@ -255,12 +278,15 @@ class PATMask(nn.Module):
         training = self.training and self.logits.requires_grad and torch.is_grad_enabled()
         if training and not torch.compiler.is_compiling():  # eager only: compiled graphs must not recompile
             self._soft_training_gates += 1
-        return torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
+        soft = torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
+        if self.fade_to_hard:  # M <- (1 - f) M + f * top-N(w): exactly the hard mask at the freeze step
+            soft = torch.lerp(soft, self.fade_target, self.fade)
+        return torch.where(self.protected, torch.ones_like(soft), soft)  # protected channels never fade
 
     @torch.no_grad()
     def harden(self) -> None:
         """Fix the gate to the exact top-N of w (ties broken by channel index) and polarise w to +-0.5."""
-        hard = top_n_indicator(self.logits, self.kept_width)  # same order as w = kappa * theta (kappa > 0)
+        hard = top_n_indicator(self.logits, self.kept_width, self.protected)  # order of w = kappa theta, kappa > 0
         self.hard_mask.copy_(hard)
         self.is_hard.fill_(True)
         self._hard = True
@@ -272,6 +298,53 @@ class PATMask(nn.Module):
         polar = torch.where(self.hard_mask > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
         self.logits.copy_(polar.to(self.logits.dtype))
 
+    @torch.no_grad()
+    def start_from_importance(self, scores: torch.Tensor, protected: torch.Tensor, margin: float) -> torch.Tensor:
+        """Importance-aware start: logits ordered by ``scores`` around the kept/pruned boundary.
+
+        The channel of importance rank k (0 = most important; ``protected`` channels rank first) gets
+        w = margin * (N - 1/2 - k) / d, so exactly the top-N start with w > 0 (the active-channel loss is
+        0 at step 0) and |w| <= margin. Returns the step-0 gate M(w) (Eq. 10 at s = 0) that the HSM
+        scales divide out, so the network still equals the base model at step 0.
+        """
+        if self._hard:
+            raise PATStateError("start_from_importance: the mask is already hard; calibrate before training.")
+        protected = protected.to(self.protected.device, torch.bool)
+        if int(protected.sum()) > self.kept_width:
+            raise PATConfigError(
+                f"{int(protected.sum())} channels are protected as massive activations but only {self.kept_width} are "
+                "kept; lower target_sparsity, or raise massive_activation_ratio / set protect_massive_activations="
+                "False to allow pruning them."
+            )
+        ranking = torch.where(protected.cpu(), torch.inf, scores.detach().double().cpu())
+        order = torch.sort(ranking, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        w = margin * (self.kept_width - 0.5 - rank.double()) / self.hidden_size
+        self.logits.copy_((w / self._kappa).to(self.logits.dtype).to(self.logits.device))
+        self.protected.copy_(protected)
+        self.calibrated.fill_(True)
+        self._last_finite_logits = None
+        gate = torch.sigmoid(w) + offset(0, 2)  # tau = 1 and beta = 1/2 at step 0
+        return torch.where(protected.cpu(), torch.ones_like(gate), gate).float()
+
+    @property
+    def hardened(self) -> bool:
+        """Whether the gate is the frozen exact top-N 0/1 mask (no device sync; the ``is_hard`` buffer holds it)."""
+        return self._hard
+
+    @property
+    def learning_rate_ratio(self) -> float:
+        """kappa = mask_lr / optimizer learning rate: the logits are w = kappa * theta (module docstring)."""
+        return self._kappa
+
+    @torch.no_grad()
+    def kept_set(self) -> torch.Tensor:
+        """Bool (d,): the channels hardening keeps: the hard mask once hard, the top-N of the logits while soft."""
+        if self._hard:
+            return self.hard_mask > 0.5
+        return top_n_indicator(self.logits, self.kept_width, self.protected) > 0.5
+
     def kept_indices(self) -> torch.Tensor:
         """Sorted indices of the kept channels (the mask must be hard)."""
         if not self._hard:
@@ -279,7 +352,7 @@ class PATMask(nn.Module):
         return torch.nonzero(self.hard_mask > 0.5, as_tuple=False).flatten()
 
     # ------------------------------------------------------------------ losses
-    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+    def mask_losses(self) -> dict[str, torch.Tensor]:
         """Active-channel loss |#{w >= 0} - N| / N (Eq. 11, straight-through count) and polarisation."""
         self._auxiliary_loss_seen = True
         if self._hard:
@@ -287,7 +360,7 @@ class PATMask(nn.Module):
             zero = self.logits.sum() * 0.0 + 0.0  # + 0.0: a log shows 0, never -0
             return {"active": zero, "polarization": zero}
         w = self.effective_logits().float()
-        binary = (w >= 0).float()
+        binary = ((w >= 0) | self.protected).float()  # protected channels count as kept whatever their logit
         count = (binary + w - w.detach()).sum()  # forward: #kept; backward: d count / d w_i = 1
         active = (count - self.kept_width).abs() / self.kept_width
         pos = (w > 0).float()
@@ -299,7 +372,7 @@ class PATMask(nn.Module):
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """Numbers for logs: kept channels (hard count, or #{w >= 0} while soft), temperature, offset."""
-        kept = float(self.hard_mask.sum()) if self._hard else float((self.logits >= 0).sum())
+        kept = float(self.hard_mask.sum()) if self._hard else float(((self.logits >= 0) | self.protected).sum())
         return {
             "kept_channels": kept,
             "gate_mean": float(self.gate().mean()),
@@ -307,6 +380,7 @@ class PATMask(nn.Module):
             "temperature": float(self.tau),
             "offset": float(self.beta),
             "hard": float(self._hard),
+            "protected_channels": float(self.protected.sum()),
             "step": float(self.step),
         }
 

@@ -4,8 +4,12 @@ loss in its forward pass and turns a trained adapter into a smaller stock model 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import math
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -14,23 +18,30 @@ from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import prune
+from . import fold
+from .calibration import channel_statistics, massive_channels
 from .checks import (
     check_adapter_matches_base,
     check_adapter_name,
     check_causal_lm_layout,
     check_injection_targets,
     check_not_quantized,
+    plain_float_layer_error,
 )
 from .config import PATConfig
-from .errors import AdapterMismatchError, PATConfigError, PATStateError, UnsupportedModelError
+from .distillation import distillation_loss
+from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
-from .io import make_save_pretrained_atomic
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
-from .surgery import get_module, prune_hidden_channels
-from .width import resolve_kept_width
+from .merge_plan import harden_for_merge, keeps_tie
+from .saving import make_save_pretrained_atomic
+from .surgery import own_config, prune_hidden_channels
+from .width import kept_width_for
 
+logger = logging.getLogger("peft_pat")
+
+HARDENING_WINDOW = 3  # optimizer steps averaged on each side of the hardening step for the loss-change log
 DEFAULT_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 
 
@@ -57,7 +68,7 @@ def _shared_parameter_ids(model: nn.Module) -> set[int]:
 class PATModel(BaseTuner):
     """Pruning-Aware Tuning (Liu et al., AAAI-25) as a PEFT tuner.
 
-    Layout (pat-method.md §1): an HSM on the embedding and on every ``o_proj``/``down_proj`` output,
+    Layout (docs/method.md §1): an HSM on the embedding and on every ``o_proj``/``down_proj`` output,
     one :class:`~peft_pat.mask.PATMask` per adapter shared by all of them (``self.pat_mask``), and LoRA
     on ``target_modules``. The training-time forward adds the auxiliary losses to ``output.loss``.
     """
@@ -77,15 +88,18 @@ class PATModel(BaseTuner):
         self._pruned = False
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged."""
+        """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged.
+
+        BaseTuner calls :meth:`_prepare_adapter_config` (once) and then :meth:`_prepare_model`, which runs
+        the checks, before it replaces any module."""
         check_adapter_name(adapter_name)
-        config = self.peft_config[adapter_name]
-        explicit_targets = getattr(config, "target_modules", None) is not None
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
-        family = family_for_model_type(config.base_model_type)
-        check_causal_lm_layout(model, family)
-        check_injection_targets(model, config, family, explicit_targets)
+        self._explicit_targets = getattr(self.peft_config[adapter_name], "target_modules", None) is not None
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _prepare_model(self, peft_config: PATConfig, model: nn.Module) -> None:
+        family = family_for_model_type(peft_config.base_model_type)
+        check_causal_lm_layout(model, family)
+        check_injection_targets(model, peft_config, family, self._explicit_targets)
 
     @property
     def family(self) -> FamilySpec:
@@ -109,25 +123,7 @@ class PATModel(BaseTuner):
             hidden,
             vocab,
         )
-        if peft_config.kept_width is None:
-            peft_config.kept_width = resolve_kept_width(
-                hidden, heads, peft_config.target_sparsity, peft_config.target_width, peft_config.width_multiple
-            )
-        elif not 0 < peft_config.kept_width < hidden or peft_config.kept_width % heads:
-            raise AdapterMismatchError(
-                f"kept_width={peft_config.kept_width} recorded in the adapter does not fit this base model "
-                f"(hidden_size={hidden}, num_attention_heads={heads}): it must lie strictly between 0 and hidden_size "
-                "and be a multiple of the head count. Load the adapter onto the base it was trained from, or remove "
-                "kept_width from adapter_config.json so it is recomputed from target_sparsity / target_width."
-            )
-        elif peft_config.target_width is None:
-            resolved = resolve_kept_width(hidden, heads, peft_config.target_sparsity, None, peft_config.width_multiple)
-            if resolved != peft_config.kept_width:
-                raise PATConfigError(
-                    f"kept_width={peft_config.kept_width} contradicts target_sparsity={peft_config.target_sparsity} "
-                    f"on hidden_size={hidden}, which gives {resolved}. kept_width is filled in automatically; to "
-                    f"choose the width yourself give target_width={peft_config.kept_width} instead of target_sparsity."
-                )
+        peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
         if peft_config.hsm_rank is None:
             peft_config.hsm_rank = default_hsm_rank(hidden)
         elif peft_config.hsm_rank >= hidden:
@@ -185,11 +181,6 @@ class PATModel(BaseTuner):
         is_embedding = family.is_embedding(current_key)
         with_hsm = family.is_producer(current_key)
         wants_lora = peft_config.r > 0 and bool(check_target_module_exists(peft_config, current_key))
-        if is_embedding and wants_lora:
-            raise PATConfigError(
-                f"target_modules matches the embedding '{current_key}', which PAT already adapts with an HSM "
-                "(no LoRA on embeddings); remove it from target_modules."
-            )
         diagonal = is_embedding and peft_config.embedding_hsm == "diagonal"
         kwargs: dict[str, Any] = {
             "lora_rank": peft_config.r if wants_lora else 0,
@@ -203,18 +194,12 @@ class PATModel(BaseTuner):
         if isinstance(target, PATLayer):
             target.update_layer(adapter_name, masks, **kwargs)
             return
-        if isinstance(target, BaseTunerLayer):
-            raise UnsupportedModelError(f"'{current_key}' is already wrapped by another PEFT method ({type(target)}).")
-        if type(target) is nn.Linear or (isinstance(target, nn.Linear) and type(target).__module__.startswith("torch")):
-            new_module: nn.Module = PATLinear(target, adapter_name, masks, **kwargs)
-        elif isinstance(target, nn.Embedding) and is_embedding:
-            new_module = PATEmbedding(target, adapter_name, masks, **kwargs)
-        else:
-            raise UnsupportedModelError(
-                f"PAT cannot wrap '{current_key}' of type {type(target).__module__}.{type(target).__name__}: only "
-                "plain float nn.Linear / nn.Embedding layers can be merged and pruned exactly. Quantized layers "
-                "(bitsandbytes, GPTQ, AWQ, ...) are not supported; load the base model in a float dtype."
-            )
+        # check_injection_targets refused everything else before injection; this guards direct calls
+        error = plain_float_layer_error(current_key, target, nn.Embedding if is_embedding else nn.Linear)
+        if error is not None:
+            raise error
+        layer_cls = PATEmbedding if is_embedding else PATLinear
+        new_module: nn.Module = layer_cls(target, adapter_name, masks, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -279,14 +264,60 @@ class PATModel(BaseTuner):
                 "set_step: this model has no PAT adapter (all were deleted?); add one with add_adapter(name, "
                 "PATConfig(...)) or wrap the base model with get_peft_model(base, PATConfig(...))."
             )
+        self._trace_hardening_loss(step)
+        self._warn_if_uncalibrated(step)
         for name, mask in self.pat_mask.items():
             if mask.set_step(step, total_steps, learning_rate=learning_rate):
                 kept = int(mask.hard_mask.sum())
+                self._hardened_at = step
                 warnings.warn(
                     f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {kept} of "
                     f"{mask.hidden_size} hidden channels kept.",
                     stacklevel=2,
                 )
+
+    def _warn_if_uncalibrated(self, step: int) -> None:
+        """Once: training started while an adapter still waits for its importance-aware start."""
+        if step < 1 or self.__dict__.get("_warned_uncalibrated"):
+            return
+        waiting = [n for n in self.pat_mask if n in self.peft_config and self.needs_calibration(n)]
+        if waiting:
+            self._warned_uncalibrated = True
+            warnings.warn(
+                f"PAT adapter(s) {waiting}: training started without the importance-aware mask start, so the mask "
+                "logits start at 0 and massive-activation channels are not protected. Call "
+                "model.calibrate(first_training_batches) before the first step (PATCallback does it for "
+                "the Trainer), or set PATConfig(calibration_batches=0) to start from 0 on purpose.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _trace_hardening_loss(self, step: int) -> None:
+        """Record the training objective per step; HARDENING_WINDOW steps after the hardening, log its change.
+
+        The objective is the distillation loss when distilling, else the task loss (auxiliary losses
+        excluded). ``hardening_loss_change`` = mean over the window after - mean over the window before.
+        """
+        losses = self.__dict__.get("_last_losses", {})
+        value = losses.get("distillation_loss", losses.get("task_loss"))
+        if value is None or step < 1:
+            return
+        trace = self.__dict__.setdefault("_objective_trace", {})
+        trace[step] = float(value)
+        hardened = self.__dict__.get("_hardened_at")
+        if hardened is None or step != hardened + HARDENING_WINDOW or "hardening_loss_change" in self.__dict__:
+            return
+        before = [trace[s] for s in range(hardened - HARDENING_WINDOW + 1, hardened + 1) if s in trace]
+        after = [trace[s] for s in range(hardened + 1, hardened + HARDENING_WINDOW + 1) if s in trace]
+        if before and after:
+            self.hardening_loss_change = sum(after) / len(after) - sum(before) / len(before)
+            logger.info(
+                "PAT: training loss across the hardening at step %d: %.4f before, %.4f after (%+.4f).",
+                hardened,
+                sum(before) / len(before),
+                sum(after) / len(after),
+                self.hardening_loss_change,
+            )
 
     def harden_mask(self, adapter_name: str | None = None) -> None:
         """Turn the mask of ``adapter_name`` (default: the active one) into the exact top-N 0/1 mask now."""
@@ -297,7 +328,10 @@ class PATModel(BaseTuner):
         """Each weighted auxiliary loss and the task loss (mean per target token of the micro-batch) of the
         last training forward. Kept as detached tensors until read, so the forward pass neither waits for
         the device nor breaks a ``torch.compile`` graph."""
-        return {key: float(value) for key, value in self.__dict__.get("_last_losses", {}).items()}
+        values = {key: float(value) for key, value in self.__dict__.get("_last_losses", {}).items()}
+        if "hardening_loss_change" in self.__dict__:
+            values["hardening_loss_change"] = float(self.hardening_loss_change)
+        return values
 
     def pat_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Schedule state and the last auxiliary losses, for logging."""
@@ -318,7 +352,7 @@ class PATModel(BaseTuner):
             if name not in self.pat_mask:
                 continue
             config: PATConfig = self.peft_config[name]
-            mask_losses = self.pat_mask[name].auxiliary_losses()
+            mask_losses = self.pat_mask[name].mask_losses()
             terms = {
                 "active_loss": mask_losses["active"] * config.active_loss_weight,
                 "polarization_loss": mask_losses["polarization"] * config.polarization_weight,
@@ -339,21 +373,154 @@ class PATModel(BaseTuner):
             total = torch.zeros(())
         return total, parts
 
+    # ------------------------------------------------------------------ teacher and calibration
+    @contextlib.contextmanager
+    def teacher_pass(self) -> Iterator[None]:
+        """Run the base model: every PAT piece (HSMs, mask, LoRA, modules_to_save copies) bypassed.
+
+        A flag read by the PAT layers' forward; unlike PEFT's ``disable_adapter()`` it leaves
+        ``requires_grad`` alone, so it is safe inside a training step (DDP, optimizers, compile).
+        """
+        wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        previous = [m._disable_adapters for m in wrappers]
+        self.pat_mask.teacher_pass = True
+        for module in wrappers:
+            module._disable_adapters = True
+        try:
+            yield
+        finally:
+            self.pat_mask.teacher_pass = False
+            for module, value in zip(wrappers, previous):
+                module._disable_adapters = value
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Mapping[str, torch.Tensor]], adapter_name: str | None = None) -> dict:
+        """Importance-aware mask start from ``batches`` (dicts with ``input_ids``, optional ``attention_mask``).
+
+        Ranks hidden channels by the activation criterion of :mod:`peft_pat.calibration` on the base
+        model (PAT bypassed), protects massive-activation channels (``protect_massive_activations``),
+        orders the mask logits by rank within +-``calibration_margin`` (the mask starts at the activation
+        top-N) and divides the change of the step-0 gate out of every HSM scale, so the network still
+        computes exactly what it computed before (the base model, for a fresh adapter). Uses the first
+        ``calibration_batches`` batches. Call before the first optimizer step; PATCallback does it.
+        Returns a summary (tokens, protected channels and their energy ratio to the median).
+        """
+        self._check_not_pruned()
+        name = self._single_adapter(adapter_name)
+        config: PATConfig = self.peft_config[name]
+        mask = self.pat_mask[name]
+        if mask.hardened:
+            raise PATStateError("calibrate: the mask is already hard (training is past the freeze point).")
+        limit = config.calibration_batches or None
+        chosen = list(itertools.islice(batches, limit))
+        if not chosen:
+            raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
+        with self.teacher_pass():
+            stats = channel_statistics(self.model, chosen, self.family)
+        score, energy = _all_reduce_mean(stats.score, self.model), _all_reduce_mean(stats.energy, self.model)
+        protected = torch.zeros(mask.hidden_size, dtype=torch.bool)
+        if config.protect_massive_activations:
+            protected[massive_channels(energy, config.massive_activation_ratio)] = True
+        gate_before = mask.gate().detach().float().cpu()
+        gate_after = mask.start_from_importance(score, protected, config.calibration_margin)
+        ratio = gate_before / gate_after
+        for layer in self._pat_layers():
+            if layer.has_hsm(name):
+                scale = layer.pat_hsm_scale[name]
+                scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
+        median = float(energy.median())
+        summary = {
+            "tokens": stats.tokens,
+            "batches": len(chosen),
+            "protected_channels": protected.nonzero().flatten().tolist(),
+            "protected_energy_ratio": [round(float(energy[i]) / median, 1) for i in protected.nonzero().flatten()],
+        }
+        if summary["protected_channels"]:
+            logger.warning(
+                "PAT: protected massive-activation channel(s) %s (residual energy %s x the median) from pruning; "
+                "set protect_massive_activations=False to allow it.",
+                summary["protected_channels"],
+                summary["protected_energy_ratio"],
+            )
+        logger.info("PAT: mask start ranked %d channels on %d calibration tokens.", mask.hidden_size, stats.tokens)
+        self.calibration_summary = summary
+        return summary
+
+    def needs_calibration(self, adapter_name: str | None = None) -> bool:
+        """True while the adapter asks for an importance-aware start that has not run (and the mask is soft)."""
+        name = self._single_adapter(adapter_name)
+        mask = self.pat_mask[name]
+        return self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated) and not mask.hardened
+
+    def _distillation_settings(self) -> tuple[float, float] | None:
+        """(weight, temperature) of the active adapter when this forward should distil, else None."""
+        if not (self.training and torch.is_grad_enabled()) or "pat_mask" not in self._modules:
+            return None
+        active = [a for a in self.active_adapters if a in self.pat_mask]
+        if len(active) != 1:
+            return None
+        config: PATConfig = self.peft_config[active[0]]
+        if config.distillation_weight <= 0:
+            return None
+        return float(config.distillation_weight), float(config.distillation_temperature)
+
     def forward(self, *args: Any, **kwargs: Any):
         self._check_not_pruned()
+        # TRL's SFTTrainer asks its patched forward for per-token log-probabilities (fused_lm_head=True) and builds
+        # no logits: nothing to distil from, so that call keeps the task loss only (docs/training.md).
+        distill = None if kwargs.get("fused_lm_head") else self._distillation_settings()
+        teacher_logits = None
+        if distill is not None:
+            teacher_kwargs = {
+                k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels", "num_items_in_batch")
+            }
+            teacher_kwargs["use_cache"] = False
+            with torch.no_grad(), self.teacher_pass():
+                teacher_logits = self.model(*args, **teacher_kwargs).logits
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
-        if not self.training or loss is None or "pat_mask" not in self._modules or not len(self.pat_mask):
+        if not self.training or "pat_mask" not in self._modules or not len(self.pat_mask):
             return outputs
-        aux, parts = self.auxiliary_loss()
+        if loss is None and teacher_logits is None:
+            return outputs
         fraction = self._aux_fraction(kwargs)
-        outputs.loss = loss + aux.to(loss.device) * fraction
-        task_loss = loss.detach()
-        if isinstance(fraction, torch.Tensor):  # loss = sum / (tokens in the whole step): log this micro-batch's mean
-            task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
+        parts_log: dict[str, torch.Tensor] = {}
+        if teacher_logits is not None:
+            weight, temperature = distill
+            kd = distillation_loss(
+                outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature, consume_teacher=True
+            )
+            parts_log["distillation_loss"] = kd.detach()
+            kd_step = kd * self._distillation_share(kwargs, outputs.logits, fraction).to(kd.device)
+            objective = kd_step * weight if loss is None or weight == 1.0 else loss * (1 - weight) + kd_step * weight
+        else:
+            objective = loss
+        aux, parts = self.auxiliary_loss()
+        outputs.loss = objective + aux.to(objective.device) * fraction
         self._last_losses = {key: value.detach() for key, value in parts.items()}
-        self._last_losses["task_loss"] = task_loss
+        self._last_losses.update(parts_log)
+        if loss is not None:
+            task_loss = loss.detach()
+            if isinstance(
+                fraction, torch.Tensor
+            ):  # loss = sum / (tokens in the whole step): log this micro-batch's mean
+                task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
+            self._last_losses["task_loss"] = task_loss
         return outputs
+
+    @staticmethod
+    def _distillation_share(kwargs: dict[str, Any], logits: torch.Tensor, fraction) -> torch.Tensor:
+        """Weight of this micro-batch's mean KL in the step: 1, or, when the Trainer normalises the task loss by
+        the label tokens of the whole step (``num_items_in_batch``), (this micro-batch's distilled tokens) /
+        (the step's label tokens), so the sum over micro-batches is the same for any accumulation split."""
+        if not isinstance(fraction, torch.Tensor):
+            return torch.as_tensor(float(fraction))
+        attention = kwargs.get("attention_mask")
+        tokens = attention.sum() if attention is not None else torch.tensor(logits.shape[:-1].numel())
+        total = torch.as_tensor(kwargs["num_items_in_batch"], dtype=torch.float32, device=fraction.device).clamp(
+            min=1.0
+        )
+        return tokens.to(fraction.device, torch.float32) / total
 
     @staticmethod
     def _aux_fraction(kwargs: dict[str, Any]) -> float | torch.Tensor:
@@ -395,26 +562,21 @@ class PATModel(BaseTuner):
     def _fold_tied_diagonal_embedding(self, adapter_name: str) -> bool:
         """Keep tied embeddings tied: E <- E diag(g), final-norm gain <- gain / g (exact; module docstring of prune)."""
         family = self.family
-        embedding = get_module(self.model, family.embedding)
-        lm_head = get_module(self.model, family.lm_head)
+        embedding = self.model.get_submodule(family.embedding)
+        lm_head = self.model.get_submodule(family.lm_head)
         if not isinstance(embedding, PATEmbedding) or adapter_name not in embedding.pat_hsm_scale:
             return False
-        if adapter_name in embedding.pat_hsm_down:
-            return False
         base = embedding.get_base_layer()
-        if getattr(lm_head, "weight", None) is not base.weight:
-            return False
-        if isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A:
-            return False  # lm_head's own LoRA update is not scaled by g: untie instead
+        if adapter_name in embedding.pat_hsm_down or getattr(lm_head, "weight", None) is not base.weight:
+            return False  # a low-rank embedding HSM, or not tied
         gate_scale = embedding.hsm_gate_scale(adapter_name).detach()
-        if not prune.can_divide_out(gate_scale):
-            return False  # dividing the final norm by a near-zero scale would lose precision: untie instead
-        norm = get_module(self.model, family.final_norm)
+        head_lora = isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A
+        if not keeps_tie(True, False, head_lora, gate_scale):
+            return False  # untie instead
+        norm = self.model.get_submodule(family.final_norm)
         with torch.no_grad():
-            prune.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
-            norm.weight.data = prune.divide_norm_gain(
-                norm.weight, gate_scale.to(norm.weight.device), family.norm_offset
-            )
+            fold.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
+            norm.weight.data = fold.divide_norm_gain(norm.weight, gate_scale.to(norm.weight.device), family.norm_offset)
         embedding.merged_adapters.append(adapter_name)
         return True
 
@@ -459,11 +621,11 @@ class PATModel(BaseTuner):
 
     def _untie_flag_if_diverged(self) -> None:
         family = self.family
-        embedding = get_module(self.model, family.embedding)
-        lm_head = get_module(self.model, family.lm_head)
+        embedding = self.model.get_submodule(family.embedding)
+        lm_head = self.model.get_submodule(family.lm_head)
         base = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
         if getattr(self.model.config, "tie_word_embeddings", False) and lm_head.weight is not base.weight:
-            self.model.config.tie_word_embeddings = False
+            own_config(self.model).tie_word_embeddings = False  # not the caller's config object
 
     def merge_and_prune(self, adapter_name: str | None = None, progressbar: bool = False) -> nn.Module:
         """Fold LoRA and the HSMs into the base weights, drop the masked hidden channels and return the
@@ -475,14 +637,7 @@ class PATModel(BaseTuner):
         self._check_not_pruned()
         name = self._single_adapter(adapter_name)
         mask = self.pat_mask[name]
-        if not mask._hard:
-            warnings.warn(
-                f"PAT adapter '{name}': the mask is still soft (step {int(mask.step)} of {int(mask.total_steps)}, "
-                "before the freeze point); hardening it now to the exact top-N channels. The merged model then "
-                "differs from the soft-masked model; train past the freeze point for an exact match.",
-                stacklevel=2,
-            )
-            mask.harden()
+        harden_for_merge(mask, f"PAT adapter '{name}'", stacklevel=2)
         keep = mask.kept_indices()
         family = self.family
         others = [a for a in self.peft_config if a != name]
@@ -497,3 +652,37 @@ class PATModel(BaseTuner):
         self._pruned = True
         self.register_state_dict_pre_hook(_refuse_state_dict_after_pruning)
         return make_save_pretrained_atomic(model)
+
+
+def _all_reduce_mean(tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Mean of ``tensor`` over the processes of a running torch.distributed job (itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    device = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
+    reduced = tensor.to(device, torch.float64)
+    dist.all_reduce(reduced)
+    return (reduced / dist.get_world_size()).cpu()
+
+
+def find_pat_tuner(model: Any):
+    """The :class:`~peft_pat.model.PATModel` inside a PeftModel, possibly wrapped by DDP/FSDP/compile."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, PATModel):
+            return model
+        for attr in ("base_model", "module", "_orig_mod", "_fsdp_wrapped_module"):
+            inner = getattr(model, attr, None) if attr != "base_model" else _base_model(model)
+            if inner is not None and inner is not model:
+                model = inner
+                break
+        else:
+            return None
+        seen += 1
+    return None
+
+
+def _base_model(model: Any):
+    modules = getattr(model, "_modules", {})
+    return modules.get("base_model")

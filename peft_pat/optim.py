@@ -2,7 +2,7 @@
 
 Decoupled weight decay (AdamW) moves every decayed parameter by ``-lr * wd * p`` per step. The PAT
 mask logits w decide which hidden channels survive through their sign and are pulled towards +-0.5 by
-the polarisation loss (pat-method.md §3), so decay would drag all of them towards the undecided
+the polarisation loss (docs/method.md §3), so decay would drag all of them towards the undecided
 boundary w = 0. :func:`optimizer_param_groups` therefore puts the logits in a group without decay.
 
 The mask's own learning rate needs no group: it is a reparametrisation inside
@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from .callbacks import find_pat_tuner
 from .errors import PATConfigError, PATTypeError
+from .model import find_pat_tuner
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_directory
+from .saving import atomic_directory
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "SmolLM2-135M", "SmolLM2-135M-Instruct")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

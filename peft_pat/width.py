@@ -1,4 +1,4 @@
-"""Choosing the kept hidden width N (design.md invariant 5).
+"""Choosing the kept hidden width N (docs/method.md §6): :func:`kept_width_for` decides it once per injection.
 
 transformers refuses to save a config whose ``hidden_size`` is not a multiple of
 ``num_attention_heads``, and GPU tensor-core kernels prefer widths that are multiples of 64/128. N is
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 
-from .errors import PATConfigError
+from .config import DEFAULT_TARGET_SPARSITY
+from .errors import AdapterMismatchError, PATConfigError
 
 AUTO_MULTIPLES = (128, 64, 32, 16, 8, 4, 2, 1)
 AUTO_TOLERANCE = 1 / 32  # largest |N - (1 - p) d| accepted for a kernel-friendly multiple, as a fraction of d
@@ -51,7 +52,7 @@ def resolve_kept_width(
             )
         return target_width
 
-    sparsity = 0.25 if target_sparsity is None else float(target_sparsity)
+    sparsity = DEFAULT_TARGET_SPARSITY if target_sparsity is None else float(target_sparsity)
     target = (1.0 - sparsity) * d
     multiples = AUTO_MULTIPLES if width_multiple is None else (width_multiple,)
     for m in multiples:
@@ -70,3 +71,29 @@ def resolve_kept_width(
         f"and the nearest is {_round_to(target, quantum)}. Choose a sparsity between {quantum / d:.3f} and "
         f"{1 - quantum / d:.3f}{' or a smaller width_multiple' if width_multiple else ''}."
     )
+
+
+def kept_width_for(config, hidden_size: int, num_attention_heads: int) -> int:
+    """The kept width N of a ``PATConfig`` on a base of ``hidden_size`` / ``num_attention_heads``: resolved from
+    ``target_width`` or ``target_sparsity``, or, for an adapter that recorded ``kept_width``, that value checked
+    against the base and against what the config resolves to. The one place the width is decided."""
+    d, heads = int(hidden_size), int(num_attention_heads)
+    resolve = (config.target_sparsity, config.target_width, config.width_multiple)
+    if config.kept_width is None:
+        return resolve_kept_width(d, heads, *resolve)
+    kept = config.kept_width
+    if not 0 < kept < d or kept % heads:
+        raise AdapterMismatchError(
+            f"kept_width={kept} recorded in the adapter does not fit this base model "
+            f"(hidden_size={d}, num_attention_heads={heads}): it must lie strictly between 0 and hidden_size "
+            "and be a multiple of the head count. Load the adapter onto the base it was trained from, or remove "
+            "kept_width from adapter_config.json so it is recomputed from target_sparsity / target_width."
+        )
+    resolved = resolve_kept_width(d, heads, *resolve)  # target_width == kept_width is checked by PATConfig
+    if resolved != kept:
+        raise PATConfigError(
+            f"kept_width={kept} contradicts target_sparsity={config.target_sparsity} "
+            f"on hidden_size={d}, which gives {resolved}. kept_width is filled in automatically; to "
+            f"choose the width yourself give target_width={kept} instead of target_sparsity."
+        )
+    return kept

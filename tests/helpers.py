@@ -11,10 +11,10 @@ from tiny_models import VOCAB
 
 
 def wrap(base, **kwargs):
-    config = PATConfig(
-        task_type="CAUSAL_LM",
-        **{"target_sparsity": 0.25, "hsm_rank": 8, "r": 4, **kwargs},
-    )
+    """A PAT model on ``base`` for unit tests: the task-loss path (no distillation, zero mask start) unless a
+    test passes ``distillation_weight`` / ``calibration_batches``; tests/test_quality_levers.py covers those."""
+    defaults = {"target_sparsity": 0.25, "hsm_rank": 8, "r": 4, "distillation_weight": 0.0, "calibration_batches": 0}
+    config = PATConfig(task_type="CAUSAL_LM", **{**defaults, **kwargs})
     return get_peft_model(base, config)
 
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError, prune
+from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError, fold
 from peft_pat.cli import main
 from peft_pat.disk_merge import _MergePlan, merge_checkpoint
 from peft_pat.errors import CheckpointError
@@ -71,7 +71,7 @@ def _assert_same_model(folder: Path, expected_model, ids):
     ids=["llama-tied", "llama-modules_to_save", "gemma-untie", "gemma2", "phi3", "qwen3-lora-lm_head"],
 )
 def test_cli_merge_equals_in_memory_merge(tmp_path, monkeypatch, family, tied, pat):
-    monkeypatch.setattr(prune, "CHUNK_BYTES", 4096)  # both merges fold (and the CLI reads) many row/column chunks
+    monkeypatch.setattr(fold, "CHUNK_BYTES", 4096)  # both merges fold (and the CLI reads) many row/column chunks
     base, adapter, model = _checkpoint(tmp_path, family, tied, **pat)
     shards = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(shards) >= 3 and (base / "model.safetensors.index.json").is_file()
@@ -118,7 +118,7 @@ def test_single_file_checkpoint_tokenizer_and_generation(tmp_path):
 
 def test_soft_mask_is_hardened_with_a_warning(tmp_path):
     base, adapter, model = _checkpoint(tmp_path, "mistral", train=True)
-    assert not model.base_model.pat_mask["default"]._hard
+    assert not model.base_model.pat_mask["default"].hardened
     with pytest.warns(UserWarning, match="still soft"):
         small = model.merge_and_prune()
     with pytest.warns(UserWarning, match="still soft"):

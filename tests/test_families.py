@@ -55,7 +55,7 @@ def test_family_end_to_end(family, tied, tmp_path):
     _assert_every_pat_part_learns(grads, params)
     train_steps(model, ids, steps=5, total=6)
     mask = model.base_model.pat_mask["default"]
-    assert mask._hard and int(mask.hard_mask.sum()) == 48
+    assert mask.hardened and int(mask.hard_mask.sum()) == 48
     expected = logits(model, ids)
 
     model.save_pretrained(tmp_path / "adapter")

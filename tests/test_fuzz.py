@@ -192,7 +192,7 @@ def test_no_crash_clear_errors_and_exact_merge(setup):
 
     train(model, training["steps"], training["lr"])
     mask = model.base_model.pat_mask["default"]
-    if not mask._hard:
+    if not mask.hardened:
         model.base_model.harden_mask()
     assert int(mask.hard_mask.sum()) == kept and torch.isfinite(mask.logits).all()
 
@@ -257,14 +257,14 @@ def test_mask_schedule_under_any_step_sequence(d, kept_fraction, milestone, free
             gate = mask.gate()
         assert torch.isfinite(gate).all() and float(gate.min()) >= 0.0 and float(gate.max()) <= 1.5
         if step >= freeze_step(total, freeze):
-            assert mask._hard
-    assert hardenings == int(mask._hard) <= 1
-    if mask._hard:
+            assert mask.hardened
+    assert hardenings == int(mask.hardened) <= 1
+    if mask.hardened:
         assert int(mask.hard_mask.sum()) == kept and set(mask.hard_mask.tolist()) <= {0.0, 1.0}
     restored = PATMask(d, kept, milestone=milestone, freeze=freeze)
     restored.load_state_dict(mask.state_dict())
     with torch.no_grad():
-        assert restored._hard == mask._hard and torch.equal(restored.gate(), mask.gate())
+        assert restored.hardened == mask.hardened and torch.equal(restored.gate(), mask.gate())
     assert math.isclose(float(restored.tau), float(mask.tau)) and math.isclose(float(restored.beta), float(mask.beta))
 
 

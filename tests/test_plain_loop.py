@@ -52,7 +52,7 @@ def test_plain_loop_with_accumulation_reaches_the_exact_width():
         optimizer.zero_grad()
         model.set_step(step, total)
     mask = model.base_model.pat_mask["default"]
-    assert mask._hard and int(mask.hard_mask.sum()) == 32
+    assert mask.hardened and int(mask.hard_mask.sum()) == 32
     assert model.base_model.pat_stats()["kept_channels"] == 32
 
 

@@ -1,15 +1,17 @@
-"""benchmarks/quality.py end to end on a tiny random Llama and a tiny fake data folder (seconds).
+"""``python -m benchmarks.quality`` end to end on a tiny random Llama and a tiny fake data folder (seconds).
 
-Checks the machinery, not the numbers: every method builds a stock model of the right width, the
-evaluation covers the tasks found in the folder (names unlike the real ones), the results JSON,
-table and plot are written, and an already-pruned checkpoint is evaluated without training.
+Checks the machinery, not the numbers: every method builds a stock model of the right width through
+the shared Trainer setup (the post-hoc rivals distilling from the dense model), the evaluation covers
+the tasks found in the folder (names unlike the real ones), the paired comparisons against the best
+post-hoc pipeline, the results JSON, table and plot are written, and an already-pruned checkpoint is
+evaluated without training.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +19,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import quality as quality_script  # noqa: E402  (benchmarks/quality.py is shadowed by the package; load it below)
+from benchmarks.quality import cli
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "tree", "big", "small", "runs", "eats", "the", "a", "is", "of"]
-
-
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_cli", REPO / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _char_tokenizer() -> PreTrainedTokenizerFast:
@@ -92,13 +82,20 @@ def _fake_data(root: Path) -> Path:
     return data
 
 
-def test_benchmark_end_to_end_on_tiny_model(tmp_path):
-    assert quality_script.__file__.endswith("__init__.py")  # the package, not the script, is importable as `quality`
-    cli = _load_script()
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is faster, and much faster on a shared, loaded CPU (no thread contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread):
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     out = tmp_path / "results"
     common = ["--model", str(model_dir), "--data-dir", str(data), "--no-progress", "--ppl-context", "64",
-              "--ppl-tokens", "256", "--seq-len", "96", "--batch-size", "4", "--lora-rank", "4",
+              "--ppl-windows", "4", "--seq-len", "96", "--batch-size", "4", "--lora-rank", "4",
               "--device", "cpu"]  # fmt: skip
     payload = cli.main([*common, "--output", str(out), "--steps", "4", "--sparsities", "0.25,0.5",
                         "--subsample", "5", "--calibration-batches", "2", "--scoring", "text,label",
@@ -126,16 +123,34 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
             assert set(tasks) == {"pick3", "yesno-task"}
             assert all(t["n"] == 5 and 0.0 <= t["acc_norm"] <= 1.0 and len(t["correct"]) == 5 for t in tasks.values())
         if key[0] in ("lora", "pat", "prune_then_tune", "torch_pruning"):
-            assert run["train"]["steps"] == 4 and len(run["train"]["loss_curve"]) == 4
+            train = run["train"]
+            assert train["steps"] == 4 and len(train["loss_curve"]) == len(train["train_loss_curve"]) == 4
+            assert all(map(math.isfinite, train["loss_curve"]))
+        if key[0] in ("prune_then_tune", "torch_pruning"):  # the rivals distil from the dense model by default
+            assert run["train"]["loss"] == "distill"
+            assert run["train"]["train_loss_curve"] != run["train"]["loss_curve"]  # KL optimised, task CE logged
     assert runs[("dense", 0.0)]["accuracy_text"]["mean"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert runs[("pat", 0.25)]["train"]["pat_mask"] == {"hard": True, "kept": 24}
+    assert len(runs[("pat", 0.25)]["train"]["pat_curves"]["pat/kept_channels"]) == 4  # PATCallback's logs, per step
+    assert runs[("lora", 0.0)]["train"]["loss"].startswith("full")  # distilling dense into itself is a no-op
     # the pruned models are smaller, and PAT and the post-hoc cut keep the same width
     assert runs[("pat", 0.5)]["parameters"] == runs[("prune_then_tune", 0.5)]["parameters"]
     assert runs[("pat", 0.5)]["parameters"] < runs[("pat", 0.25)]["parameters"] < runs[("dense", 0.0)]["parameters"]
-    assert any(c["pat_minus"] == "prune_then_tune" for c in payload["comparisons"])
+    # every pruned method against the best post-hoc pipeline (lowest PPL) at its sparsity, paired
+    for sparsity in (0.25, 0.5):
+        rows = [c for c in payload["comparisons"] if c["sparsity"] == sparsity]
+        best = rows[0]["best_posthoc"]
+        assert best in ("prune_then_tune", "tune_then_prune", "torch_pruning")
+        assert {c["method"] for c in rows} == {m for m, s in runs if s == sparsity} - {best}
+        assert all(math.isfinite(c["nll_difference_stderr"]) and c["ppl_ratio"] > 0 for c in rows)
+    (target,) = [t for t in payload["pat_targets"] if t["sparsity"] == 0.25]
+    assert target["ppl_ratio_pat_over_best_posthoc"] == pytest.approx(
+        runs[("pat", 0.25)]["wikitext2"]["perplexity"] / runs[(target["best_posthoc"], 0.25)]["wikitext2"]["perplexity"]
+    )
+    assert payload["estimate"]["train_runs"] == 1 + 2 * (2 if tp_missing else 3)
     for name in ("quality.json", "quality.md", "quality.png"):
         assert (out / name).stat().st_size > 0
-    assert "PAT" in (out / "quality.md").read_text()
+    assert "PPL ratio PAT / best post-hoc" in (out / "quality.md").read_text()
 
     # an already-pruned checkpoint is evaluated without retraining, with the same numbers
     saved = runs[("prune_then_tune", 0.5)]["saved_to"]
@@ -151,7 +166,7 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
 
 
 def test_candidates_are_read_from_the_instruction():
-    from quality.commonsense import TaskDataError, parse_choice
+    from benchmarks.quality.commonsense import TaskDataError, parse_choice
 
     record = {
         "instruction": "Please choose the correct answer to the question: Why?\n\nAnswer1: because. Answer2: "
@@ -170,20 +185,19 @@ def test_candidates_are_read_from_the_instruction():
         parse_choice({**record, "instruction": "Why?"}, "t", "here")
 
 
-def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path):
+def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path, one_thread):
     """--evaluate-checkpoint on a PAT adapter folder: base from the adapter config, merge_and_prune, evaluate."""
     from peft import get_peft_model
 
     from peft_pat import PATConfig
     from peft_pat.pretrained import load_causal_lm
 
-    cli = _load_script()
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     base, _ = load_causal_lm(str(model_dir))
     model = get_peft_model(base, PATConfig(task_type="CAUSAL_LM", target_sparsity=0.5, r=2))
     model.base_model.harden_mask()
     model.save_pretrained(tmp_path / "adapter")
-    payload = cli.main(["--data-dir", str(data), "--no-progress", "--ppl-context", "64", "--ppl-tokens", "128",
+    payload = cli.main(["--data-dir", str(data), "--no-progress", "--ppl-context", "64", "--ppl-windows", "2",
                         "--subsample", "3", "--output", str(tmp_path / "out"),
                         "--evaluate-checkpoint", str(tmp_path / "adapter")])  # fmt: skip
     (run,) = payload["runs"]
@@ -193,7 +207,7 @@ def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path):
 
 
 def test_loss_on_full_labels_every_token_and_answer_only_the_answer():
-    from quality.commonsense import IGNORE, encode_example
+    from benchmarks.quality.commonsense import IGNORE, encode_example
 
     record = {
         "instruction": "Is the sun big? Answer format: true/false",
@@ -208,3 +222,77 @@ def test_loss_on_full_labels_every_token_and_answer_only_the_answer():
     answer_len = len("true") + 1  # character tokens + EOS
     assert answer_labels[-answer_len:] == ids[-answer_len:]
     assert set(answer_labels[:-answer_len]) == {IGNORE}
+
+
+def test_pat_options_become_config_arguments_and_unknown_keys_are_refused(capsys):
+    assert cli.parse_pat_options("hsm_rank=8, mask_lr=None,identity_loss=none") == {
+        "hsm_rank": 8,
+        "mask_lr": None,
+        "identity_loss": "none",
+    }
+    assert cli.build_parser().parse_args([]).pat_options == {}  # default: the package defaults, nothing passed
+    for text, message in (
+        ("hsm_rank=8,not_an_option=1", "unknown PATConfig option 'not_an_option'; known options: "),
+        ("target_sparsity=0.5", "set by the benchmark"),
+        ("hsm_rank", "is not key=value"),
+        ("mask_freeze=2", "PATConfig refuses"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["--pat-options", text])
+        assert message in capsys.readouterr().err
+
+
+def test_distillation_loss_is_the_token_mean_of_the_teacher_to_student_kl():
+    from benchmarks.quality.training import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(distillation_loss(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+    t = 2.0
+    p, log_q = torch.softmax(teacher / t, -1), torch.log_softmax(student / t, -1)
+    kl = (p * (p.log() - log_q)).sum(-1)
+    expected = t**2 * kl[mask.bool()].mean()
+    assert float(distillation_loss(student, teacher, mask, temperature=t)) == pytest.approx(float(expected), rel=1e-5)
+    padded = student.clone()
+    padded[0, 3:] = 100.0  # padding positions do not count
+    assert float(distillation_loss(padded, teacher, mask, temperature=t)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_posthoc_rival_distils_from_a_frozen_dense_teacher_on_a_tiny_model(one_thread):
+    """The prune -> LoRA rival with --loss distill: the same Trainer setup, KL to the dense model optimised
+    (the first logged loss is the KL of the untrained student), the task CE logged, the teacher untouched."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from benchmarks.quality.posthoc import cut_by_activation
+    from benchmarks.quality.training import distillation_loss, train
+    from benchmarks.tiny_models import VOCAB, tiny_model
+    from peft_pat import family_for_model
+    from peft_pat.calibration import activation_channel_scores
+
+    teacher = tiny_model("llama").requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    family = family_for_model(teacher)
+    ids = torch.randint(3, VOCAB, (3, 4, 10), generator=torch.Generator().manual_seed(0))
+    batches = []
+    for step in range(3):
+        mask = torch.ones_like(ids[step])
+        mask[0, 7:] = 0  # one padded row
+        labels = ids[step].masked_fill(mask == 0, -100)
+        batches.append({"input_ids": ids[step], "attention_mask": mask, "labels": labels})
+    student = copy.deepcopy(teacher)
+    cut_by_activation(
+        student, family, activation_channel_scores(student, batches[:1], family), torch.tensor([], dtype=torch.long), 48
+    )
+    student = get_peft_model(student, LoraConfig(r=4, lora_alpha=4, target_modules=list(family.lora_targets)))
+    with torch.no_grad():
+        fwd = {k: v for k, v in batches[0].items() if k != "labels"}
+        first_kl = float(distillation_loss(student(**fwd).logits, teacher(**fwd).logits, fwd["attention_mask"]))
+    info = train(student, batches, lr=1e-2, teacher=teacher, progress=False)
+    assert info["steps"] == 3 and len(info["train_loss_curve"]) == 3
+    assert info["train_loss_curve"][0] == pytest.approx(first_kl, abs=2e-4)
+    assert all(math.isfinite(x) for x in info["loss_curve"]) and info["loss_curve"][0] > first_kl  # CE, not KL
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())

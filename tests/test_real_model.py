@@ -52,7 +52,7 @@ def test_smollm2_snippet_end_to_end(tmp_path):
     Trainer(model=model, args=args, train_dataset=Sentences(tokenizer), callbacks=[peft_pat.PATCallback()]).train()
     model.eval()
     mask = model.base_model.pat_mask["default"]
-    assert mask._hard and int(mask.hard_mask.sum()) == 432  # 576 * 0.75, a multiple of the 9 heads
+    assert mask.hardened and int(mask.hard_mask.sum()) == 432  # 576 * 0.75, a multiple of the 9 heads
 
     with torch.no_grad():
         pat_logits = model(**ids).logits

@@ -75,7 +75,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 def uninterrupted(tmp_path_factory):
     model = train(tmp_path_factory.mktemp("uninterrupted"))
     mask = model.base_model.pat_mask["default"]
-    assert mask._hard and int(mask.step) == TOTAL
+    assert mask.hardened and int(mask.step) == TOTAL
     return adapter_state(model)
 
 
@@ -101,7 +101,7 @@ def test_killed_and_resumed_run_is_bit_exact(tmp_path, uninterrupted, kill_at):
     loaded = PeftModel.from_pretrained(tiny_model("llama"), checkpoint, is_trainable=True).base_model.pat_mask
     mask = loaded["default"]
     assert milestone_step(TOTAL, mask.milestone_fraction) == S0
-    assert mask._hard == (kill_at >= FREEZE) and mask._kappa == float(mask_state["lr_ratio"])
+    assert mask.hardened == (kill_at >= FREEZE) and mask.learning_rate_ratio == float(mask_state["lr_ratio"])
     assert float(mask.tau) == pytest.approx(temperature(kill_at, S0))
     assert float(mask.beta) == pytest.approx(offset(kill_at, S0))
 

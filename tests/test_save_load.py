@@ -41,7 +41,7 @@ def test_hard_mask_state_roundtrips(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path, is_trainable=True)
     mask = loaded.base_model.pat_mask["default"]
-    assert mask._hard and torch.equal(mask.kept_indices(), kept)
+    assert mask.hardened and torch.equal(mask.kept_indices(), kept)
     assert mask.logits.requires_grad
 
 

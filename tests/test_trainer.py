@@ -32,7 +32,7 @@ def test_trainer_run_ends_with_exactly_n_channels(tmp_path):
     assert trainer.callback_handler.callbacks[0].__class__ is PATCallback  # runs before the reporters
     trainer.train()
     mask = model.base_model.pat_mask["default"]
-    assert mask._hard and int(mask.hard_mask.sum()) == 48 == model.peft_config["default"].kept_width
+    assert mask.hardened and int(mask.hard_mask.sum()) == 48 == model.peft_config["default"].kept_width
     assert int(mask.step) == 10
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all("pat/kept_channels" in entry for entry in logged)
@@ -51,7 +51,7 @@ def test_trainer_with_gradient_accumulation_and_checkpointing(tmp_path):
     model = wrap(base)
     trainer = make_trainer(model, tmp_path, max_steps=6, gradient_accumulation_steps=2, activation_checkpointing=True)
     trainer.train()
-    assert model.base_model.pat_mask["default"]._hard
+    assert model.base_model.pat_mask["default"].hardened
 
 
 def test_weight_decay_is_undone_for_mask_logits(tmp_path):

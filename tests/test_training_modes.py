@@ -73,9 +73,9 @@ class FirstStepGradients(TrainerCallback):
             self.grads = trainable_grads(model)
 
 
-def first_step(tmp_path, batch_size, accumulation, dataset):
+def first_step(tmp_path, batch_size, accumulation, dataset, **config):
     torch.manual_seed(0)
-    model = wrap(tiny_model("llama"), init_weights=False)
+    model = wrap(tiny_model("llama"), init_weights=False, **config)
     grab = FirstStepGradients()
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
@@ -88,15 +88,17 @@ def first_step(tmp_path, batch_size, accumulation, dataset):
     return grab.grads, logged
 
 
-def test_gradient_accumulation_counts_the_auxiliary_loss_once(tmp_path):
+@pytest.mark.parametrize("distillation_weight", [0.0, 0.5])
+def test_gradient_accumulation_counts_the_auxiliary_loss_once(tmp_path, distillation_weight):
     """Same global batch of 4 as 1 x 4, 2 micro-batches x 2 and 4 x 1: the Trainer normalises the task loss
     by the step's token count (num_items_in_batch) and PATModel weights the auxiliary loss by each
-    micro-batch's token share, so every gradient (mask logits, L0 via the identity loss) is the same."""
+    micro-batch's token share and the distillation loss by its distilled tokens over the step's label
+    tokens, so every gradient (mask logits, L0 via the identity loss) is the same."""
     dataset = VariableTargets()
-    reference, _ = first_step(tmp_path, 4, 1, dataset)
+    reference, _ = first_step(tmp_path, 4, 1, dataset, distillation_weight=distillation_weight)
     assert reference["base_model.pat_mask.default.logits"].abs().max() > 0
     for batch_size, accumulation in ((2, 2), (1, 4)):
-        grads, _ = first_step(tmp_path, batch_size, accumulation, dataset)
+        grads, _ = first_step(tmp_path, batch_size, accumulation, dataset, distillation_weight=distillation_weight)
         for name in reference:
             # atol: float32 rounding at the gradient's own scale (summation order differs per micro-batch)
             atol = 1e-6 * float(reference[name].abs().max())
@@ -142,7 +144,7 @@ def test_trainer_with_bf16_then_exact_merge(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[PATCallback()])
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
-    assert model.base_model.pat_mask["default"]._hard
+    assert model.base_model.pat_mask["default"].hardened
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     ids = tiny_inputs()
     expected = logits(model, ids)
@@ -178,7 +180,7 @@ def test_compiled_training_recompiles_only_at_the_freeze():
         optimizer.zero_grad()
         model.set_step(step + 1, total)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert model.base_model.pat_mask["default"]._hard
+    assert model.base_model.pat_mask["default"].hardened
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[0] == 1  # one graph for the whole forward
     assert graphs[-1] == 2 and len(set(graphs)) == 2  # one recompile, at the freeze, never again

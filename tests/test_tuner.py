@@ -160,9 +160,9 @@ def test_set_step_on_peft_model_drives_every_mask():
     model = wrap(tiny_model("llama"))
     model.set_step(1, 30)
     mask = model.base_model.pat_mask["default"]
-    assert not mask._hard
+    assert not mask.hardened
     model.set_step(8, 30)
-    assert mask._hard and int(mask.hard_mask.sum()) == 48
+    assert mask.hardened and int(mask.hard_mask.sum()) == 48
 
 
 def test_merge_and_prune_hardens_soft_mask_with_warning():

@@ -1,4 +1,4 @@
-"""Kept-width rounding (design.md invariant 5)."""
+"""Kept-width rounding (docs/method.md §6)."""
 
 import math
 

@@ -17,10 +17,11 @@ Two scorings of the same item (see :mod:`.evaluation`):
 * ``label``: context = the tuning prompt plus the output's fixed prefix (``the correct answer is``),
   continuation `` {label}``. Measures what tuning on this format taught.
 
-Training sequences are the tuning prompt followed by the record's ``output`` and EOS; the loss covers
-the output and EOS only. Tasks are mixed with equal probability per optimizer step; each batch comes
-from one task (less padding on CPU), the order of tasks and examples is fixed by the seed, so every
-method sees exactly the same batches.
+Training sequences are the tuning prompt followed by the record's ``output`` and EOS; the labels cover
+the output and EOS only (``answer``) or every token (``full``, also the labels of ``--loss distill``,
+whose cross-entropy is logged next to the distillation loss). Tasks are mixed with equal probability
+per optimizer step; each batch comes from one task (less padding on CPU), the order of tasks and
+examples is fixed by the seed, so every method sees exactly the same batches.
 """
 
 from __future__ import annotations

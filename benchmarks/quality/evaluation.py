@@ -1,7 +1,8 @@
 """Evaluation of a stock (merged and/or pruned) causal LM: perplexity, zero-shot accuracy, size.
 
 Perplexity: PPL = exp( sum_w sum_t -log p(x_t | x_<t) / tokens ) over the windows of
-:mod:`.wikitext`; the standard error of the mean NLL is taken across windows.
+:mod:`.wikitext`; the standard error of the mean NLL is taken across windows, and the per-window
+NLLs are kept so two models can be compared window by window (:func:`paired_log_loss`).
 
 Zero-shot multiple choice (lm-eval-harness style): the score of candidate k is the summed
 log-likelihood of its continuation tokens given the context, LL_k = sum_t log p(c_t | ctx, c_<t).
@@ -67,6 +68,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
         "context": int(windows.shape[1]),
         "windows": int(windows.shape[0]),
         "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "per_window_nll": [round(x, 6) for x in per_window],
     }
 
 
@@ -180,6 +182,26 @@ def paired_difference(a: dict[str, dict], b: dict[str, dict], key: str = "correc
     if not diffs:
         return {"difference": float("nan"), "stderr": float("nan")}
     return {"difference": sum(diffs) / len(diffs), "stderr": math.sqrt(sum(variances)) / len(diffs)}
+
+
+def paired_log_loss(a: dict, b: dict) -> dict:
+    """Model a against model b on the same WikiText windows: PPL ratio a / b = exp(mean_w (nll_a,w - nll_b,w))
+    (all windows have the same length), the mean log-loss difference with its paired standard error,
+    and the ratio's interval exp(mean +- 2 se)."""
+    na, nb = a.get("per_window_nll"), b.get("per_window_nll")
+    if not na or not nb or len(na) != len(nb):
+        ratio = a["perplexity"] / b["perplexity"] if a.get("perplexity") and b.get("perplexity") else float("nan")
+        return {"ppl_ratio": ratio, "nll_difference": math.log(ratio) if ratio > 0 else float("nan"),
+                "nll_difference_stderr": float("nan"), "ppl_ratio_2se": [float("nan"), float("nan")]}  # fmt: skip
+    d = torch.tensor(na, dtype=torch.float64) - torch.tensor(nb, dtype=torch.float64)
+    mean = float(d.mean())
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {
+        "ppl_ratio": math.exp(mean),
+        "nll_difference": mean,
+        "nll_difference_stderr": se,
+        "ppl_ratio_2se": [math.exp(mean - 2 * se), math.exp(mean + 2 * se)],
+    }
 
 
 def evaluate_model(

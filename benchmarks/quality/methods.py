@@ -1,22 +1,28 @@
 """How each compared method turns the base model into the final stock model that gets evaluated.
 
-Equal budget: every tuned method runs :func:`.training.train` on the same batches with the same
-learning rate, steps and LoRA rank/alpha on the same modules (every decoder linear); only PAT adds
-its HSMs and mask. The post-hoc methods cut exactly the width PAT keeps.
+Equal budget: every tuned method is trained by :func:`.training.train` (one Trainer setup) on the same
+batches with the same loss choice, learning rate, steps and LoRA rank/alpha on the same modules (every
+decoder linear); only PAT adds its HSMs and mask. The post-hoc methods cut exactly the width PAT keeps.
 
 =================  =============================================================================
 ``dense``          the base model, untouched
 ``lora``           LoRA on the dense model, merged (the upper reference: no pruning)
-``pat``            PAT at the target sparsity, ``merge_and_prune()``
-``prune_then_tune`` activation-magnitude cut of the base model (:mod:`.posthoc`), then LoRA, merged
-``tune_then_prune`` the merged ``lora`` model, then the same activation-magnitude cut (no retraining)
+``pat``            ``PATConfig(target_sparsity=s)`` + ``--pat-options``, Trainer + ``PATCallback()``,
+                   ``merge_and_prune()``
+``prune_then_tune`` activation cut of the base model (:mod:`.posthoc`), then LoRA, merged
+``tune_then_prune`` the merged ``lora`` model, then the same activation cut (no retraining)
 ``torch_pruning``  Torch-Pruning Taylor hidden-width cut of the base model, then LoRA, merged
 =================  =============================================================================
+
+With ``--loss distill`` the unpruned ``lora`` run (and so ``tune_then_prune``) trains on the full-sequence
+cross-entropy instead: LoRA starts as the identity, so distilling the dense model into itself has zero
+loss and zero gradient and would leave the dense model unchanged.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -24,14 +30,16 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_pat import FamilySpec, PATConfig
+from peft_pat.calibration import channel_statistics, massive_channels
 from peft_pat.pretrained import load_causal_lm
 
-from .posthoc import activation_channel_scores, cut_by_activation
+from .posthoc import cut_by_activation
 from .torch_pruning_peer import prune_with_torch_pruning
 from .training import train
 
 METHODS = ("dense", "lora", "pat", "prune_then_tune", "tune_then_prune", "torch_pruning")
 PRUNING_METHODS = ("pat", "prune_then_tune", "tune_then_prune", "torch_pruning")
+POSTHOC_METHODS = ("prune_then_tune", "tune_then_prune", "torch_pruning")
 LABELS = {
     "dense": "dense (no training)",
     "lora": "LoRA (dense)",
@@ -40,6 +48,9 @@ LABELS = {
     "tune_then_prune": "LoRA → prune",
     "torch_pruning": "Torch-Pruning → LoRA",
 }
+PAT_TYPES = {f.name: f.type for f in dataclasses.fields(PATConfig) if f.init}  # annotations, as text
+PAT_FIELDS = set(PAT_TYPES)
+PAT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PATConfig) if f.init}  # declared defaults
 
 
 @dataclass
@@ -56,17 +67,36 @@ class TuningSetup:
     lora_rank: int
     lora_alpha: float
     seed: int
+    loss: str = "distill"
+    pat_options: dict = field(default_factory=dict)
     progress: bool = True
     _activation_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    _teacher: nn.Module | None = None
 
     def load_base(self) -> nn.Module:
         model, _ = load_causal_lm(self.model_name)
         return model.to(self.device).eval()
 
-    def train(self, model: nn.Module, desc: str) -> dict:
+    def teacher(self) -> nn.Module:
+        """The dense base model, frozen (eval, no grad): the post-hoc rivals' distillation teacher."""
+        if self._teacher is None:
+            self._teacher = self.load_base().requires_grad_(False)
+        return self._teacher
+
+    def train(self, model: nn.Module, desc: str, pat: bool = False, distill: bool = False) -> dict:
+        print(f"   training {desc}", flush=True)
         torch.manual_seed(self.seed)
+        teacher = self.teacher() if distill else None
         return train(
-            model, self.train_batches, self.lr, self.warmup, device=self.device, desc=desc, progress=self.progress
+            model,
+            self.train_batches,
+            self.lr,
+            self.warmup,
+            seed=self.seed,
+            device=self.device,
+            pat=pat,
+            teacher=teacher,
+            progress=self.progress,
         )
 
     def lora_config(self) -> LoraConfig:
@@ -78,20 +108,36 @@ class TuningSetup:
             target_modules=list(self.family.lora_targets),
         )
 
+    def pat_overrides(self) -> dict:
+        """The PATConfig arguments besides ``target_sparsity``: only what differs from the package defaults.
+
+        The LoRA rank/alpha follow ``--lora-rank``/``--lora-alpha`` when those differ from PATConfig's own
+        defaults; ``--loss answer|full`` turns the package's distillation off; ``--pat-options`` come last
+        and win."""
+        overrides: dict = {}
+        if self.lora_rank != PAT_DEFAULTS["r"]:
+            overrides["r"] = self.lora_rank
+        if self.lora_alpha != PAT_DEFAULTS["lora_alpha"]:
+            overrides["lora_alpha"] = self.lora_alpha
+        if self.loss != "distill" and "distillation_weight" in PAT_FIELDS:
+            overrides["distillation_weight"] = 0.0
+        overrides.update(self.pat_options)
+        return overrides
+
     def activation_scores(self, model: nn.Module, key: str) -> torch.Tensor:
         """Channel scores of ``model`` on the calibration batches, cached under ``key``."""
         if key not in self._activation_scores:
-            self._activation_scores[key] = activation_channel_scores(
-                model, self.family, self.calibration_batches, self.device
-            )
+            stats = channel_statistics(model, self.calibration_batches, self.family)
+            self._activation_scores[key] = (stats.score, massive_channels(stats.energy))
         return self._activation_scores[key]
 
 
-def lora_tune(setup: TuningSetup, model: nn.Module, desc: str) -> tuple[nn.Module, dict]:
+def lora_tune(setup: TuningSetup, model: nn.Module, desc: str, distill: bool) -> tuple[nn.Module, dict]:
     """LoRA on ``model`` with the shared budget, merged back into a stock model."""
     torch.manual_seed(setup.seed)
     peft_model = get_peft_model(model, setup.lora_config())
-    info = setup.train(peft_model, desc)
+    info = setup.train(peft_model, desc, distill=distill)
+    info["loss"] = "distill" if distill else setup.loss
     return peft_model.merge_and_unload().eval(), info
 
 
@@ -100,33 +146,49 @@ def dense(setup: TuningSetup) -> tuple[nn.Module, dict]:
 
 
 def lora(setup: TuningSetup) -> tuple[nn.Module, dict]:
-    return lora_tune(setup, setup.load_base(), "LoRA")
+    model, info = lora_tune(setup, setup.load_base(), "LoRA", distill=False)
+    if setup.loss == "distill":
+        info["loss"] = "full (distilling the dense model into itself is a no-op)"
+    return model, info
 
 
 def pat(setup: TuningSetup, sparsity: float) -> tuple[nn.Module, dict]:
     torch.manual_seed(setup.seed)
-    config = PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, r=setup.lora_rank, lora_alpha=setup.lora_alpha)
+    overrides = setup.pat_overrides()
+    config = PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, **overrides)
     model = get_peft_model(setup.load_base(), config)
-    info = setup.train(model, f"PAT {sparsity:.0%}")
-    info["pat_config"] = {
-        k: getattr(config, k)
-        for k in ("kept_width", "hsm_rank", "embedding_hsm", "mask_milestone", "mask_freeze", "mask_lr")
-    }
+    info = setup.train(model, f"PAT {sparsity:.0%}", pat=True)
+    info["loss"] = setup.loss
+    info["pat_overrides"] = overrides
+    info["pat_config"] = {k: _jsonable(getattr(config, k)) for k in sorted(PAT_FIELDS) if not k.startswith("base_")}
+    if setup.loss == "distill" and "distillation_weight" not in PAT_FIELDS:
+        info["warning"] = "this peft_pat has no distillation_weight: PAT trained on the full-sequence cross-entropy"
+        print(f"   WARNING: {info['warning']}")
     return model.merge_and_prune().eval(), info
 
 
 def prune_then_tune(setup: TuningSetup, kept: int) -> tuple[nn.Module, dict]:
     model = setup.load_base()
-    cut_by_activation(model, setup.family, setup.activation_scores(model, "base"), kept)
-    return lora_tune(setup, model, f"prune→LoRA {kept}")
+    cut_by_activation(model, setup.family, *setup.activation_scores(model, "base"), kept)
+    return lora_tune(setup, model, f"prune→LoRA {kept}", distill=setup.loss == "distill")
 
 
 def tune_then_prune(setup: TuningSetup, tuned: nn.Module, kept: int) -> tuple[nn.Module, dict]:
     """The merged LoRA model ``tuned`` (left unchanged), cut post hoc."""
     model = copy.deepcopy(tuned)
-    return cut_by_activation(model, setup.family, setup.activation_scores(tuned, "lora"), kept), {}
+    return cut_by_activation(model, setup.family, *setup.activation_scores(tuned, "lora"), kept), {}
 
 
 def torch_pruning(setup: TuningSetup, kept: int) -> tuple[nn.Module, dict]:
     model = prune_with_torch_pruning(setup.load_base(), setup.family, setup.calibration_batches, kept, setup.device)
-    return lora_tune(setup, model, f"TorchPruning→LoRA {kept}")
+    return lora_tune(setup, model, f"TorchPruning→LoRA {kept}", distill=setup.loss == "distill")
+
+
+def _jsonable(value):
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, list | tuple | set):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)

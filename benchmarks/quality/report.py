@@ -1,45 +1,94 @@
 """Tables and paired comparisons from the results payload (no model code here).
 
 Headline accuracy is ``acc_norm`` (length-normalised log-likelihood, see :mod:`.evaluation`) under the
-first scoring mode. A difference between two methods is called real only when it exceeds twice its
-paired standard error (same items for both models).
+first scoring mode. At every sparsity the reference is the **best post-hoc pipeline**: among the
+post-hoc methods that ran (prune → LoRA, LoRA → prune, Torch-Pruning → LoRA) the one with the lowest
+WikiText-2 perplexity. Every other pruned method (PAT first) is compared with it paired:
+
+* accuracy: per item, a_i - b_i on the same test items; mean over tasks with its paired standard error;
+* perplexity: per window, the log-loss difference on the same windows; the PPL ratio
+  exp(mean difference) with the paired standard error of the mean difference and the ratio's
+  interval exp(mean ± 2 se).
+
+A difference is called real only beyond 2 paired standard errors. The issue's target is
+``PPL ratio PAT / best post-hoc <= 0.75`` with the accuracy difference not negative.
 """
 
 from __future__ import annotations
 
 import math
 
-from .evaluation import paired_difference
+from .evaluation import paired_difference, paired_log_loss
 
 HEADLINE = "acc_norm"
+POSTHOC = ("prune_then_tune", "tune_then_prune", "torch_pruning")
+PRUNED = ("pat", *POSTHOC)
+PPL_TARGET = 0.75
 
 
 def _ok(runs: list[dict]) -> list[dict]:
     return [r for r in runs if "error" not in r]
 
 
+def _ppl(run: dict) -> float:
+    value = run.get("wikitext2", {}).get("perplexity")
+    return value if value is not None and math.isfinite(value) else math.inf
+
+
+def best_posthoc(runs: list[dict], sparsity: float) -> dict | None:
+    """The post-hoc run with the lowest perplexity at ``sparsity`` (None when none ran)."""
+    candidates = [r for r in _ok(runs) if r["method"] in POSTHOC and r["sparsity"] == sparsity and "wikitext2" in r]
+    return min(candidates, key=_ppl) if candidates else None
+
+
 def comparisons(runs: list[dict], mode: str) -> list[dict]:
-    """PAT against every other pruning method and against dense LoRA, per sparsity."""
+    """Every pruned method against the best post-hoc pipeline at its sparsity (module docstring)."""
     key = f"accuracy_{mode}"
-    runs = [r for r in _ok(runs) if key in r]
     out = []
-    for pat in (r for r in runs if r["method"] == "pat"):
-        others = [r for r in runs if r["method"] != "pat" and r["sparsity"] in (pat["sparsity"], 0.0)]
-        for other in others:
-            diff = paired_difference(pat[key]["tasks"], other[key]["tasks"], "correct_norm")
-            ppl_pat = pat.get("wikitext2", {}).get("perplexity")
-            ppl_other = other.get("wikitext2", {}).get("perplexity")
-            out.append(
-                {
-                    "sparsity": pat["sparsity"],
-                    "pat_minus": other["method"],
-                    "other_sparsity": other["sparsity"],
-                    "mean_acc_norm_difference": diff["difference"],
-                    "paired_stderr": diff["stderr"],
-                    "significant_2se": bool(abs(diff["difference"]) > 2 * diff["stderr"]),
-                    "perplexity_ratio_pat_over_other": (ppl_pat / ppl_other) if ppl_pat and ppl_other else None,
-                }
-            )
+    for sparsity in dict.fromkeys(r["sparsity"] for r in _ok(runs) if r["method"] in PRUNED):
+        best = best_posthoc(runs, sparsity)
+        if best is None:
+            continue
+        for run in _ok(runs):
+            if run["method"] not in PRUNED or run["sparsity"] != sparsity or run is best:
+                continue
+            row = {"sparsity": sparsity, "method": run["method"], "label": run["label"]}
+            row.update(best_posthoc=best["method"], best_posthoc_label=best["label"])
+            if key in run and key in best:
+                diff = paired_difference(run[key]["tasks"], best[key]["tasks"], "correct_norm")
+                row.update(
+                    mean_acc_norm_difference=diff["difference"],
+                    paired_stderr=diff["stderr"],
+                    significant_2se=bool(abs(diff["difference"]) > 2 * diff["stderr"]),
+                )
+            if "wikitext2" in run:
+                row.update(paired_log_loss(run["wikitext2"], best["wikitext2"]))
+            out.append(row)
+    return out
+
+
+def pat_targets(comps: list[dict]) -> list[dict]:
+    """Per sparsity: PAT's PPL ratio to the best post-hoc pipeline and whether the issue's target is met."""
+    out = []
+    for c in comps:
+        if c["method"] != "pat":
+            continue
+        ratio = c.get("ppl_ratio", float("nan"))
+        acc = c.get("mean_acc_norm_difference", float("nan"))
+        out.append(
+            {
+                "sparsity": c["sparsity"],
+                "best_posthoc": c["best_posthoc"],
+                "best_posthoc_label": c["best_posthoc_label"],
+                "ppl_ratio_pat_over_best_posthoc": ratio,
+                "ppl_ratio_2se": c.get("ppl_ratio_2se"),
+                "ppl_target": PPL_TARGET,
+                "ppl_target_met": bool(ratio <= PPL_TARGET),
+                "mean_acc_norm_difference": acc,
+                "paired_stderr": c.get("paired_stderr", float("nan")),
+                "accuracy_not_lower": bool(acc >= 0),
+            }
+        )
     return out
 
 
@@ -91,19 +140,34 @@ def markdown_table(payload: dict) -> str:
     if comps:
         lines += [
             "",
-            f"Paired differences, PAT minus other (mean {HEADLINE} over tasks, same items; * = beyond 2 se):",
+            f"Paired differences against the best post-hoc pipeline at each sparsity (lowest WikiText-2 PPL); "
+            f"accuracy = mean {HEADLINE} over tasks on the same items, * = beyond 2 paired se; PPL ratio on the "
+            "same windows with the interval exp(mean log-loss difference ± 2 se):",
             "",
-            "| sparsity | PAT minus | Δ mean acc (points) | paired se | PPL ratio PAT / other |",
-            "|---|---|---|---|---|",
+            "| sparsity | method | best post-hoc | Δ mean acc (points) | paired se | PPL ratio | ratio ± 2 se |",
+            "|---|---|---|---|---|---|---|",
         ]
         for c in comps:
-            star = " *" if c["significant_2se"] else ""
-            ratio = c["perplexity_ratio_pat_over_other"]
+            acc = c.get("mean_acc_norm_difference")
+            star = " *" if c.get("significant_2se") else ""
+            acc_cell = f"{100 * acc:+.1f}{star}" if acc is not None else "—"
+            se_cell = f"{100 * c['paired_stderr']:.1f}" if acc is not None else "—"
+            ratio = c.get("ppl_ratio")
+            low, high = c.get("ppl_ratio_2se") or (None, None)
+            ratio_cell = f"{ratio:.3f}" if ratio is not None else "—"
+            band = f"{low:.3f} – {high:.3f}" if low is not None and math.isfinite(low) else "—"
             lines.append(
-                f"| {c['sparsity']:.0%} | {c['pat_minus']} | {100 * c['mean_acc_norm_difference']:+.1f}{star} | "
-                f"{100 * c['paired_stderr']:.1f} | {ratio:.2f} |"
-                if ratio is not None
-                else f"| {c['sparsity']:.0%} | {c['pat_minus']} | {100 * c['mean_acc_norm_difference']:+.1f}{star} | "
-                f"{100 * c['paired_stderr']:.1f} | — |"
+                f"| {c['sparsity']:.0%} | {c['label']} | {c['best_posthoc_label']} | {acc_cell} | {se_cell} | "
+                f"{ratio_cell} | {band} |"
+            )
+    targets = payload.get("pat_targets") or []
+    if targets:
+        lines += ["", f"**PPL ratio PAT / best post-hoc** (target <= {PPL_TARGET}, accuracy not lower):", ""]
+        for t in targets:
+            verdict = "met" if t["ppl_target_met"] and t["accuracy_not_lower"] else "not met"
+            lines.append(
+                f"* {t['sparsity']:.0%}: PPL ratio PAT / best post-hoc ({t['best_posthoc_label']}) = "
+                f"{t['ppl_ratio_pat_over_best_posthoc']:.3f}; Δ mean acc {100 * t['mean_acc_norm_difference']:+.1f} "
+                f"± {100 * t['paired_stderr']:.1f} points; target {verdict}"
             )
     return "\n".join(lines) + "\n"

@@ -4,17 +4,15 @@ Model reuse where the protocol allows: the dense model is evaluated once; the Lo
 once and its merged model is both the ``lora`` result and the starting point of ``tune_then_prune``
 at every sparsity; the base model's activation scores are computed once for all sparsities.
 The results JSON (and the plot) are rewritten after every finished run, so an interrupted run keeps
-what it measured.
+what it measured. The wall time is estimated before the first run (from one timed forward pass of the
+base model) and re-estimated from the measured runs after each one.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,18 +23,19 @@ from peft_pat import family_for_model
 from peft_pat.pretrained import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
+from ..measure import machine_info, write_json
 from . import methods
 from .commonsense import TaskMixture, load_test_items
 from .evaluation import evaluate_model
 from .plotting import plot_results
-from .report import comparisons, markdown_table
+from .report import comparisons, markdown_table, pat_targets
 from .torch_pruning_peer import PeerUnavailable, torch_pruning_available
 from .wikitext import perplexity_windows
 
 
 @dataclass
 class BenchmarkOptions:
-    """All options of ``benchmarks/quality.py`` (see its ``--help``)."""
+    """All options of ``python -m benchmarks.quality`` (see its ``--help``)."""
 
     model: str = "smollm2-135m"
     data_dir: Path = Path("../shared/data")
@@ -46,7 +45,8 @@ class BenchmarkOptions:
     steps: int = 72
     batch_size: int = 8
     seq_len: int = 160
-    loss_on: str = "answer"
+    loss: str = "distill"
+    pat_options: dict = field(default_factory=dict)
     lr: float = 1e-3
     warmup: float = 0.05
     lora_rank: int = 20
@@ -54,11 +54,11 @@ class BenchmarkOptions:
     calibration_batches: int = 4
     train_tasks: tuple[str, ...] | None = None
     eval_tasks: tuple[str, ...] | None = ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa", "piqa")
-    subsample: int | None = 30
+    subsample: int | None = 200
     scoring: tuple[str, ...] = ("text",)
     eval_max_length: int = 512
     ppl_context: int = 512
-    ppl_tokens: int | None = 4096
+    ppl_windows: int | None = 40
     device: str = "cpu"
     seed: int = 0
     save_models: bool = False
@@ -74,30 +74,10 @@ class BenchmarkOptions:
         return Path(self.data_dir) / "wikitext-2-raw" / "wiki.test.raw"
 
 
-def hardware() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def _options_json(options: BenchmarkOptions) -> dict:
     return {
         k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()
     }
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
 
 
 class Recorder:
@@ -106,7 +86,12 @@ class Recorder:
     def __init__(self, options: BenchmarkOptions, extra: dict) -> None:
         self.options = options
         self.out = Path(options.output)
-        self.payload = {"options": _options_json(options), "hardware": hardware(), **extra, "runs": []}
+        self.payload = {
+            "options": _options_json(options),
+            "hardware": machine_info(options.device),
+            **extra,
+            "runs": [],
+        }
         self.started = time.perf_counter()
 
     def add(self, run: dict) -> None:
@@ -117,7 +102,8 @@ class Recorder:
         self.payload["wall_seconds"] = time.perf_counter() - self.started
         self.payload["finished"] = final
         self.payload["comparisons"] = comparisons(self.payload["runs"], self.options.scoring[0])
-        _write_json(self.out / "quality.json", self.payload)
+        self.payload["pat_targets"] = pat_targets(self.payload["comparisons"])
+        write_json(self.out / "quality.json", self.payload)
         (self.out / "quality.md").write_text(markdown_table(self.payload))
         runs = [r for r in self.payload["runs"] if "error" not in r]
         if runs:
@@ -155,8 +141,100 @@ def prepare_evaluation_data(options: BenchmarkOptions, tokenizer) -> dict:
         options.subsample,
         options.seed,
     )
-    windows = perplexity_windows(options.wikitext_file, tokenizer, options.ppl_context, options.ppl_tokens)
+    windows = perplexity_windows(options.wikitext_file, tokenizer, options.ppl_context, options.ppl_windows)
     return {"items": items, "windows": windows}
+
+
+def plan(options: BenchmarkOptions) -> dict:
+    """How many training runs (of them with a distillation teacher) and evaluations the options ask for."""
+    selected = set(options.methods)
+    per_sparsity_trained = [m for m in ("pat", "prune_then_tune", "torch_pruning") if m in selected]
+    if "torch_pruning" in selected and torch_pruning_available():
+        per_sparsity_trained.remove("torch_pruning")
+    evaluated = [m for m in ("pat", "prune_then_tune", "tune_then_prune") if m in selected]
+    evaluated += ["torch_pruning"] if "torch_pruning" in per_sparsity_trained else []
+    n = len(options.sparsities)
+    lora_runs = 1 if selected & {"lora", "tune_then_prune"} else 0
+    distilled = len(per_sparsity_trained) * n if options.loss == "distill" else 0
+    return {
+        "train_runs": lora_runs + len(per_sparsity_trained) * n,
+        "distilled_runs": distilled,
+        "evaluations": len(selected & {"dense", "lora"}) + len(evaluated) * n,
+    }
+
+
+class WallClock:
+    """Wall-time estimate: before the first run from one timed forward pass of the base model (a training
+    step ~ 3 forwards, +1 for a distillation teacher; an evaluation ~ its tokens at the same speed), then
+    from the measured runs."""
+
+    def __init__(self, plan: dict, setup, data: dict, tokenizer, options: BenchmarkOptions) -> None:
+        self.plan = plan
+        self.steps = options.steps
+        self.started = time.perf_counter()
+        self.train_done: list[float] = []  # seconds per step of finished training runs
+        self.eval_done: list[float] = []
+        base = setup.load_base()
+        batch = {k: v.to(options.device) for k, v in setup.train_batches[0].items() if k != "labels"}
+        with torch.inference_mode():
+            base(**batch)  # warm-up
+            start = time.perf_counter()
+            base(**batch)
+            forward = time.perf_counter() - start
+        del base
+        tokens_per_second = batch["input_ids"].numel() / forward
+        eval_tokens = int(data["windows"].numel())
+        for items in data["items"].values():
+            for item in items:
+                for mode in options.scoring:
+                    context, candidates = item.scoring(mode)
+                    ctx = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+                    eval_tokens += sum(
+                        ctx + len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in candidates
+                    )
+        step = 3 * forward
+        self.initial = {
+            **plan,
+            "forward_seconds_per_batch": forward,
+            "train_step_seconds": step,
+            "eval_tokens_per_model": eval_tokens,
+            "eval_seconds_per_model": eval_tokens / tokens_per_second,
+        }
+        distilled = plan["distilled_runs"] * self.steps * forward
+        self.initial["total_seconds"] = (
+            plan["train_runs"] * self.steps * step
+            + distilled
+            + plan["evaluations"] * self.initial["eval_seconds_per_model"]
+        )
+
+    def describe_initial(self) -> str:
+        e = self.initial
+        return (
+            f"plan: {e['train_runs']} training runs x {self.steps} steps ({e['distilled_runs']} with a teacher), "
+            f"{e['evaluations']} evaluations ({e['eval_tokens_per_model']:,} tokens each); estimated "
+            f"~{e['train_step_seconds']:.1f} s per step, ~{e['eval_seconds_per_model'] / 60:.1f} min per evaluation, "
+            f"~{e['total_seconds'] / 60:.0f} min in all (first guess from one forward pass; refined after each run)"
+        )
+
+    def finished(self, run: dict) -> None:
+        train = run.get("train") or {}
+        if train.get("seconds_per_step"):
+            self.train_done.append(train["seconds_per_step"])
+        if "eval_seconds" in run:
+            self.eval_done.append(run["eval_seconds"])
+        step = sum(self.train_done) / len(self.train_done) if self.train_done else self.initial["train_step_seconds"]
+        evaluation = (
+            sum(self.eval_done) / len(self.eval_done) if self.eval_done else self.initial["eval_seconds_per_model"]
+        )
+        left_train = max(0, self.plan["train_runs"] - len(self.train_done))
+        left_eval = max(0, self.plan["evaluations"] - len(self.eval_done))
+        remaining = left_train * self.steps * step + left_eval * evaluation
+        elapsed = time.perf_counter() - self.started
+        print(
+            f"   elapsed {elapsed / 60:.1f} min; estimated remaining {remaining / 60:.0f} min "
+            f"({left_train} training runs at {step:.1f} s/step, {left_eval} evaluations at {evaluation / 60:.1f} min)",
+            flush=True,
+        )
 
 
 def run_benchmark(options: BenchmarkOptions) -> dict:
@@ -177,19 +255,22 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         tokenizer,
         options.batch_size,
         options.seq_len,
-        options.loss_on,
+        "answer" if options.loss == "answer" else "full",  # distillation: every token, labels for the logged CE
     )
+    train_batches = mixture.batches(options.steps, options.seed)
     setup = methods.TuningSetup(
         model_name=options.model,
         family=family,
         device=options.device,
-        train_batches=mixture.batches(options.steps, options.seed),
-        calibration_batches=mixture.batches(options.calibration_batches, options.seed + 1),
+        train_batches=train_batches,
+        calibration_batches=train_batches[: options.calibration_batches],  # PATCallback calibrates on these too
         lr=options.lr,
         warmup=options.warmup,
         lora_rank=options.lora_rank,
         lora_alpha=options.lora_alpha,
         seed=options.seed,
+        loss=options.loss,
+        pat_options=dict(options.pat_options),
         progress=options.progress,
     )
     data = prepare_evaluation_data(options, tokenizer)
@@ -200,7 +281,8 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
             "model": {"name": options.model, "family": family.name, "hidden_size": d, "kept_width": kept},
             "data": {
                 "train_tasks": mixture.tasks,
-                "loss_on": options.loss_on,
+                "loss": options.loss,
+                "labels": mixture.loss_on,
                 "train_examples": options.steps * options.batch_size,
                 "train_tokens": train_tokens,
                 "eval_items": {t: len(v) for t, v in data["items"].items()},
@@ -210,8 +292,12 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     )
     print(
         f"{family.name} d={d}; kept widths {kept}; {len(setup.train_batches)} steps x {options.batch_size} "
-        f"({train_tokens} tokens) on {mixture.tasks}; eval items {recorder.payload['data']['eval_items']}"
+        f"({train_tokens} tokens) on {mixture.tasks}, loss {options.loss}; "
+        f"eval items {recorder.payload['data']['eval_items']}, {data['windows'].shape[0]} WikiText windows"
     )
+    clock = WallClock(plan(options), setup, data, tokenizer, options)
+    recorder.payload["estimate"] = clock.initial
+    print(clock.describe_initial(), flush=True)
 
     def record(method: str, sparsity: float, build) -> nn.Module | None:
         name = method if method in ("dense", "lora") else f"{method}-{sparsity:g}"
@@ -244,6 +330,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
             f"eval {run['eval_seconds']:.0f}s"
         )
         recorder.add(run)
+        clock.finished(run)
         return model
 
     selected = set(options.methods)
@@ -254,7 +341,8 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         if "lora" in selected:
             tuned = record("lora", 0.0, lambda: methods.lora(setup))
         else:
-            tuned, _ = methods.lora(setup)
+            tuned, info = methods.lora(setup)
+            clock.finished({"train": info})
     for sparsity in options.sparsities:
         width = kept[sparsity]
         if "pat" in selected:
@@ -271,6 +359,13 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
             else:
                 record("torch_pruning", sparsity, lambda: methods.torch_pruning(setup, width))  # noqa: B023
     recorder.flush(final=True)
+    for t in recorder.payload["pat_targets"]:
+        print(
+            f"PPL ratio PAT / best post-hoc ({t['best_posthoc_label']}) at {t['sparsity']:.0%}: "
+            f"{t['ppl_ratio_pat_over_best_posthoc']:.3f} (target <= {t['ppl_target']}); "
+            f"mean acc_norm difference {100 * t['mean_acc_norm_difference']:+.1f} "
+            f"± {100 * t['paired_stderr']:.1f} points"
+        )
     print(f"done in {recorder.payload['wall_seconds'] / 60:.1f} min; results in {options.output}")
     return recorder.payload
 

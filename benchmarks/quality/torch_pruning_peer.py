@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from peft_pat import FamilySpec
-from peft_pat.surgery import get_module
 
 
 class PeerUnavailable(RuntimeError):
@@ -64,18 +63,18 @@ def prune_with_torch_pruning(
     d = int(model.config.hidden_size)
     if kept % round_to:
         raise PeerUnavailable(f"kept width {kept} is not a multiple of round_to={round_to}")
-    layers = get_module(model, family.layers)
-    ignored = [get_module(model, family.lm_head)]
+    layers = model.get_submodule(family.layers)
+    ignored = [model.get_submodule(family.lm_head)]
     ignored += [layer.get_submodule(path) for layer in layers for path in family.consumers]
-    embedding = get_module(model, family.embedding)
-    lm_head = get_module(model, family.lm_head)
+    embedding = model.get_submodule(family.embedding)
+    lm_head = model.get_submodule(family.lm_head)
     tied = lm_head.weight is embedding.weight
     for p in model.parameters():
         p.requires_grad_(True)
     _accumulate_lm_gradients(model, batches, device)
     example = batches[0]["input_ids"][:1, :64].to(device)
     layer_norms = [layer.get_submodule(path) for layer in layers for path in family.residual_norms]
-    norms = [*layer_norms, get_module(model, family.final_norm)]
+    norms = [*layer_norms, model.get_submodule(family.final_norm)]
     pruner = tp.pruner.BasePruner(
         model,
         example_inputs=example,
@@ -92,7 +91,7 @@ def prune_with_torch_pruning(
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    width = int(get_module(model, family.embedding).weight.shape[1])
+    width = int(model.get_submodule(family.embedding).weight.shape[1])
     if width != kept or lm_head.in_features != kept:
         raise PeerUnavailable(f"Torch-Pruning produced width {width} (lm_head {lm_head.in_features}), not {kept}")
     if tied:

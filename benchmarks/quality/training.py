@@ -1,33 +1,131 @@
-"""The one training loop every tuned method shares, so the budget is equal by construction.
+"""The one Trainer setup every tuned method shares, so the budget is equal by construction.
 
-AdamW (no weight decay, so the PAT mask logits are not decayed), gradient clipping at 1.0, peak
-learning rate ``lr`` with linear warm-up over ``warmup`` of the steps and cosine decay to 0, the same
-pre-built batches for every method. A PAT model gets its schedule driven exactly like
-:class:`peft_pat.PATCallback` does for the Trainer: ``set_step(0, T, learning_rate=lr)`` before the
-first step (the mask's own learning rate derives from it) and ``set_step(s, T)`` after optimizer step s.
-The reported loss is the task loss (PAT's forward adds its auxiliary losses to ``loss``; they are
-logged separately).
+Every tuned method (LoRA, PAT, the LoRA recovery of the post-hoc pipelines) is trained by
+``transformers.Trainer`` with the same arguments: the same pre-built batches in the same order (a
+dataset of collated batches read sequentially with batch size 1, the collator unwraps them; no
+shuffling), one optimizer step per batch, AdamW without weight decay (so PAT's mask logits are not
+decayed), peak learning rate ``lr`` with linear warm-up over ``warmup`` of the steps and cosine decay,
+gradient clipping at 1.0, the same seed. PAT runs exactly as a user runs it: the same Trainer plus
+``peft_pat.PATCallback()``, which drives the mask schedule (and, where the package does it, the
+calibration from the first training batches).
+
+The loss (``--loss``):
+
+* ``answer`` / ``full``: the model's own causal-LM cross-entropy on the batch labels (answer tokens
+  only, or every token). For PAT that is the package's loss with ``distillation_weight=0``.
+* ``distill``: logit distillation from the dense base model on every non-padding token. PAT does it
+  inside the package (its default; teacher = its own base weights with every PAT piece bypassed).
+  A post-hoc rival gets a frozen copy of the dense base model as teacher and the loss
+  :func:`peft_pat.distillation.distillation_loss` (the same definition), through
+  :class:`QualityTrainer`'s ``compute_loss``; nothing else of the Trainer changes.
+
+Logged per step, for every method: the task cross-entropy on the batch labels (``loss_curve``, computed
+from the same forward's logits, no extra pass), the loss that was optimized (``train_loss_curve``),
+and for PAT every ``pat/*`` number ``PATCallback`` adds to the Trainer's logs.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments
 
-from peft_pat.callbacks import find_pat_tuner
+from peft_pat import PATCallback
+from peft_pat.distillation import distillation_loss
+
+LOSSES = ("answer", "full", "distill")
+IGNORE = -100
 
 
-def lr_factor(step: int, total: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at ``total``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+class PrebuiltBatches(torch.utils.data.Dataset):
+    """Collated batches as dataset items: with batch size 1 and :func:`unwrap` the Trainer steps through them as is."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.batches[index]
+
+
+def unwrap(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    (batch,) = features
+    return batch
+
+
+@torch.no_grad()
+def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean next-token cross-entropy over the labelled positions (the causal-LM loss, recomputed for the log)."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE))
+
+
+class QualityTrainer(Trainer):
+    """``Trainer`` that records the task cross-entropy of every training step and, given a ``teacher``,
+    optimizes the distillation loss from it instead of the model's own loss."""
+
+    def __init__(self, *args, teacher: nn.Module | None = None, temperature: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.temperature = temperature
+        self.task_losses: list[float] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        if self.teacher is None:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        else:
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**forward)
+            with torch.no_grad():
+                teacher_logits = self.teacher(**forward).logits
+            loss = distillation_loss(
+                outputs.logits, teacher_logits, inputs.get("attention_mask"), temperature=self.temperature
+            )
+        if model.training:
+            self.task_losses.append(task_cross_entropy(outputs.logits.detach(), labels))
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_arguments(
+    output_dir: str, steps: int, lr: float, warmup: float, seed: int, device: str, progress: bool
+) -> TrainingArguments:
+    """The arguments every method trains with (module docstring)."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=1,  # one pre-collated batch per step
+        gradient_accumulation_steps=1,
+        train_sampling_strategy="sequential",
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup,  # a float < 1 is a fraction of the steps
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=torch.device(device).type == "cpu",
+    )
 
 
 def train(
@@ -35,58 +133,55 @@ def train(
     batches: list[dict[str, torch.Tensor]],
     lr: float,
     warmup: float = 0.05,
-    max_grad_norm: float = 1.0,
+    seed: int = 0,
     device: str = "cpu",
-    desc: str = "train",
+    pat: bool = False,
+    teacher: nn.Module | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train the trainable parameters of ``model`` on ``batches`` (one optimizer step each)."""
-    total = len(batches)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{desc}: the model has no trainable parameters.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup_steps = max(1, round(warmup * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup_steps))
-    pat = find_pat_tuner(model)
-    if pat is not None:
-        pat.set_step(0, total, learning_rate=lr)
-    model.train()
-    losses, aux_log = [], []
-    start = time.perf_counter()
-    bar = tqdm(batches, desc=f"  {desc}", disable=not progress, leave=False)
-    with warnings.catch_warnings():
+    """Train ``model``'s trainable parameters on ``batches`` (one optimizer step each); returns the log."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters.")
+    callbacks = [PATCallback()] if pat else []
+    with tempfile.TemporaryDirectory(prefix="quality-trainer-") as output_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="PAT adapter .* mask hardened")
-        for step, batch in enumerate(bar):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if pat is not None:
-                task_loss = pat.last_auxiliary_losses.get("task_loss", float(out.loss.detach()))
-                pat.set_step(step + 1, total)
-                aux_log.append({k: round(v, 5) for k, v in pat.last_auxiliary_losses.items()})
-            else:
-                task_loss = float(out.loss.detach())
-            losses.append(task_loss)
-            bar.set_postfix(loss=f"{task_loss:.3f}")
+        trainer = QualityTrainer(
+            model=model,
+            args=training_arguments(output_dir, len(batches), lr, warmup, seed, device, progress),
+            train_dataset=PrebuiltBatches(batches),
+            data_collator=unwrap,
+            callbacks=callbacks,
+            teacher=teacher,
+        )
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
     model.eval()
-    seconds = time.perf_counter() - start
-    tail = losses[-max(1, total // 10) :]
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+    losses = trainer.task_losses
+    tail = losses[-max(1, len(losses) // 10) :]
     result = {
-        "steps": total,
+        "steps": len(losses),
         "seconds": seconds,
-        "seconds_per_step": seconds / total,
+        "seconds_per_step": seconds / max(1, len(losses)),
         "first_loss": losses[0],
         "final_loss_mean_last_10pct": sum(tail) / len(tail),
         "loss_curve": [round(x, 4) for x in losses],
-        "trainable_parameters": sum(p.numel() for p in params),
+        "train_loss_curve": [round(float(e["loss"]), 4) for e in steps],
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    if pat is not None:
-        mask = next(iter(pat.pat_mask.values()))
-        result["pat_mask"] = {"hard": bool(mask.is_hard), "kept": int(mask.hard_mask.sum()) if mask.is_hard else None}
-        result["pat_aux_last"] = aux_log[-1] if aux_log else {}
+    pat_keys = sorted({k for e in steps for k in e if k.startswith("pat/")})
+    if pat_keys:
+        result["pat_curves"] = {k: [_round(e.get(k)) for e in steps] for k in pat_keys}
+        last = steps[-1]
+        result["pat_last"] = {k: _round(last[k]) for k in pat_keys if k in last}
+        if "pat/hard" in last:
+            hard = bool(last["pat/hard"])
+            result["pat_mask"] = {"hard": hard, "kept": int(last["pat/kept_channels"]) if hard else None}
     return result
+
+
+def _round(value):
+    if value is None or not isinstance(value, int | float) or not math.isfinite(value):
+        return value
+    return round(float(value), 5)

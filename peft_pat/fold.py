@@ -1,4 +1,4 @@
-"""Pure tensor algebra of folding and pruning (pat-method.md §5, §9.1). No modules, no training code.
+"""Pure tensor algebra of folding and pruning (docs/method.md §5). No modules, no training code.
 
 Notation: d hidden width, K the kept channels (|K| = d'), D = I + L1 L0 the HSM operator (Eq. 5),
 g = s ⊙ M the HSM's per-channel scale times the mask gate, c = sqrt(d'/d).
@@ -79,11 +79,6 @@ class LoRAUpdate:
 Delta = torch.Tensor | LoRAUpdate  # dW given whole (tests, small layers) or as LoRA factors
 
 
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """dW = scaling * B A, shape (out, in), float32."""
-    return scaling * (_f32(lora_b) @ _f32(lora_a))
-
-
 def _delta_columns(delta: Delta, cols: slice) -> torch.Tensor:
     return delta.columns(cols) if isinstance(delta, LoRAUpdate) else _f32(delta[:, cols])
 
@@ -131,9 +126,14 @@ def merge_lora(
 
 def merge_lora_and_prune_columns(weight: torch.Tensor, delta: Delta, keep: torch.Tensor) -> torch.Tensor:
     """``prune_columns(merge_lora(W, dW), K)`` without the full-width intermediate (consumers)."""
-    result = torch.empty((weight.shape[0], keep.numel()), dtype=weight.dtype, device=weight.device)
-    for rows, chunk in _lora_chunks(weight, delta):
-        result[rows] = _select(chunk, 1, keep, 1.0, weight.dtype)
+    return _kept_columns(weight, _lora_chunks(weight, delta), keep, 1.0)
+
+
+def _kept_columns(like: torch.Tensor, chunks, keep: torch.Tensor, factor: float) -> torch.Tensor:
+    """Row chunks of a fold, each restricted to the columns K (times ``factor``), in ``like``'s dtype."""
+    result = torch.empty((like.shape[0], keep.numel()), dtype=like.dtype, device=like.device)
+    for rows, chunk in chunks:
+        result[rows] = _select(chunk, 1, keep, factor, like.dtype)
     return result
 
 
@@ -235,10 +235,7 @@ def fold_and_prune_embedding(
     factor: float,
 ) -> torch.Tensor:
     """``prune_columns(fold_embedding(E, ..., dtype=E.dtype), K, factor)`` without the full-width intermediate."""
-    result = torch.empty((embedding.shape[0], keep.numel()), dtype=embedding.dtype, device=embedding.device)
-    for rows, chunk in _embedding_chunks(embedding, down, up, gate_scale):
-        result[rows] = _select(chunk, 1, keep, factor, embedding.dtype)
-    return result
+    return _kept_columns(embedding, _embedding_chunks(embedding, down, up, gate_scale), keep, factor)
 
 
 def scale_columns(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

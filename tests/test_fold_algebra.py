@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from peft_pat import prune
+from peft_pat import fold
+
+
+def _lora_delta(lora_a, lora_b, scaling):
+    """dW = scaling * B A, whole and float32: the reference the chunked LoRA folds are checked against."""
+    return scaling * (lora_b.float() @ lora_a.float())
 
 
 def rms_norm(x, gain, eps, offset=0.0):
@@ -19,10 +24,10 @@ def test_fold_producer_equals_hsm_after_linear():
     a, bb = torch.randn(4, d_in), torch.randn(d, 4)
     down, up, g = torch.randn(r, d), torch.randn(d, r), torch.rand(d)
     x = torch.randn(5, d_in)
-    delta = prune.lora_delta(a, bb, 0.5)
+    delta = _lora_delta(a, bb, 0.5)
     y = x @ (w + delta).T + b
     expected = (y + (y @ down.T) @ up.T) * g
-    new_w, new_b = prune.fold_producer(w, b, delta, down, up, g)
+    new_w, new_b = fold.fold_producer(w, b, delta, down, up, g)
     assert torch.allclose(x @ new_w.T + new_b, expected, atol=1e-5)
 
 
@@ -33,7 +38,7 @@ def test_fold_embedding_equals_hsm_after_lookup():
     ids = torch.tensor([3, 7, 49])
     y = e[ids]
     expected = (y + (y @ down.T) @ up.T) * g
-    assert torch.allclose(prune.fold_embedding(e, down, up, g)[ids], expected, atol=1e-5)
+    assert torch.allclose(fold.fold_embedding(e, down, up, g)[ids], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
@@ -45,62 +50,62 @@ def test_width_factor_makes_rms_norm_exact_including_eps(offset):
     x = torch.zeros(4, d)
     x[:, keep] = torch.randn(4, keep.numel())
     gain = torch.rand(d)
-    c = prune.width_factor(d, keep.numel())
+    c = fold.width_factor(d, keep.numel())
     assert c == pytest.approx(math.sqrt(8 / 16))
     full = rms_norm(x, gain, eps, offset)[:, keep]
-    new_gain = prune.rescale_norm_gain(gain, keep, offset, 1 / c)
+    new_gain = fold.rescale_norm_gain(gain, keep, offset, 1 / c)
     pruned = rms_norm(c * x[:, keep], new_gain, eps, offset)
     assert torch.allclose(pruned, full, atol=1e-6)
 
 
 def test_divide_norm_gain_leaves_zero_divisors():
     gain, div = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 0.0, 0.5])
-    assert torch.allclose(prune.divide_norm_gain(gain, div, 0.0), torch.tensor([0.5, 2.0, 6.0]))
-    assert torch.allclose(prune.divide_norm_gain(gain, div, 1.0), torch.tensor([0.0, 2.0, 7.0]))
+    assert torch.allclose(fold.divide_norm_gain(gain, div, 0.0), torch.tensor([0.5, 2.0, 6.0]))
+    assert torch.allclose(fold.divide_norm_gain(gain, div, 1.0), torch.tensor([0.0, 2.0, 7.0]))
 
 
 def test_prune_keeps_dtype():
     w = torch.randn(6, 4, dtype=torch.bfloat16)
     keep = torch.tensor([1, 3])
-    assert prune.prune_rows(w, keep, 0.5).dtype == torch.bfloat16
-    assert prune.prune_columns(w, keep).shape == (6, 2)
+    assert fold.prune_rows(w, keep, 0.5).dtype == torch.bfloat16
+    assert fold.prune_columns(w, keep).shape == (6, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_in_place_and_fused_folds_agree_bit_for_bit(dtype, monkeypatch):
     """In-place folds (merge_and_prune) and fold-and-prune (peft-pat merge) give the very same bits."""
-    monkeypatch.setattr(prune, "CHUNK_BYTES", 200)  # force many chunks
+    monkeypatch.setattr(fold, "CHUNK_BYTES", 200)  # force many chunks
     torch.manual_seed(0)
     d, n, vocab, r = 16, 12, 30, 3
     keep = torch.tensor([0, 3, 4, 9, 10, 15])
-    c = prune.width_factor(d, keep.numel())
+    c = fold.width_factor(d, keep.numel())
     w, e = torch.randn(d, n).to(dtype), torch.randn(vocab, d).to(dtype)
     consumer = torch.randn(n, d).to(dtype)
-    lora = prune.LoRAUpdate(torch.randn(2, n), torch.randn(d, 2), 0.5)
-    consumer_lora = prune.LoRAUpdate(torch.randn(2, d), torch.randn(n, 2), 0.5)
+    lora = fold.LoRAUpdate(torch.randn(2, n), torch.randn(d, 2), 0.5)
+    consumer_lora = fold.LoRAUpdate(torch.randn(2, d), torch.randn(n, 2), 0.5)
     down, up, g = torch.randn(r, d), torch.randn(d, r), torch.rand(d)
 
-    folded, _ = prune.fold_producer(w, None, lora, down, up, g, dtype=dtype)
+    folded, _ = fold.fold_producer(w, None, lora, down, up, g, dtype=dtype)
     in_place = w.clone()
-    prune.fold_producer(in_place, None, lora, down, up, g, out=in_place)
+    fold.fold_producer(in_place, None, lora, down, up, g, out=in_place)
     assert torch.equal(in_place, folded)
-    assert torch.equal(prune.fold_and_prune_producer(w, lora, down, up, g, keep, c), prune.prune_rows(folded, keep, c))
-    full_delta, _ = prune.fold_producer(w, None, prune.lora_delta(lora.lora_a, lora.lora_b, 0.5), down, up, g)
+    assert torch.equal(fold.fold_and_prune_producer(w, lora, down, up, g, keep, c), fold.prune_rows(folded, keep, c))
+    full_delta, _ = fold.fold_producer(w, None, _lora_delta(lora.lora_a, lora.lora_b, 0.5), down, up, g)
     torch.testing.assert_close(folded.float(), full_delta.to(dtype).float())
 
     for e_down, e_up in ((down, up), (None, None)):
-        folded_e = prune.fold_embedding(e, e_down, e_up, g, dtype=dtype)
+        folded_e = fold.fold_embedding(e, e_down, e_up, g, dtype=dtype)
         in_place = e.clone()
-        prune.fold_embedding(in_place, e_down, e_up, g, out=in_place)
+        fold.fold_embedding(in_place, e_down, e_up, g, out=in_place)
         assert torch.equal(in_place, folded_e)
-        fused = prune.fold_and_prune_embedding(e, e_down, e_up, g, keep, c)
-        assert torch.equal(fused, prune.prune_columns(folded_e, keep, c))
-    assert torch.equal(prune.scale_columns(e, g), prune.fold_embedding(e, None, None, g, dtype=dtype))
+        fused = fold.fold_and_prune_embedding(e, e_down, e_up, g, keep, c)
+        assert torch.equal(fused, fold.prune_columns(folded_e, keep, c))
+    assert torch.equal(fold.scale_columns(e, g), fold.fold_embedding(e, None, None, g, dtype=dtype))
 
-    merged = prune.merge_lora(consumer, consumer_lora)
+    merged = fold.merge_lora(consumer, consumer_lora)
     in_place = consumer.clone()
-    prune.merge_lora(in_place, consumer_lora, out=in_place)
+    fold.merge_lora(in_place, consumer_lora, out=in_place)
     assert torch.equal(in_place, merged)
     assert torch.equal(
-        prune.merge_lora_and_prune_columns(consumer, consumer_lora, keep), prune.prune_columns(merged, keep)
+        fold.merge_lora_and_prune_columns(consumer, consumer_lora, keep), fold.prune_columns(merged, keep)
     )

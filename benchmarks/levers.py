@@ -1,0 +1,159 @@
+"""One quality lever at a time: PAT with PATConfig overrides, or the post-hoc rival, on WikiText-2 only.
+
+The fast loop behind the ablation table of docs/quality.md ("Levers"): the quality benchmark's
+training data (72 pre-built batches of 8 full-sequence commonsense instructions, 160 tokens) and
+optimizer (AdamW, lr 1e-3, 5% warm-up + cosine, clipping 1.0, no weight decay), one method per
+process, WikiText-2 perplexity on 40 windows of 512 tokens, one JSON line appended to ``--output``.
+
+* ``--method pat``: ``PATConfig(target_sparsity=s, **--opts)``; the schedule is driven and the
+  mask calibrated exactly as PATCallback does (``set_step`` around every step, ``calibrate`` on the
+  first 8 training batches), so the package defaults are what is measured.
+* ``--method posthoc``: the activation cut of the same 8 batches (massive-activation channels
+  protected, as PAT's start protects them), then LoRA r=20 on every decoder linear, distilled from a
+  frozen dense copy with ``peft_pat.distillation.distillation_loss`` (``--loss distill``) or trained
+  on cross-entropy (``--loss full``).
+
+    python -m benchmarks.levers --method pat --sparsity 0.25
+    python -m benchmarks.levers --method pat --sparsity 0.25 --opts mask_fade_to_hard=False
+    python -m benchmarks.levers --method posthoc --sparsity 0.25 --loss distill
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from peft_pat import PATConfig, family_for_model
+from peft_pat.calibration import channel_statistics, massive_channels
+from peft_pat.distillation import distillation_loss
+from peft_pat.pretrained import load_causal_lm
+from peft_pat.width import resolve_kept_width
+
+from .quality.commonsense import TaskMixture
+from .quality.evaluation import perplexity
+from .quality.posthoc import cut_by_activation
+from .quality.wikitext import perplexity_windows
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at ``total`` (the quality benchmark's schedule)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))))
+
+
+CALIBRATION_BATCHES = 8
+
+
+def parse_opts(text: str) -> dict:
+    """``key=value,...`` with Python literals (``mask_fade_to_hard=False,hsm_rank=64``)."""
+    opts = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        opts[key.strip()] = ast.literal_eval(value.strip())
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("pat", "posthoc"), required=True)
+    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--loss", choices=("distill", "full"), default="distill")
+    p.add_argument("--opts", type=parse_opts, default={}, help="PATConfig overrides, e.g. hsm_rank=64")
+    p.add_argument("--steps", type=int, default=72)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "levers.jsonl")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not (args.data_dir / "commonsense").is_dir():
+        raise SystemExit(f"--data-dir {args.data_dir} has no commonsense/ folder (see ../shared/data/README.md).")
+
+    base, tokenizer = load_causal_lm(args.model)
+    batches = TaskMixture(args.data_dir / "commonsense", None, tokenizer, 8, 160, "full").batches(args.steps, 0)
+    windows = perplexity_windows(args.data_dir / "wikitext-2-raw" / "wiki.test.raw", tokenizer, 512, args.windows)
+    kept = resolve_kept_width(base.config.hidden_size, base.config.num_attention_heads, args.sparsity, None)
+    start = time.time()
+    teacher, tuner = None, None
+    if args.method == "pat":
+        overrides = {"distillation_weight": 0.0} if args.loss == "full" else {}
+        model = get_peft_model(base, PATConfig(target_sparsity=args.sparsity, **overrides, **args.opts))
+        tuner = model.base_model
+    else:
+        teacher = copy.deepcopy(base).eval().requires_grad_(False) if args.loss == "distill" else None
+        stats = channel_statistics(base, batches[:CALIBRATION_BATCHES])
+        cut_by_activation(base, family_for_model(base), stats.score, massive_channels(stats.energy), kept)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=20, lora_alpha=20, target_modules=targets))
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    total, warmup = len(batches), max(1, round(0.05 * len(batches)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    torch.manual_seed(0)
+    if tuner is not None:
+        tuner.set_step(0, total, learning_rate=args.lr)
+        if tuner.needs_calibration():
+            tuner.calibrate(batches[:CALIBRATION_BATCHES])
+        start_set = next(iter(tuner.pat_mask.values())).kept_set().clone()
+    curve = []
+    model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PAT adapter .* mask hardened")
+        for step, batch in enumerate(batches):
+            out = model(**batch)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = distillation_loss(out.logits, target, batch["attention_mask"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if tuner is not None:
+                tuner.set_step(step + 1, total)
+                logged = tuner.last_auxiliary_losses
+                curve.append(round(logged.get("distillation_loss", logged.get("task_loss", 0.0)), 4))
+            else:
+                curve.append(round(float(loss), 4))
+            if step % 8 == 0:
+                print(f"step {step} loss {curve[-1]} {time.time() - start:.0f} s", flush=True)
+    model.eval()
+    result = {"method": args.method, "sparsity": args.sparsity, "kept": kept, "loss": args.loss}
+    result["opts"] = {k: repr(v) for k, v in args.opts.items()}
+    if tuner is not None:
+        result["hardening_loss_change"] = tuner.last_auxiliary_losses.get("hardening_loss_change")
+        result["protected"] = getattr(tuner, "calibration_summary", {}).get("protected_channels")
+        kept_set = next(iter(tuner.pat_mask.values())).kept_set()
+        result["kept_from_start"] = int((kept_set & start_set).sum())  # of `kept`: how far the mask moved
+        small = model.merge_and_prune()
+    else:
+        small = model.merge_and_unload()
+    train_seconds = time.time() - start
+    result.update(ppl=perplexity(small, windows, progress=False)["perplexity"], train_s=round(train_seconds))
+    result["curve"] = curve
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
