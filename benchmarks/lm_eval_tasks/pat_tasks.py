@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import datasets
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
-BOOLEAN_TEXTS = {"true": "yes", "false": "no"}  # lm-eval's BoolQ answers
+if str(REPO) not in sys.path:  # lm-eval imports this file by path; the parser lives in benchmarks.quality
+    sys.path.insert(0, str(REPO))
 
-_FORMAT_LINE = re.compile(r"Answer format:\s*(?P<labels>\S+)\s*$", re.IGNORECASE | re.MULTILINE)
-_PREAMBLE = re.compile(r"^Please[^:]*:\s*", re.IGNORECASE)
+from benchmarks.quality.commonsense import TEXT_CONTEXT, ChoiceItem, load_records, parse_choice  # noqa: E402
+
 _ARTICLE = re.compile(r"^ = [^=].* = $")
+_QUESTION_PREFIX, _QUESTION_SUFFIX = TEXT_CONTEXT.split("{question}")
 
 
 def data_dir(**metadata) -> Path:
@@ -55,57 +58,24 @@ def data_dir(**metadata) -> Path:
     return folder
 
 
-def prompt_for(record: dict) -> str:
-    if record.get("input"):
-        return f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n"
-    return f"### Instruction:\n{record['instruction']}\n\n### Response:\n"
-
-
-def parse_record(record: dict, where: str) -> dict:
-    """question, choices (answer texts), labels, gold, label_context of one LLM-Adapters record."""
-    instruction = record["instruction"]
-    match = _FORMAT_LINE.search(instruction)
-    if match is None:
-        raise ValueError(f"{where}: no 'Answer format: a/b/...' line in the instruction")
-    labels = [label for label in match.group("labels").split("/") if label]
-    answer = str(record["answer"]).strip()
-    if answer not in labels:
-        raise ValueError(f"{where}: answer {answer!r} is not one of {labels}")
-    body = instruction[: match.start()]
-    spans = []
-    for label in labels:
-        found = re.search(rf"(?<![A-Za-z0-9]){re.escape(label)}\s*:\s*", body, re.IGNORECASE)
-        spans.append((found.start(), found.end()) if found else None)
-    starts = sorted(s[0] for s in spans if s is not None)
-    texts = []
-    for label, span in zip(labels, spans):
-        if span is None:
-            texts.append(BOOLEAN_TEXTS.get(label.lower(), label))
-            continue
-        end = next((s for s in starts if s > span[0]), len(body))
-        texts.append(" ".join(body[span[1] : end].split()))
-    question = body[: starts[0]] if starts else body
-    question = _PREAMBLE.sub("", " ".join(question.split()))
-    output = str(record["output"])
-    prefix = output[: -len(answer)].rstrip() if output.endswith(answer) else output.rstrip()
+def doc_from_item(item: ChoiceItem) -> dict:
+    """The lm-eval doc of one item parsed by the quality benchmark's own parser (one parser for both
+    scorers): question, choices (answer texts), labels, gold, label_context."""
+    question = item.text_context[len(_QUESTION_PREFIX) : len(item.text_context) - len(_QUESTION_SUFFIX)]
     return {
         "question": question,
-        "choices": texts,
-        "labels": labels,
-        "gold": labels.index(answer),
-        "label_context": prompt_for(record) + prefix,
+        "choices": [c[1:] if c.startswith(" ") else c for c in item.text_candidates],
+        "labels": [c.strip() for c in item.label_candidates],
+        "gold": item.gold,
+        "label_context": item.label_context,
     }
 
 
 def commonsense_dataset(task_folder: str, **metadata) -> dict:
     """{"test": Dataset} of one commonsense task (``task_folder`` from the YAML's dataset_kwargs)."""
     path = data_dir(**metadata) / "commonsense" / task_folder / "test.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (expected commonsense/<task>/test.json in the data folder)")
-    import json
-
-    records = json.loads(path.read_text(encoding="utf-8"))
-    docs = [parse_record(r, f"{path}, record {i}") for i, r in enumerate(records)]
+    records = load_records(path)
+    docs = [doc_from_item(parse_choice(r, task_folder, f"{path}, record {i}")) for i, r in enumerate(records)]
     return {"test": datasets.Dataset.from_list(docs)}
 
 
