@@ -4,9 +4,9 @@ ideal speed-up from shapes next to each measured one.
     python benchmarks/engine_speed.py                                   # f32 GGUF, 1 thread
     python benchmarks/engine_speed.py --outtype q8_0 --threads 2 --repeats 9
 
-The pruned models keep 432 (25% pruned) and 288 (50%) of the 576 hidden channels: the top channels
-by ``peft_pat.calibration.activation_channel_scores`` on a few WikiText-2 windows, cut with
-``peft_pat.prune_hidden_channels`` (no training: which channels stay does not change the speed). Each
+The pruned models keep 432 (25% pruned) and 288 (50%) of the 576 hidden channels: ``merge_and_prune()``
+of a fresh PAT adapter after its calibration on 4 WikiText-2 windows, without training
+(``deploy_llamacpp.pat_pruned``; the kept width, not which channels or the training, sets the speed). Each
 model is saved, converted with llama.cpp's own ``convert_hf_to_gguf.py`` (examples/deploy_llamacpp.py
 finds or fetches it) and loaded once; all three live in one process and are measured round-robin
 (the order rotates every round), medians of ``--repeats`` after ``--warmup`` discarded rounds.
@@ -48,8 +48,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def prepare(args) -> dict[str, Path]:
     """{'dense': gguf, 'p25': gguf, 'p50': gguf}, converted once into --work and reused."""
-    from peft_pat import family_for_model, prune_hidden_channels, save_pruned
-    from peft_pat.pretrained import load_causal_lm, resolve_model_path
+    from peft_pat.pretrained import resolve_model_path
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -58,10 +57,7 @@ def prepare(args) -> dict[str, Path]:
         key = f"p{round(100 * p)}"
         folder = work / key
         if not (folder / "config.json").is_file():
-            model, tokenizer = load_causal_lm(args.model)
-            keep = deploy_llamacpp.activation_keep(model, tokenizer, p)
-            prune_hidden_channels(model, family_for_model(model), keep)
-            save_pruned(model, folder, tokenizer=tokenizer, overwrite=True)
+            deploy_llamacpp.prune_named(args.model, p, folder)
         folders[key] = folder
     ggufs = {}
     for key, folder in folders.items():
@@ -129,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "engine_speed.json")
     args = parser.parse_args(argv)
 
-    import llama_cpp
-
+    llama_cpp = deploy_llamacpp.import_llama_cpp()
     prepared = prepare(args)
     configs = {key: json.loads((folder / "config.json").read_text()) for key, folder in prepared["folders"].items()}
     shapes = {key: DecoderShape.from_config(argparse.Namespace(**c)) for key, c in configs.items()}

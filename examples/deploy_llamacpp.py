@@ -42,10 +42,23 @@ CONVERTER_ENV = "LLAMA_CPP_CONVERTER"
 
 
 # ---------------------------------------------------------------------------------------- converter
-def llama_cpp_version() -> str:
-    import llama_cpp
+ENGINE_MISSING = (
+    "llama-cpp-python is not installed in this environment ({error}). Install it in a separate "
+    "environment so torch stays pinned: pip install torch==2.13.0 -e '.[llamacpp]' (compiles llama.cpp)."
+)
 
-    return llama_cpp.__version__
+
+def import_llama_cpp():
+    """The llama_cpp module, or an ImportError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise ImportError(ENGINE_MISSING.format(error=error)) from error
+    return llama_cpp
+
+
+def llama_cpp_version() -> str:
+    return import_llama_cpp().__version__
 
 
 def find_converter(version: str | None = None) -> Path | None:
@@ -53,7 +66,10 @@ def find_converter(version: str | None = None) -> Path | None:
     if os.environ.get(CONVERTER_ENV):
         path = Path(os.environ[CONVERTER_ENV]).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{CONVERTER_ENV}={path} is not a file")
+            raise FileNotFoundError(
+                f"{CONVERTER_ENV}={path} is not a file; point it at llama.cpp's convert_hf_to_gguf.py "
+                "(vendor/llama.cpp/ in the llama-cpp-python sdist) or unset it to fetch the converter"
+            )
         return path
     version = version or llama_cpp_version()
     path = CACHE / f"llama.cpp-{version}" / "convert_hf_to_gguf.py"
@@ -121,8 +137,8 @@ def convert(folder: Path, outfile: Path, outtype: str = "f32", converter: Path |
 
 # ---------------------------------------------------------------------------------------- engine
 def load_gguf(path: Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
-    from llama_cpp import Llama
-
+    """llama_cpp.Llama on a GGUF file (quiet); the engine's own message if it refuses the file."""
+    Llama = import_llama_cpp().Llama
     threads = threads or min(2, os.cpu_count() or 1)
     return Llama(
         model_path=str(path),
@@ -251,32 +267,41 @@ def tiny_pruned_folder(folder: Path, sparsity: float = 0.25, seed: int = 0) -> P
     return peft_pat.save_pruned(pruned, folder, tokenizer=tokenizer, overwrite=True)
 
 
-def prune_named(name: str, sparsity: float, folder: Path, seed: int = 0) -> Path:
-    """Prune a dense model (hub id, folder or smollm2-135m) to ``sparsity`` of its width by activation
-    scores on a few WikiText batches (no training; quality is not the point here) and save it."""
+def calibration_batches(tokenizer, batches: int = 4, length: int = 256) -> list[dict]:
+    """The first ``batches`` windows of ``length`` tokens of WikiText-2 test (``PAT_DATA_DIR`` or
+    ``../shared/data``), as the dicts ``calibrate`` takes."""
+    import torch
+
+    data = Path(os.environ.get("PAT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = data / "wikitext-2-raw" / "wiki.test.raw"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; set PAT_DATA_DIR to the folder holding wikitext-2-raw/")
+    text = path.read_text(encoding="utf-8")[:200_000]
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: batches * length])
+    return [{"input_ids": w[None]} for w in ids.view(batches, length)]
+
+
+def pat_pruned(model, tokenizer, sparsity: float):
+    """The stock model ``merge_and_prune()`` returns for a fresh PAT adapter after its calibration (the
+    importance-aware mask start) and no training: the shapes, hence the speed, of a trained one."""
+    from peft import get_peft_model
+
+    import peft_pat
+
+    peft_model = get_peft_model(model, peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity))
+    peft_model.base_model.calibrate(calibration_batches(tokenizer))
+    next(iter(peft_model.base_model.pat_mask.values())).harden()
+    return peft_model.merge_and_prune()
+
+
+def prune_named(name: str, sparsity: float, folder: Path) -> Path:
+    """Prune a dense model (hub id, folder or smollm2-135m) to ``sparsity`` of its width with
+    :func:`pat_pruned` and save it with its tokenizer."""
     import peft_pat
     from peft_pat.pretrained import load_causal_lm
 
     model, tokenizer = load_causal_lm(name)
-    keep = activation_keep(model, tokenizer, sparsity)
-    peft_pat.prune_hidden_channels(model, peft_pat.family_for_model(model), keep)
-    return peft_pat.save_pruned(model, folder, tokenizer=tokenizer, overwrite=True)
-
-
-def activation_keep(model, tokenizer, sparsity: float, batches: int = 4, length: int = 256):
-    """Sorted kept channels: top activation scores on the first WikiText-2 windows (multiple of the heads)."""
-    import torch
-
-    from peft_pat.calibration import activation_channel_scores, top_channels
-
-    d, heads = int(model.config.hidden_size), int(model.config.num_attention_heads)
-    kept = max(heads, round(d * (1 - sparsity) / heads) * heads)
-    data = Path(os.environ.get("PAT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    text = (data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:200_000]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: batches * length]
-    windows = torch.tensor(ids).view(batches, length)
-    scores = activation_channel_scores(model, [{"input_ids": w[None]} for w in windows])
-    return top_channels(scores, kept)
+    return peft_pat.save_pruned(pat_pruned(model, tokenizer, sparsity), folder, tokenizer=tokenizer, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -1,6 +1,12 @@
 """A pruned checkpoint runs in llama.cpp: GGUF conversion with llama.cpp's own converter, logits and greedy
-tokens against transformers'. Skipped unless llama-cpp-python is importable and its converter is found
-(``LLAMA_CPP_CONVERTER`` or the cache that ``examples/deploy_llamacpp.py`` fills; see README "Deploy").
+tokens against transformers'.
+
+Three levels, each skipped with its reason when what it needs is absent (see README "Deploy"):
+
+* always: the refusals (config without ``head_dim``, missing engine, wrong converter path) name the fix;
+* the converter (``LLAMA_CPP_CONVERTER``, or the cache that ``examples/deploy_llamacpp.py`` fills, plus
+  ``sentencepiece``, which it imports): the GGUF of a tiny PAT-pruned model carries ``head_dim``;
+* llama-cpp-python too: llama.cpp's logits and greedy tokens match transformers'.
 
 The tiny model is pruned by PAT itself (random non-trivial adapter, random hardened mask) from width 64 to
 48 with 4 heads of head_dim 32: ``hidden_size != num_attention_heads * head_dim``, the case engines may
@@ -15,9 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
-pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports sentencepiece")
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -25,21 +28,30 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def deploy():
     sys.path.insert(0, str(EXAMPLES))
     try:
-        module = importlib.import_module("deploy_llamacpp")
+        return importlib.import_module("deploy_llamacpp")
     finally:
         sys.path.remove(str(EXAMPLES))
-    if module.find_converter() is None:
-        pytest.skip(
-            "llama.cpp's convert_hf_to_gguf.py not found: set LLAMA_CPP_CONVERTER or run "
-            "`python examples/deploy_llamacpp.py --tiny` once (it fetches the converter)"
-        )
-    return module
 
 
 @pytest.fixture(scope="module")
-def converted(deploy, tmp_path_factory):
+def converter(deploy):
+    pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports sentencepiece")
+    try:
+        path = deploy.find_converter()
+    except ImportError:
+        path = None  # no LLAMA_CPP_CONVERTER and no llama_cpp to name the cached converter's version
+    if path is None:
+        pytest.skip(
+            "llama.cpp's convert_hf_to_gguf.py not found: set LLAMA_CPP_CONVERTER, or run "
+            "`python examples/deploy_llamacpp.py --tiny` once with llama-cpp-python installed (it fetches it)"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(deploy, converter, tmp_path_factory):
     folder = deploy.tiny_pruned_folder(tmp_path_factory.mktemp("pruned") / "model")
-    gguf = deploy.convert(folder, folder.parent / "model-f32.gguf", "f32")
+    gguf = deploy.convert(folder, folder.parent / "model-f32.gguf", "f32", converter)
     return folder, gguf
 
 
@@ -60,6 +72,7 @@ def test_gguf_carries_head_dim(converted):
 
 
 def test_llama_cpp_logits_and_greedy_tokens_match_transformers(deploy, converted):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
     ids = [1, *list(np.random.default_rng(0).integers(3, 97, size=23))]
     result = deploy.compare(converted[0], converted[1], [int(i) for i in ids], new_tokens=12)
     # float32 GGUF: the engine and transformers differ only by summation order
@@ -72,3 +85,15 @@ def test_missing_head_dim_is_refused_before_conversion(deploy, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 48, "num_attention_heads": 5}))
     with pytest.raises(ValueError, match="head_dim"):
         deploy.check_config(tmp_path)
+
+
+def test_missing_engine_names_the_install_command(deploy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    with pytest.raises(ImportError, match=r"\[llamacpp\]"):
+        deploy.load_gguf(Path("model.gguf"))
+
+
+def test_wrong_converter_path_names_the_fix(deploy, monkeypatch, tmp_path):
+    monkeypatch.setenv(deploy.CONVERTER_ENV, str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match="convert_hf_to_gguf.py"):
+        deploy.find_converter()
