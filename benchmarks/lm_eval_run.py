@@ -10,8 +10,8 @@ It is ``lm_eval run`` (every lm-eval option passes through unchanged) with three
   '{"data_dir": ...}'``, ``PAT_DATA_DIR``, or ``../shared/data`` beside the repository);
 * ``--model hf`` and ``--batch_size 8``, unless given;
 * ``import peft_pat`` first, so ``peft=`` loads a PAT adapter (PEFT only knows the ``PAT`` type once
-  it is registered), and ``pretrained=smollm2-135m`` (or ``tiny-random-llama``) resolves to the
-  offline copy that ``peft_pat.pretrained`` uses.
+  it is registered), and ``pretrained=smollm2-135m`` resolves to the offline copy that
+  ``peft_pat.pretrained`` uses (``peft_pat.pretrained.resolve_model_path``).
 
 ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` are set: nothing is fetched from the hub. Tasks:
 
@@ -28,18 +28,17 @@ import sys
 from pathlib import Path
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
-ALIASES = ("smollm2-135m", "smollm2", "SmolLM2-135M", "SmolLM2-135M-Instruct")
 
 
 def _resolve_pretrained(model_args: str) -> str:
+    """``pretrained=<alias>`` replaced by the folder ``peft_pat.pretrained`` keeps for it; the rest unchanged."""
+    from peft_pat.pretrained import resolve_model_path
+
     parts = []
     for part in model_args.split(","):
         key, _, value = part.partition("=")
-        if key.strip() == "pretrained" and value in ALIASES:
-            from peft_pat.pretrained import resolve_model_path
-
-            value = resolve_model_path(value)
-            part = f"{key}={value}"
+        if key.strip() == "pretrained":
+            part = f"{key}={resolve_model_path(value)}"
         parts.append(part)
     return ",".join(parts)
 
