@@ -6,7 +6,9 @@ Three levels, each skipped with its reason when what it needs is absent (see REA
 * always: the refusals (config without ``head_dim``, missing engine, wrong converter path) name the fix;
 * the converter (``LLAMA_CPP_CONVERTER``, or the cache that ``examples/deploy_llamacpp.py`` fills, plus
   ``sentencepiece``, which it imports): the GGUF of a tiny PAT-pruned model carries ``head_dim``;
-* llama-cpp-python too: llama.cpp's logits and greedy tokens match transformers'.
+* llama-cpp-python too: llama.cpp's logits and greedy tokens match transformers';
+* onnxruntime + onnxscript (marked slow, the export takes minutes on a busy CPU): ONNX Runtime's
+  logits match transformers' (examples/deploy_onnxruntime.py).
 
 The tiny model is pruned by PAT itself (random non-trivial adapter, random hardened mask) from width 64 to
 48 with 4 heads of head_dim 32: ``hidden_size != num_attention_heads * head_dim``, the case engines may
@@ -49,8 +51,13 @@ def converter(deploy):
 
 
 @pytest.fixture(scope="module")
-def converted(deploy, converter, tmp_path_factory):
-    folder = deploy.tiny_pruned_folder(tmp_path_factory.mktemp("pruned") / "model")
+def tiny_folder(deploy, tmp_path_factory):
+    return deploy.tiny_pruned_folder(tmp_path_factory.mktemp("pruned") / "model")
+
+
+@pytest.fixture(scope="module")
+def converted(deploy, converter, tiny_folder):
+    folder = tiny_folder
     gguf = deploy.convert(folder, folder.parent / "model-f32.gguf", "f32", converter)
     return folder, gguf
 
@@ -97,3 +104,21 @@ def test_wrong_converter_path_names_the_fix(deploy, monkeypatch, tmp_path):
     monkeypatch.setenv(deploy.CONVERTER_ENV, str(tmp_path / "missing.py"))
     with pytest.raises(FileNotFoundError, match="convert_hf_to_gguf.py"):
         deploy.find_converter()
+
+
+@pytest.mark.slow
+def test_onnx_runtime_logits_match_transformers(tiny_folder):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (see examples/deploy_onnxruntime.py)")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        onnx_example = importlib.import_module("deploy_onnxruntime")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    folder = tiny_folder
+    onnx_file = onnx_example.export(folder, folder.parent / "model.onnx", max_tokens=64)
+    for n in (8, 23):
+        ids = [int(i) for i in np.random.default_rng(n).integers(3, 97, size=n)]
+        result = onnx_example.compare(folder, onnx_file, ids)
+        assert result["max_abs_logit_diff"] <= 1e-4 * max(1.0, result["max_abs_logit"]), result
+        assert result["argmax_agreement"] == 1.0
