@@ -60,7 +60,7 @@ def export(folder: Path, outfile: Path, max_tokens: int = 512) -> Path:
     example = torch.tensor([[1, 5, 9, 13, 20, 33, 40, 7]]) % model.config.vocab_size
     Path(outfile).parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
-        Logits(model),
+        Logits(model).eval(),
         (example,),
         str(outfile),
         input_names=["input_ids"],
