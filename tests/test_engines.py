@@ -1,0 +1,124 @@
+"""A pruned checkpoint runs in llama.cpp: GGUF conversion with llama.cpp's own converter, logits and greedy
+tokens against transformers'.
+
+Three levels, each skipped with its reason when what it needs is absent (see README "Deploy"):
+
+* always: the refusals (config without ``head_dim``, missing engine, wrong converter path) name the fix;
+* the converter (``LLAMA_CPP_CONVERTER``, or the cache that ``examples/deploy_llamacpp.py`` fills, plus
+  ``sentencepiece``, which it imports): the GGUF of a tiny PAT-pruned model carries ``head_dim``;
+* llama-cpp-python too: llama.cpp's logits and greedy tokens match transformers';
+* onnxruntime + onnxscript (marked slow, the export takes minutes on a busy CPU): ONNX Runtime's
+  logits match transformers' (examples/deploy_onnxruntime.py).
+
+The tiny model is pruned by PAT itself (random non-trivial adapter, random hardened mask) from width 64 to
+48 with 4 heads of head_dim 32: ``hidden_size != num_attention_heads * head_dim``, the case engines may
+not expect.
+"""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def deploy():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module("deploy_llamacpp")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+@pytest.fixture(scope="module")
+def converter(deploy):
+    pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports sentencepiece")
+    try:
+        path = deploy.find_converter()
+    except ImportError:
+        path = None  # no LLAMA_CPP_CONVERTER and no llama_cpp to name the cached converter's version
+    if path is None:
+        pytest.skip(
+            "llama.cpp's convert_hf_to_gguf.py not found: set LLAMA_CPP_CONVERTER, or run "
+            "`python examples/deploy_llamacpp.py --tiny` once with llama-cpp-python installed (it fetches it)"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(deploy, tmp_path_factory):
+    return deploy.tiny_pruned_folder(tmp_path_factory.mktemp("pruned") / "model")
+
+
+@pytest.fixture(scope="module")
+def converted(deploy, converter, tiny_folder):
+    folder = tiny_folder
+    gguf = deploy.convert(folder, folder.parent / "model-f32.gguf", "f32", converter)
+    return folder, gguf
+
+
+def test_pruned_config_is_the_engine_hard_case(converted):
+    config = json.loads((converted[0] / "config.json").read_text())
+    assert config["hidden_size"] == 48 and config["head_dim"] == 32 and config["num_attention_heads"] == 4
+
+
+def test_gguf_carries_head_dim(converted):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(converted[1])
+    fields = {name: field.parts[field.data[0]][0] for name, field in reader.fields.items() if field.data}
+    assert int(fields["llama.embedding_length"]) == 48
+    assert int(fields["llama.attention.key_length"]) == 32
+    assert int(fields["llama.attention.value_length"]) == 32
+    assert int(fields["llama.rope.dimension_count"]) == 32
+
+
+def test_llama_cpp_logits_and_greedy_tokens_match_transformers(deploy, converted):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+    ids = [1, *list(np.random.default_rng(0).integers(3, 97, size=23))]
+    result = deploy.compare(converted[0], converted[1], [int(i) for i in ids], new_tokens=12)
+    # float32 GGUF: the engine and transformers differ only by summation order
+    assert result["max_abs_logit_diff"] <= 1e-3 * max(1.0, result["max_abs_logit"]), result
+    assert result["argmax_agreement"] == 1.0
+    assert result["greedy_llama_cpp"] == result["greedy_transformers"]
+
+
+def test_missing_head_dim_is_refused_before_conversion(deploy, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 48, "num_attention_heads": 5}))
+    with pytest.raises(ValueError, match="head_dim"):
+        deploy.check_config(tmp_path)
+
+
+def test_missing_engine_names_the_install_command(deploy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    with pytest.raises(ImportError, match=r"\[llamacpp\]"):
+        deploy.load_gguf(Path("model.gguf"))
+
+
+def test_wrong_converter_path_names_the_fix(deploy, monkeypatch, tmp_path):
+    monkeypatch.setenv(deploy.CONVERTER_ENV, str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match="convert_hf_to_gguf.py"):
+        deploy.find_converter()
+
+
+@pytest.mark.slow
+def test_onnx_runtime_logits_match_transformers(tiny_folder):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (see examples/deploy_onnxruntime.py)")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        onnx_example = importlib.import_module("deploy_onnxruntime")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    folder = tiny_folder
+    onnx_file = onnx_example.export(folder, folder.parent / "model.onnx", max_tokens=64)
+    for n in (8, 23):
+        ids = [int(i) for i in np.random.default_rng(n).integers(3, 97, size=n)]
+        result = onnx_example.compare(folder, onnx_file, ids)
+        assert result["max_abs_logit_diff"] <= 1e-4 * max(1.0, result["max_abs_logit"]), result
+        assert result["argmax_agreement"] == 1.0
