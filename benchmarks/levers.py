@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         tuner.set_step(0, total, learning_rate=args.lr)
         if tuner.needs_calibration():
             tuner.calibrate(batches[:CALIBRATION_BATCHES])
-        start_set = next(iter(tuner.pat_mask.values())).kept_set().clone()
+        mask = next(iter(tuner.pat_mask.values()))
+        start_set = mask.kept_set().clone()
     curve = []
     model.train()
     with warnings.catch_warnings():
@@ -140,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tuner is not None:
         result["hardening_loss_change"] = tuner.last_auxiliary_losses.get("hardening_loss_change")
         result["protected"] = getattr(tuner, "calibration_summary", {}).get("protected_channels")
-        kept_set = next(iter(tuner.pat_mask.values())).kept_set()
-        result["kept_from_start"] = int((kept_set & start_set).sum())  # of `kept`: how far the mask moved
+        result["kept_from_start"] = int((mask.kept_set() & start_set).sum())  # of `kept`: how far the mask moved
         small = model.merge_and_prune()
     else:
         small = model.merge_and_unload()

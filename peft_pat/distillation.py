@@ -24,14 +24,11 @@ DISTILLATION_BLOCK_TOKENS = 256  # positions per block: 256 x 50k vocab x 4 byte
 
 
 def _scaled_into(out: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """out <- logits / T in float32 (a copy only when a cast or a division is needed)."""
-    if temperature == 1.0:
-        return logits if logits.dtype == torch.float32 else out.copy_(logits)
-    return (
-        torch.div(logits, temperature, out=out)
-        if logits.dtype == torch.float32
-        else out.copy_(logits).div_(temperature)
-    )
+    """logits / T in float32: ``logits`` itself when nothing is to be done, else written into ``out``."""
+    if logits.dtype == torch.float32:
+        return logits if temperature == 1.0 else torch.div(logits, temperature, out=out)
+    out.copy_(logits)
+    return out if temperature == 1.0 else out.div_(temperature)
 
 
 class _DistillationLoss(torch.autograd.Function):
@@ -84,13 +81,8 @@ class _DistillationLoss(torch.autograd.Function):
         for start in range(0, rows, block):
             end = min(start + block, rows)
             w = work[: end - start]
-            s = student[start:end]
-            if temperature != 1.0 or s.dtype != torch.float32:
-                w.copy_(s).div_(temperature)
-                w.sub_(lse_student[start:end, None])
-            else:
-                torch.sub(s, lse_student[start:end, None], out=w)
-            w.exp_()  # q = softmax(s / T)
+            s = _scaled_into(w, student[start:end], temperature)
+            torch.sub(s, lse_student[start:end, None], out=w).exp_()  # q = softmax(s / T)
             w.sub_(probabilities[start:end]).mul_(scale)  # T * (q - p) * grad / rows
             grad[start:end].copy_(w)
         return grad, None, None, None
