@@ -131,7 +131,22 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         pass
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
+    info["code"] = _code_version()
     return info
+
+
+def _code_version() -> str | None:
+    """The commit the numbers were measured on (``+dirty`` with uncommitted changes); None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True)  # fmt: skip
+    except OSError:
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _cpu_name() -> str:

@@ -19,7 +19,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from benchmarks.quality import cli
+from benchmarks.quality import cli, merge
+from benchmarks.quality.results import write_results
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "tree", "big", "small", "runs", "eats", "the", "a", "is", "of"]
 
@@ -163,6 +164,30 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread):
         run["accuracy_text"]["tasks"]["pick3"]["correct"]
         == (runs[("prune_then_tune", 0.5)]["accuracy_text"]["tasks"]["pick3"]["correct"])
     )
+
+    # the same run split into two pieces (as a long preset is run on a CPU) merges back to the same results
+    whole = json.loads((out / "quality.json").read_text())
+    pieces = []
+    for keep in (lambda r: r["sparsity"] in (0.0, 0.25), lambda r: r["sparsity"] == 0.5):
+        piece = json.loads(json.dumps(whole))
+        piece["runs"] = [r for r in piece["runs"] if keep(r)]
+        piece["options"]["sparsities"] = sorted({r["sparsity"] for r in piece["runs"]} - {0.0})
+        piece["options"]["output"] = f"elsewhere-{len(pieces)}"
+        pieces.append(piece)
+    merged = merge.merge_payloads(pieces[::-1], ["b.json", "a.json"])
+    write_results(merged, tmp_path / "merged")
+    assert [(r["method"], r["sparsity"]) for r in merged["runs"]] == [
+        (r["method"], r["sparsity"]) for r in whole["runs"]
+    ]
+    assert merged["comparisons"] == whole["comparisons"] and merged["pat_targets"] == whole["pat_targets"]
+    assert [s["file"] for s in merged["sources"]] == ["b.json", "a.json"]
+    assert (tmp_path / "merged" / "quality.md").read_text() == (out / "quality.md").read_text()
+    other = json.loads(json.dumps(pieces[1]))
+    other["options"]["lr"] = 5e-4
+    with pytest.raises(merge.IncompatibleResults, match=r"other options than a\.json \(lr: 0\.001 vs 0\.0005\)"):
+        merge.merge_payloads([pieces[0], other], ["a.json", "c.json"])
+    with pytest.raises(merge.IncompatibleResults, match=r"PAT at sparsity 0\.5 is in both b\.json and d\.json"):
+        merge.merge_payloads([pieces[1], pieces[1]], ["b.json", "d.json"])
 
 
 def test_candidates_are_read_from_the_instruction():

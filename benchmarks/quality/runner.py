@@ -23,12 +23,11 @@ from peft_pat import family_for_model
 from peft_pat.pretrained import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
-from ..measure import machine_info, write_json
+from ..measure import machine_info
 from . import methods
 from .commonsense import TaskMixture, load_test_items
 from .evaluation import evaluate_model
-from .plotting import plot_results
-from .report import comparisons, markdown_table, pat_targets
+from .results import write_results
 from .torch_pruning_peer import PeerUnavailable, torch_pruning_available
 from .wikitext import perplexity_windows
 
@@ -101,13 +100,7 @@ class Recorder:
     def flush(self, final: bool = False) -> None:
         self.payload["wall_seconds"] = time.perf_counter() - self.started
         self.payload["finished"] = final
-        self.payload["comparisons"] = comparisons(self.payload["runs"], self.options.scoring[0])
-        self.payload["pat_targets"] = pat_targets(self.payload["comparisons"])
-        write_json(self.out / "quality.json", self.payload)
-        (self.out / "quality.md").write_text(markdown_table(self.payload))
-        runs = [r for r in self.payload["runs"] if "error" not in r]
-        if runs:
-            plot_results(self.payload, self.out / "quality.png")
+        write_results(self.payload, self.out)
 
 
 def _evaluate(model: nn.Module, tokenizer, data: dict, options: BenchmarkOptions) -> dict:

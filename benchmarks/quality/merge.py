@@ -1,0 +1,116 @@
+"""Combine results of several runs of one protocol into one table: ``python -m benchmarks.quality.merge``.
+
+The default preset takes hours on a CPU, so it is often run in pieces (``--methods`` /
+``--sparsities``). Pieces combine only when they measured the same thing: every option except the
+ones that choose *which* runs happen (methods, sparsities, output folder, progress bars) must be equal,
+and each (method, sparsity) may come from one piece only. The combined ``quality.json`` keeps every
+run as recorded, lists its sources, and recomputes the paired comparisons, the table and the plot
+with the same code as a single run (:class:`benchmarks.quality.runner.Recorder`).
+
+    python -m benchmarks.quality.merge results/a/quality.json results/b/quality.json --output results/all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .methods import METHODS
+from .results import write_results
+
+# Options that select which runs a piece contains (or where it writes), not what a run measures.
+SELECTION_OPTIONS = ("methods", "sparsities", "output", "progress")
+
+
+class IncompatibleResults(ValueError):
+    """The pieces measured different things (or the same run twice); the message names the difference."""
+
+
+def _run_key(run: dict) -> tuple[str, float | None]:
+    return run["method"], run.get("sparsity")
+
+
+def merge_payloads(payloads: list[dict], names: list[str]) -> dict:
+    """One payload from several: options checked equal (module docstring), runs concatenated in the
+    benchmark's order (sparsity, then method), sources recorded; comparisons are left to the writer."""
+    if not payloads:
+        raise IncompatibleResults("nothing to merge: pass at least one quality.json")
+    first, first_name = payloads[0], names[0]
+    reference = {k: v for k, v in first["options"].items() if k not in SELECTION_OPTIONS}
+    seen: dict[tuple, str] = {}
+    runs: list[dict] = []
+    for payload, name in zip(payloads, names):
+        options = {k: v for k, v in payload["options"].items() if k not in SELECTION_OPTIONS}
+        diff = sorted(k for k in reference.keys() | options.keys() if reference.get(k) != options.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: {reference.get(k)!r} vs {options.get(k)!r}" for k in diff)
+            raise IncompatibleResults(
+                f"{name} was measured with other options than {first_name} ({detail}); "
+                "rerun the piece with the same options"
+            )
+        if payload.get("model", {}).get("name") != first.get("model", {}).get("name"):
+            model, first_model = payload.get("model", {}).get("name"), first.get("model", {}).get("name")
+            raise IncompatibleResults(f"{name} measured model {model!r}, {first_name} measured {first_model!r}")
+        for run in payload["runs"]:
+            key = _run_key(run)
+            if key in seen:
+                raise IncompatibleResults(
+                    f"{run['label']} at sparsity {run.get('sparsity')} is in both {seen[key]} and {name}; "
+                    "keep it in one piece only"
+                )
+            seen[key] = name
+            runs.append(run)
+    order = {m: i for i, m in enumerate(METHODS)}
+    runs.sort(key=lambda r: (r.get("sparsity") or 0.0, order.get(r["method"], len(order))))
+    options = dict(first["options"])
+    options["methods"] = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    options["sparsities"] = sorted({s for p in payloads for s in p["options"]["sparsities"]})
+    kept = {}
+    for payload in payloads:
+        kept.update(payload.get("model", {}).get("kept_width", {}))
+    return {
+        "options": options,
+        "hardware": first.get("hardware"),
+        "model": {**first.get("model", {}), "kept_width": kept},
+        "data": first.get("data"),
+        "sources": [
+            {
+                "file": name,
+                "runs": [f"{r['method']}@{r.get('sparsity')}" for r in p["runs"]],
+                "wall_seconds": p.get("wall_seconds"),
+                "finished": p.get("finished"),
+                "hardware": p.get("hardware"),
+            }
+            for p, name in zip(payloads, names)
+        ],
+        "wall_seconds": sum(p.get("wall_seconds") or 0.0 for p in payloads),
+        "finished": all(p.get("finished") for p in payloads),
+        "runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality.merge",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("files", nargs="+", type=Path, help="quality.json files of runs with the same options")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the combined quality.json/.md/.png")
+    args = parser.parse_args(argv)
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        parser.error(f"no such results file: {', '.join(missing)}")
+    payloads = [json.loads(f.read_text()) for f in args.files]
+    try:
+        merged = merge_payloads(payloads, [str(f) for f in args.files])
+    except IncompatibleResults as exc:
+        parser.error(str(exc))
+    write_results(merged, args.output)
+    print((args.output / "quality.md").read_text())
+    return merged
+
+
+if __name__ == "__main__":
+    main()
