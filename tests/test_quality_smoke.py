@@ -92,7 +92,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread):
+def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     out = tmp_path / "results"
     common = ["--model", str(model_dir), "--data-dir", str(data), "--no-progress", "--ppl-context", "64",
@@ -188,6 +188,16 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread):
         merge.merge_payloads([pieces[0], other], ["a.json", "c.json"])
     with pytest.raises(merge.IncompatibleResults, match=r"PAT at sparsity 0\.5 is in both b\.json and d\.json"):
         merge.merge_payloads([pieces[1], pieces[1]], ["b.json", "d.json"])
+    # the command line: files in, the same three files out; a refusal is a usage error naming the problem
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, piece in zip(files, pieces):
+        path.write_text(json.dumps(piece))
+    merge.main([*map(str, files), "--output", str(tmp_path / "cli")])
+    assert (tmp_path / "cli" / "quality.md").read_text() == (out / "quality.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        merge.main([str(files[0]), str(files[0]), "--output", str(tmp_path / "refused")])
+    assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
+    assert "keep it in one piece only" in capsys.readouterr().err
 
 
 def test_candidates_are_read_from_the_instruction():
