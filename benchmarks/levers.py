@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     windows = perplexity_windows(args.data_dir / "wikitext-2-raw" / "wiki.test.raw", tokenizer, 512, args.windows)
     kept = resolve_kept_width(base.config.hidden_size, base.config.num_attention_heads, args.sparsity, None)
     start = time.time()
-    teacher, tuner = None, None
+    teacher, tuner, layerwise = None, None, None
     if args.method == "pat":
         overrides = {"distillation_weight": 0.0} if args.loss == "full" else {}
         model = get_peft_model(base, PATConfig(target_sparsity=args.sparsity, **overrides, **args.opts))
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         for step, batch in enumerate(batches):
             out = model(**batch)
             loss = out.loss
-            if tuner is not None and layerwise is not None:
+            if layerwise is not None:
                 probe = layerwise.loss(batch["attention_mask"])
                 loss = loss + args.layerwise * probe
                 if step % 8 == 0:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             if step % 8 == 0:
                 print(f"step {step} loss {curve[-1]} {time.time() - start:.0f} s", flush=True)
     model.eval()
-    if tuner is not None and layerwise is not None:
+    if layerwise is not None:
         layerwise.remove()
     result = {"method": args.method, "sparsity": args.sparsity, "kept": kept, "loss": args.loss}
     result["opts"] = {k: repr(v) for k, v in args.opts.items()}

@@ -337,7 +337,7 @@ class PATMask(nn.Module):
         self.protected.copy_(protected)
         self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
         self.calibrated.fill_(True)
-        self._fading = self.fade_to_hard
+        self._fading = self._fades_to_calibrated_set() and not self._hard
         self._last_finite_logits = None
         gate = torch.sigmoid(w) + offset(0, 2)  # tau = 1 and beta = 1/2 at step 0
         return torch.where(protected.cpu(), torch.ones_like(gate), gate).float()
