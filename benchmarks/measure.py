@@ -15,6 +15,7 @@ configuration, so one configuration's allocations never hide in another's peak.
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -123,12 +124,11 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         "cpu": _cpu_name(),
         "device": str(device),
     }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    for distribution in ("transformers", "peft", "torch-pruning"):  # installed versions (a module's
+        try:  # __version__ can lag: torch-pruning 1.6.1 says 1.6.0)
+            info[distribution.replace("-", "_")] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
     info["code"] = _code_version()
