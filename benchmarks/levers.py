@@ -126,17 +126,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "levers.jsonl")
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
     p.add_argument("--layerwise", type=float, default=0.0, help="PAT only: weight of the layer-wise probe")
+    p.add_argument(
+        "--posthoc-producer-rank", type=int, default=20,
+        help="posthoc only: LoRA rank (alpha = rank) on o_proj and down_proj, the residual producers; above 20 it "
+        "gives the rival the extra output-side rank PAT's HSMs have (20 + hsm_rank)",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed", type=int, default=0,
+        help="replicate: draws other training batches (so other calibration batches) and, if not 0, another adapter "
+        "initialisation; 0 is the runs in docs/quality.md",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (args.data_dir / "commonsense").is_dir():
         raise SystemExit(f"--data-dir {args.data_dir} has no commonsense/ folder (see ../shared/data/README.md).")
 
     base, tokenizer = load_causal_lm(args.model)
-    batches = TaskMixture(args.data_dir / "commonsense", None, tokenizer, 8, 160, "full").batches(args.steps, 0)
+    batches = TaskMixture(args.data_dir / "commonsense", None, tokenizer, 8, 160, "full").batches(args.steps, args.seed)
     windows = perplexity_windows(args.data_dir / "wikitext-2-raw" / "wiki.test.raw", tokenizer, 512, args.windows)
     kept = resolve_kept_width(base.config.hidden_size, base.config.num_attention_heads, args.sparsity, None)
     start = time.time()
     teacher, tuner, layerwise = None, None, None
+    if args.seed:  # seed 0 keeps the generator's default state here, as the documented runs had it
+        torch.manual_seed(args.seed)
     if args.method == "pat":
         overrides = {"distillation_weight": 0.0} if args.loss == "full" else {}
         model = get_peft_model(base, PATConfig(target_sparsity=args.sparsity, **overrides, **args.opts))
@@ -146,12 +158,18 @@ def main(argv: list[str] | None = None) -> dict:
         stats = channel_statistics(base, batches[:CALIBRATION_BATCHES])
         cut_by_activation(base, family_for_model(base), stats.score, massive_channels(stats.energy), kept)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=20, lora_alpha=20, target_modules=targets))
+        producers = {name: args.posthoc_producer_rank for name in ("o_proj", "down_proj")}
+        lora = LoraConfig(
+            task_type="CAUSAL_LM", r=20, lora_alpha=20, target_modules=targets,
+            rank_pattern=producers if args.posthoc_producer_rank != 20 else {},
+            alpha_pattern=producers if args.posthoc_producer_rank != 20 else {},
+        )  # fmt: skip
+        model = get_peft_model(base, lora)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total, warmup = len(batches), max(1, round(0.05 * len(batches)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if tuner is not None:
         tuner.set_step(0, total, learning_rate=args.lr)
         if tuner.needs_calibration():
@@ -195,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["opts"] = {k: repr(v) for k, v in args.opts.items()}
     if args.layerwise:
         result["layerwise"] = args.layerwise
+    if args.seed:
+        result["seed"] = args.seed
+    if args.method == "posthoc" and args.posthoc_producer_rank != 20:
+        result["posthoc_producer_rank"] = args.posthoc_producer_rank
+    result["trainable"] = sum(q.numel() for q in params)
     if tuner is not None:
         result["hardening_loss_change"] = tuner.last_auxiliary_losses.get("hardening_loss_change")
         result["protected"] = getattr(tuner, "calibration_summary", {}).get("protected_channels")

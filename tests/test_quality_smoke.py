@@ -188,6 +188,16 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
         merge.merge_payloads([pieces[0], other], ["a.json", "c.json"])
     with pytest.raises(merge.IncompatibleResults, match=r"PAT at sparsity 0\.5 is in both b\.json and d\.json"):
         merge.merge_payloads([pieces[1], pieces[1]], ["b.json", "d.json"])
+    # --replace: a later piece that re-measured PAT (say, after a default changed) supersedes the earlier run
+    remeasured = json.loads(json.dumps(pieces[1]))
+    remeasured["runs"] = [r for r in remeasured["runs"] if r["method"] == "pat"]
+    remeasured["runs"][0]["wikitext2"]["perplexity"] = 1.0
+    replaced = merge.merge_payloads([*pieces, remeasured], ["a.json", "b.json", "new.json"], replace=True)
+    assert len(replaced["runs"]) == len(whole["runs"])
+    pat_at_half = [r for r in replaced["runs"] if (r["method"], r["sparsity"]) == ("pat", 0.5)]
+    assert [r["wikitext2"]["perplexity"] for r in pat_at_half] == [1.0]
+    assert replaced["sources"][1]["replaced_by_later_piece"] == ["pat@0.5"]
+    assert "replaced_by_later_piece" not in replaced["sources"][0]
     # the command line: files in, the same three files out; a refusal is a usage error naming the problem
     files = [tmp_path / "a.json", tmp_path / "b.json"]
     for path, piece in zip(files, pieces):

@@ -3,11 +3,14 @@
 The default preset takes hours on a CPU, so it is often run in pieces (``--methods`` /
 ``--sparsities``). Pieces combine only when they measured the same thing: every option except the
 ones that choose *which* runs happen (methods, sparsities, output folder, progress bars) must be equal,
-and each (method, sparsity) may come from one piece only. The combined ``quality.json`` keeps every
+and each (method, sparsity) may come from one piece only, unless ``--replace`` says that a later piece
+supersedes an earlier one's run (a method re-measured after its defaults changed; the sources record
+which runs were replaced and each piece's commit). The combined ``quality.json`` keeps every
 run as recorded, lists its sources, and recomputes the paired comparisons, the table and the plot
 with the same code as a single run (:class:`benchmarks.quality.runner.Recorder`).
 
     python -m benchmarks.quality.merge results/a/quality.json results/b/quality.json --output results/all
+    python -m benchmarks.quality.merge old.json new-pat.json --replace --output results/all
 """
 
 from __future__ import annotations
@@ -31,15 +34,17 @@ def _run_key(run: dict) -> tuple[str, float | None]:
     return run["method"], run.get("sparsity")
 
 
-def merge_payloads(payloads: list[dict], names: list[str]) -> dict:
+def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False) -> dict:
     """One payload from several: options checked equal (module docstring), runs concatenated in the
-    benchmark's order (sparsity, then method), sources recorded; comparisons are left to the writer."""
+    benchmark's order (sparsity, then method), sources recorded; comparisons are left to the writer.
+    ``replace``: a run held by two pieces is taken from the later one (else refused)."""
     if not payloads:
         raise IncompatibleResults("nothing to merge: pass at least one quality.json")
     first, first_name = payloads[0], names[0]
     reference = {k: v for k, v in first["options"].items() if k not in SELECTION_OPTIONS}
     seen: dict[tuple, str] = {}
-    runs: list[dict] = []
+    runs: dict[tuple, dict] = {}
+    replaced: dict[str, list[str]] = {name: [] for name in names}
     for payload, name in zip(payloads, names):
         options = {k: v for k, v in payload["options"].items() if k not in SELECTION_OPTIONS}
         diff = sorted(k for k in reference.keys() | options.keys() if reference.get(k) != options.get(k))
@@ -54,15 +59,17 @@ def merge_payloads(payloads: list[dict], names: list[str]) -> dict:
             raise IncompatibleResults(f"{name} measured model {model!r}, {first_name} measured {first_model!r}")
         for run in payload["runs"]:
             key = _run_key(run)
-            if key in seen:
+            if key in seen and replace:
+                replaced[seen[key]].append(f"{run['method']}@{run.get('sparsity')}")
+            elif key in seen:
                 raise IncompatibleResults(
                     f"{run['label']} at sparsity {run.get('sparsity')} is in both {seen[key]} and {name}; "
-                    "keep it in one piece only"
+                    "keep it in one piece only, or pass --replace to take the later piece's"
                 )
             seen[key] = name
-            runs.append(run)
+            runs[key] = run
     order = {m: i for i, m in enumerate(METHODS)}
-    runs.sort(key=lambda r: (r.get("sparsity") or 0.0, order.get(r["method"], len(order))))
+    runs = sorted(runs.values(), key=lambda r: (r.get("sparsity") or 0.0, order.get(r["method"], len(order))))
     options = dict(first["options"])
     options["methods"] = [m for m in METHODS if any(r["method"] == m for r in runs)]
     options["sparsities"] = sorted({s for p in payloads for s in p["options"]["sparsities"]})
@@ -78,6 +85,7 @@ def merge_payloads(payloads: list[dict], names: list[str]) -> dict:
             {
                 "file": name,
                 "runs": [f"{r['method']}@{r.get('sparsity')}" for r in p["runs"]],
+                **({"replaced_by_later_piece": replaced[name]} if replaced[name] else {}),
                 "wall_seconds": p.get("wall_seconds"),
                 "finished": p.get("finished"),
                 "hardware": p.get("hardware"),
@@ -98,13 +106,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("files", nargs="+", type=Path, help="quality.json files of runs with the same options")
     parser.add_argument("--output", type=Path, required=True, help="folder for the combined quality.json/.md/.png")
+    parser.add_argument(
+        "--replace", action="store_true",
+        help="a run held by two pieces is taken from the later one (e.g. a method re-measured after a default changed)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         parser.error(f"no such results file: {', '.join(missing)}")
     payloads = [json.loads(f.read_text()) for f in args.files]
     try:
-        merged = merge_payloads(payloads, [str(f) for f in args.files])
+        merged = merge_payloads(payloads, [str(f) for f in args.files], replace=args.replace)
     except IncompatibleResults as exc:
         parser.error(str(exc))
     write_results(merged, args.output)
