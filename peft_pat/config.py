@@ -63,7 +63,11 @@ class PATConfig(PeftConfig):
     )
     # --- HSM ---
     hsm_rank: int | None = field(
-        default=None, metadata={"help": "Rank of the HSM operator I + L1 L0. None: about 5% of hidden_size."}
+        default=None,
+        metadata={
+            "help": "Rank of the HSM operator I + L1 L0. None: the number of pruned channels d - N (at least ~5% of "
+            "d, the paper's rank), so the HSM can carry every removed channel into the kept ones."
+        },
     )
     embedding_hsm: str = field(
         default="auto",

@@ -42,12 +42,16 @@ from .width import kept_width_for
 logger = logging.getLogger("peft_pat")
 
 HARDENING_WINDOW = 3  # optimizer steps averaged on each side of the hardening step for the loss-change log
-DEFAULT_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
+PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 
 
-def default_hsm_rank(hidden_size: int) -> int:
-    """About 5% of the hidden size, rounded up to a multiple of 8 and below hidden_size."""
-    rank = 8 * math.ceil(DEFAULT_HSM_RANK_FRACTION * hidden_size / 8)
+def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
+    """The number of pruned channels d - N (at least the paper's ~5% of d), rounded up to a multiple of 8, below d.
+
+    With rank d - N the operator I + L1 L0 can write the content of every channel the mask removes into
+    the kept ones; on SmolLM2-135M it beat the paper's rank at 25% and 50% (docs/quality.md, Levers).
+    """
+    rank = 8 * math.ceil(max(hidden_size - kept_width, PAPER_HSM_RANK_FRACTION * hidden_size) / 8)
     return max(1, min(rank, hidden_size - 1))
 
 
@@ -125,12 +129,12 @@ class PATModel(BaseTuner):
         )
         peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
         if peft_config.hsm_rank is None:
-            peft_config.hsm_rank = default_hsm_rank(hidden)
+            peft_config.hsm_rank = default_hsm_rank(hidden, peft_config.kept_width)
         elif peft_config.hsm_rank >= hidden:
             raise PATConfigError(
                 f"hsm_rank={peft_config.hsm_rank} must be smaller than the hidden size ({hidden}); the HSM operator "
-                f"is identity plus a low-rank term. The paper uses about 5% of hidden_size (here "
-                f"{default_hsm_rank(hidden)})."
+                f"is identity plus a low-rank term. The default is the number of pruned channels (here "
+                f"{default_hsm_rank(hidden, peft_config.kept_width)}); the paper uses about 5% of hidden_size."
             )
         if peft_config.embedding_hsm == "auto":
             tied = bool(model_config.get("tie_word_embeddings", False))

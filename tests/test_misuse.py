@@ -228,7 +228,7 @@ def test_hsm_rank_zero():
 
 
 def test_hsm_rank_not_below_the_width():
-    with pytest.raises(PATConfigError, match=r"The paper uses about 5% of hidden_size \(here 8\)"):
+    with pytest.raises(PATConfigError, match=r"The default is the number of pruned channels \(here 16\)"):
         wrap(tiny_model("llama"), hsm_rank=64)
 
 
