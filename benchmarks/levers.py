@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         producers = {name: args.posthoc_producer_rank for name in ("o_proj", "down_proj")}
         lora = LoraConfig(
             task_type="CAUSAL_LM", r=20, lora_alpha=20, target_modules=targets,
-            rank_pattern=producers if args.posthoc_producer_rank != 20 else {},
-            alpha_pattern=producers if args.posthoc_producer_rank != 20 else {},
+            rank_pattern=producers, alpha_pattern=producers,
         )  # fmt: skip
         model = get_peft_model(base, lora)
     params = [q for q in model.parameters() if q.requires_grad]

@@ -34,6 +34,11 @@ def _run_key(run: dict) -> tuple[str, float | None]:
     return run["method"], run.get("sparsity")
 
 
+def _run_name(run: dict) -> str:
+    """``method@sparsity``, as the sources list a piece's runs."""
+    return f"{run['method']}@{run.get('sparsity')}"
+
+
 def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False) -> dict:
     """One payload from several: options checked equal (module docstring), runs concatenated in the
     benchmark's order (sparsity, then method), sources recorded; comparisons are left to the writer.
@@ -60,7 +65,7 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
         for run in payload["runs"]:
             key = _run_key(run)
             if key in seen and replace:
-                replaced[seen[key]].append(f"{run['method']}@{run.get('sparsity')}")
+                replaced[seen[key]].append(_run_name(run))
             elif key in seen:
                 raise IncompatibleResults(
                     f"{run['label']} at sparsity {run.get('sparsity')} is in both {seen[key]} and {name}; "
@@ -84,7 +89,7 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
         "sources": [
             {
                 "file": name,
-                "runs": [f"{r['method']}@{r.get('sparsity')}" for r in p["runs"]],
+                "runs": [_run_name(r) for r in p["runs"]],
                 **({"replaced_by_later_piece": replaced[name]} if replaced[name] else {}),
                 "wall_seconds": p.get("wall_seconds"),
                 "finished": p.get("finished"),
