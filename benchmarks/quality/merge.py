@@ -47,8 +47,7 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
         raise IncompatibleResults("nothing to merge: pass at least one quality.json")
     first, first_name = payloads[0], names[0]
     reference = {k: v for k, v in first["options"].items() if k not in SELECTION_OPTIONS}
-    seen: dict[tuple, str] = {}
-    runs: dict[tuple, dict] = {}
+    runs: dict[tuple, tuple[str, dict]] = {}  # run key -> (piece that holds it, run)
     replaced: dict[str, list[str]] = {name: [] for name in names}
     for payload, name in zip(payloads, names):
         options = {k: v for k, v in payload["options"].items() if k not in SELECTION_OPTIONS}
@@ -64,17 +63,20 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
             raise IncompatibleResults(f"{name} measured model {model!r}, {first_name} measured {first_model!r}")
         for run in payload["runs"]:
             key = _run_key(run)
-            if key in seen and replace:
-                replaced[seen[key]].append(_run_name(run))
-            elif key in seen:
+            holder = runs.get(key, (None,))[0]
+            if holder is not None and replace:
+                replaced[holder].append(_run_name(run))
+            elif holder is not None:
                 raise IncompatibleResults(
-                    f"{run['label']} at sparsity {run.get('sparsity')} is in both {seen[key]} and {name}; "
+                    f"{run['label']} at sparsity {run.get('sparsity')} is in both {holder} and {name}; "
                     "keep it in one piece only, or pass --replace to take the later piece's"
                 )
-            seen[key] = name
-            runs[key] = run
+            runs[key] = (name, run)
     order = {m: i for i, m in enumerate(METHODS)}
-    runs = sorted(runs.values(), key=lambda r: (r.get("sparsity") or 0.0, order.get(r["method"], len(order))))
+    runs = sorted(
+        (run for _, run in runs.values()),
+        key=lambda r: (r.get("sparsity") or 0.0, order.get(r["method"], len(order))),
+    )
     options = dict(first["options"])
     options["methods"] = [m for m in METHODS if any(r["method"] == m for r in runs)]
     options["sparsities"] = sorted({s for p in payloads for s in p["options"]["sparsities"]})
