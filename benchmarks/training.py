@@ -2,8 +2,8 @@
 
 Configurations (``--configs``), all on every decoder linear (q, k, v, o, gate, up, down), float32:
 
-  pat           PAT with the defaults users get: r=20 LoRA, HSM rank about 5% of d (32 for d=576),
-                25% target sparsity, mask in its soft phase (gate recomputed in every HSM)
+  pat           PAT with the defaults users get: r=20 LoRA, HSM rank d - N (144 for d=576 at 25%),
+                distillation, 25% target sparsity, mask in its soft phase (gate recomputed in every HSM)
   pat-no-kd     ``pat`` without the distillation teacher (distillation_weight=0): pat / pat-no-kd is the
                 cost of distillation (one extra no-grad forward of the base model and the blockwise KL)
   pat-hard      the same after the freeze step (hard 0/1 gate)
@@ -19,7 +19,8 @@ batch (``--batch`` x ``--seq-len``) for all. Step time: every configuration live
 they are stepped round-robin (benchmarks/measure.py), medians of ``--repeats`` after ``--warmup``.
 Peak memory: a fresh subprocess per configuration runs ``--memory-steps`` steps; reported are its
 peak resident memory (VmHWM) and the part above the resident memory just before the first step
-(activations, gradients, optimizer state).
+(activations, gradients, optimizer state), each the median of ``--memory-repeats`` processes run
+round-robin (one process's peak moves by up to ~250 MiB between identical runs on this machine).
 
 ``merge_and_prune`` on SmolLM2: time and peak memory in a subprocess. The merge of large Llama-shaped
 models is measured by benchmarks/merge_memory.py; its numbers are read from
@@ -235,6 +236,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=3,
+        help="fresh processes per configuration for peak memory (round-robin); the median is reported",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one step per configuration")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
@@ -286,10 +293,18 @@ def main(argv=None) -> dict:
     times = alternate(steps, args.repeats, args.warmup)
     del models, steps
 
+    probes: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(args.memory_repeats):  # round-robin, like the timing: machine drift hits every config
+        for name in names:
+            print(f"memory probe {name} ({repeat + 1}/{args.memory_repeats}) ...", flush=True)
+            probes[name].append(run_json_subprocess(_probe_argv(args, ["--probe-memory", name])))
     rows = []
     for name in names:
-        print(f"memory probe {name} ...", flush=True)
-        memory = run_json_subprocess(_probe_argv(args, ["--probe-memory", name]))
+        peaks = [probe["peak_rss_mib"] for probe in probes[name]]
+        memory = dict(probes[name][0])
+        for key in ("rss_before_training_mib", "peak_rss_mib", "training_extra_mib"):
+            memory[key] = median([probe[key] for probe in probes[name]])
+        memory["peak_rss_mib_runs"] = peaks
         rows.append({"config": name, "step_s": median(times[name]), "times": times[name], **memory})
     reference = {row["config"]: row for row in rows}
     for row in rows:
