@@ -25,7 +25,7 @@ from .surgery import prune_hidden_channels
 
 register(PATConfig, PATModel)
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "FAMILIES",

@@ -46,7 +46,9 @@ class PATConfig(PeftConfig):
 
     Mask schedule (paper Eqs. 8-10), as fractions of the total optimizer steps: the temperature ramps
     and the offset decays until ``mask_milestone`` (s0); at ``mask_freeze`` the mask becomes an exact
-    top-N 0/1 mask and stays fixed, so the rest of training sees the network that ships.
+    top-N 0/1 mask and stays fixed, so the rest of training sees the network that ships. By default both
+    scale with the pruned fraction (the paper's 1/3 and 0.8/3 at 50%, half that at 25%;
+    :func:`peft_pat.mask.default_schedule`).
     """
 
     # --- how much to prune ---
@@ -100,12 +102,19 @@ class PATConfig(PeftConfig):
         metadata={"help": "True: the wrapped model equals the base model at start. False: random start (tests)."},
     )
     # --- mask schedule, as fractions of the run ---
-    mask_milestone: float = field(
-        default=1 / 3, metadata={"help": "s0 / total steps: end of the temperature ramp (paper: 1/3)."}
+    mask_milestone: float | None = field(
+        default=None,
+        metadata={
+            "help": "s0 / total steps: end of the temperature ramp. None: in proportion to the pruned fraction p, "
+            "(2/3) p (the paper's 1/3 at 50%, 1/6 at 25%), with mask_freeze."
+        },
     )
-    mask_freeze: float = field(
-        default=0.8 / 3,
-        metadata={"help": "Step / total steps at which the mask becomes an exact top-N 0/1 mask (paper: 0.8 s0)."},
+    mask_freeze: float | None = field(
+        default=None,
+        metadata={
+            "help": "Step / total steps at which the mask becomes an exact top-N 0/1 mask. None: (1.6/3) p, 0.8 s0 "
+            "(the paper's 0.8/3 at 50%, 0.8/6 at 25%): the soft phase lasts as long as the channels it removes need."
+        },
     )
     mask_fade_to_hard: bool = field(
         default=True,
@@ -240,6 +249,8 @@ class PATConfig(PeftConfig):
             raise PATConfigError(f"PATConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         for name in ("mask_milestone", "mask_freeze"):
             value = getattr(self, name)
+            if value is None:
+                continue
             _check_number(name, value, (int, float))
             if not 0.0 < value <= 1.0:
                 raise PATConfigError(

@@ -53,6 +53,33 @@ class _ScaledLogits(torch.autograd.Function):
         return torch.where(finite, grad, torch.zeros_like(grad)), None, None
 
 
+PAPER_MILESTONE, PAPER_FREEZE = 1 / 3, 0.8 / 3  # the paper's s0 and freeze step, as fractions of the run
+PAPER_SCHEDULE_SPARSITY = 0.5  # the pruned fraction at which the default schedule is the paper's
+
+
+def default_schedule(pruned_fraction: float) -> tuple[float, float]:
+    """(mask_milestone, mask_freeze) for a cut of ``pruned_fraction`` = (d - N) / d of the hidden channels.
+
+    The soft phase lasts in proportion to how many channels it removes, so they fade at the same rate
+    per step at every width: the paper's s0 = 1/3 and freeze 0.8 s0 at 50%, half of that at 25%
+    (fade over 10 of 72 steps). On SmolLM2 a shorter fade won at 25% and lost at 50%
+    (docs/quality.md, Levers).
+    """
+    freeze = PAPER_FREEZE * pruned_fraction / PAPER_SCHEDULE_SPARSITY
+    return freeze * PAPER_MILESTONE / PAPER_FREEZE, freeze
+
+
+def resolve_schedule(milestone: float | None, freeze: float | None, pruned_fraction: float) -> tuple[float, float]:
+    """PATConfig's (mask_milestone, mask_freeze) with None filled in: from the other one (freeze = 0.8 s0,
+    the paper's ratio) when one is given, from :func:`default_schedule` when neither is."""
+    if milestone is None and freeze is None:
+        return default_schedule(pruned_fraction)
+    ratio = PAPER_FREEZE / PAPER_MILESTONE
+    return (min(freeze / ratio, 1.0) if milestone is None else milestone), (
+        milestone * ratio if freeze is None else freeze
+    )
+
+
 def milestone_step(total_steps: int, fraction: float) -> int:
     """s0 in Eqs. 8-9: ``fraction`` of the run, at least 2 so that ln s0 > 0."""
     return max(2, round(fraction * total_steps))

@@ -33,7 +33,7 @@ from .distillation import distillation_loss
 from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
-from .mask import PATMask
+from .mask import PATMask, resolve_schedule
 from .merge_plan import harden_for_merge, keeps_tie
 from .saving import make_save_pretrained_atomic
 from .surgery import own_config, prune_hidden_channels
@@ -136,6 +136,9 @@ class PATModel(BaseTuner):
                 f"is identity plus a low-rank term. The default is the number of pruned channels (here "
                 f"{default_hsm_rank(hidden, peft_config.kept_width)}); the paper uses about 5% of hidden_size."
             )
+        peft_config.mask_milestone, peft_config.mask_freeze = resolve_schedule(
+            peft_config.mask_milestone, peft_config.mask_freeze, (hidden - peft_config.kept_width) / hidden
+        )
         if peft_config.embedding_hsm == "auto":
             tied = bool(model_config.get("tie_word_embeddings", False))
             peft_config.embedding_hsm = "diagonal" if tied else "full"

@@ -217,6 +217,24 @@ def test_default_hsm_rank_is_the_pruned_channel_count():
         assert (config.kept_width, config.hsm_rank) == (64 - rank, rank)
 
 
+def test_default_schedule_lasts_in_proportion_to_the_pruned_fraction():
+    """mask_milestone/mask_freeze=None: the paper's 1/3 and 0.8/3 at 50%, scaled by the pruned fraction; one
+    given fixes the other through the paper's freeze = 0.8 s0; explicit values are kept."""
+    from peft_pat.mask import default_schedule, resolve_schedule
+
+    assert default_schedule(0.5) == pytest.approx((1 / 3, 0.8 / 3))
+    assert default_schedule(0.25) == pytest.approx((1 / 6, 0.8 / 6))
+    assert resolve_schedule(None, 0.4, 0.25) == pytest.approx((0.5, 0.4))
+    assert resolve_schedule(0.5, None, 0.25) == pytest.approx((0.5, 0.4))
+    assert resolve_schedule(None, 0.9, 0.25) == pytest.approx((1.0, 0.9))  # s0 capped at the end of the run
+    assert resolve_schedule(0.3, 0.2, 0.9) == (0.3, 0.2)
+    for sparsity, pruned in ((0.25, 16), (0.5, 32)):
+        config = wrap(tiny_model("llama"), target_sparsity=sparsity).peft_config["default"]
+        assert (config.mask_milestone, config.mask_freeze) == pytest.approx(default_schedule(pruned / 64))
+    config = wrap(tiny_model("llama"), mask_milestone=0.6, mask_freeze=0.3).peft_config["default"]
+    assert (config.mask_milestone, config.mask_freeze) == (0.6, 0.3)
+
+
 def test_width_that_cannot_be_reached():
     with pytest.raises(PATConfigError, match="not a multiple of 4"):
         wrap(tiny_model("llama"), target_sparsity=None, target_width=50)
