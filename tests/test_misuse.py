@@ -425,7 +425,7 @@ def test_set_step_with_a_bad_learning_rate(lr):
 
 
 def test_resuming_with_a_different_run_length():
-    model = wrap(tiny_model("llama"))
+    model = wrap(tiny_model("llama"), mask_milestone=1 / 3, mask_freeze=0.8 / 3)
     model.set_step(2, 12)
     with pytest.warns(RuntimeWarning, match="freeze step 3 -> 6. Resume with the original max_steps"):
         model.set_step(3, 24)
