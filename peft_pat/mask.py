@@ -53,7 +53,8 @@ class _ScaledLogits(torch.autograd.Function):
         return torch.where(finite, grad, torch.zeros_like(grad)), None, None
 
 
-PAPER_MILESTONE, PAPER_FREEZE = 1 / 3, 0.8 / 3  # the paper's s0 and freeze step, as fractions of the run
+PAPER_MILESTONE = 1 / 3  # the paper's s0, as a fraction of the run
+FREEZE_PER_MILESTONE = 0.8  # the paper's freeze step, 0.8 s0
 PAPER_SCHEDULE_SPARSITY = 0.5  # the pruned fraction at which the default schedule is the paper's
 
 
@@ -65,8 +66,8 @@ def default_schedule(pruned_fraction: float) -> tuple[float, float]:
     (fade over 10 of 72 steps). On SmolLM2 a shorter fade won at 25% and lost at 50%
     (docs/quality.md, Levers).
     """
-    freeze = PAPER_FREEZE * pruned_fraction / PAPER_SCHEDULE_SPARSITY
-    return freeze * PAPER_MILESTONE / PAPER_FREEZE, freeze
+    milestone = PAPER_MILESTONE * pruned_fraction / PAPER_SCHEDULE_SPARSITY
+    return milestone, FREEZE_PER_MILESTONE * milestone
 
 
 def resolve_schedule(milestone: float | None, freeze: float | None, pruned_fraction: float) -> tuple[float, float]:
@@ -74,10 +75,11 @@ def resolve_schedule(milestone: float | None, freeze: float | None, pruned_fract
     the paper's ratio) when one is given, from :func:`default_schedule` when neither is."""
     if milestone is None and freeze is None:
         return default_schedule(pruned_fraction)
-    ratio = PAPER_FREEZE / PAPER_MILESTONE
-    return (min(freeze / ratio, 1.0) if milestone is None else milestone), (
-        milestone * ratio if freeze is None else freeze
-    )
+    if milestone is None:
+        milestone = min(freeze / FREEZE_PER_MILESTONE, 1.0)
+    if freeze is None:
+        freeze = FREEZE_PER_MILESTONE * milestone
+    return milestone, freeze
 
 
 def milestone_step(total_steps: int, fraction: float) -> int:

@@ -63,14 +63,14 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
             raise IncompatibleResults(f"{name} measured model {model!r}, {first_name} measured {first_model!r}")
         for run in payload["runs"]:
             key = _run_key(run)
-            holder = runs.get(key, (None,))[0]
-            if holder is not None and replace:
+            if key in runs:
+                holder = runs[key][0]
+                if not replace:
+                    raise IncompatibleResults(
+                        f"{run['label']} at sparsity {run.get('sparsity')} is in both {holder} and {name}; "
+                        "keep it in one piece only, or pass --replace to take the later piece's"
+                    )
                 replaced[holder].append(_run_name(run))
-            elif holder is not None:
-                raise IncompatibleResults(
-                    f"{run['label']} at sparsity {run.get('sparsity')} is in both {holder} and {name}; "
-                    "keep it in one piece only, or pass --replace to take the later piece's"
-                )
             runs[key] = (name, run)
     order = {m: i for i, m in enumerate(METHODS)}
     runs = sorted(
