@@ -29,7 +29,7 @@ from .checks import (
     plain_float_layer_error,
 )
 from .config import PATConfig
-from .distillation import distillation_loss
+from .distillation import distillation_and_task_loss, distillation_loss
 from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
@@ -42,6 +42,7 @@ from .width import kept_width_for
 logger = logging.getLogger("peft_pat")
 
 HARDENING_WINDOW = 3  # optimizer steps averaged on each side of the hardening step for the loss-change log
+_LABEL_KWARGS = ("labels", "shift_labels")  # the forward arguments a causal LM computes its own loss from
 PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 
 
@@ -477,14 +478,16 @@ class PATModel(BaseTuner):
         # no logits: nothing to distil from, so that call keeps the task loss only (docs/training.md).
         distill = None if kwargs.get("fused_lm_head") else self._distillation_settings()
         teacher_logits = None
+        student_kwargs = kwargs
+        # distillation alone (w = 1, T = 1) scores the task loss from the distillation pass, not the model's own loss
+        task_from_distillation = distill == (1.0, 1.0) and any(kwargs.get(k) is not None for k in _LABEL_KWARGS)
         if distill is not None:
-            teacher_kwargs = {
-                k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels", "num_items_in_batch")
-            }
-            teacher_kwargs["use_cache"] = False
+            unlabelled = {k: v for k, v in kwargs.items() if k not in (*_LABEL_KWARGS, "num_items_in_batch")}
             with torch.no_grad(), self.teacher_pass():
-                teacher_logits = self.model(*args, **teacher_kwargs).logits
-        outputs = self.model(*args, **kwargs)
+                teacher_logits = self.model(*args, **{**unlabelled, "use_cache": False}).logits
+            if task_from_distillation:
+                student_kwargs = unlabelled
+        outputs = self.model(*args, **student_kwargs)
         loss = getattr(outputs, "loss", None)
         if not self.training or "pat_mask" not in self._modules or not len(self.pat_mask):
             return outputs
@@ -494,9 +497,15 @@ class PATModel(BaseTuner):
         parts_log: dict[str, torch.Tensor] = {}
         if teacher_logits is not None:
             weight, temperature = distill
-            kd = distillation_loss(
-                outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature, consume_teacher=True
-            )
+            if task_from_distillation:
+                labels = (kwargs.get(k) for k in _LABEL_KWARGS)
+                kd, parts_log["task_loss"] = distillation_and_task_loss(
+                    outputs.logits, teacher_logits, kwargs.get("attention_mask"), *labels
+                )
+            else:
+                kd = distillation_loss(
+                    outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature, consume_teacher=True
+                )
             parts_log["distillation_loss"] = kd.detach()
             kd_step = kd * self._distillation_share(kwargs, outputs.logits, fraction).to(kd.device)
             objective = kd_step * weight if loss is None or weight == 1.0 else loss * (1 - weight) + kd_step * weight

@@ -8,7 +8,7 @@ from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback, PATConfigError
 from peft_pat.calibration import channel_statistics, top_channels
-from peft_pat.distillation import distillation_loss
+from peft_pat.distillation import cross_entropy_from_lse, distillation_and_task_loss, distillation_loss
 
 from helpers import TokenDataset, assert_logits_close, logits, wrap
 from tiny_models import tiny_inputs, tiny_model
@@ -88,7 +88,11 @@ def test_distillation_is_the_training_loss_and_uses_the_base_teacher():
     aux, _ = tuner.auxiliary_loss()
     kd = distillation_loss(out.logits, teacher, attention)
     torch.testing.assert_close(out.loss, kd + aux, rtol=1e-5, atol=1e-6)
-    assert "distillation_loss" in tuner.last_auxiliary_losses and "task_loss" in tuner.last_auxiliary_losses
+    assert "distillation_loss" in tuner.last_auxiliary_losses
+    # the model's own loss is not run; the logged task loss comes from the distillation pass and equals it
+    shifted = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    ce = torch.nn.functional.cross_entropy(shifted, ids[:, 1:].reshape(-1))
+    assert tuner.last_auxiliary_losses["task_loss"] == pytest.approx(float(ce), rel=1e-5)
     out.loss.backward()
     assert tuner.pat_mask["default"].logits.grad is not None
 
@@ -128,6 +132,37 @@ def test_distillation_loss_matches_autograd_and_leaves_the_teacher_alone(dtype, 
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), g_ref.double(), rtol=tol[0], atol=tol[1] * 10)
         assert torch.equal(teacher, teacher_before)  # the caller's teacher logits are not overwritten
+
+
+@pytest.mark.parametrize("labelled_padding", [False, True])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_task_loss_from_the_distillation_pass_is_the_causal_lm_cross_entropy(labelled_padding, shifted):
+    torch.manual_seed(0)
+    student = torch.randn(3, 6, 29, dtype=torch.float64) * 3
+    teacher = torch.randn(3, 6, 29, dtype=torch.float64)
+    labels = torch.randint(0, 29, (3, 6))
+    labels[0, :2] = -100
+    attention = torch.ones(3, 6)
+    attention[1, :3] = 0  # left padding; labelled or not
+    if not labelled_padding:
+        labels[1, :3] = -100
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    kd, ce = distillation_and_task_loss(
+        student, teacher.clone(), attention, *((None, shift) if shifted else (labels, None)), block_tokens=4
+    )
+    rows = shift.reshape(-1) != -100
+    expected = torch.nn.functional.cross_entropy(student.reshape(-1, 29)[rows], shift.reshape(-1)[rows])
+    torch.testing.assert_close(ce.double(), expected, rtol=1e-5, atol=1e-6)  # float32 work, as the loss
+    torch.testing.assert_close(kd, distillation_loss(student, teacher, attention, block_tokens=4))
+    assert cross_entropy_from_lse(student, torch.full((18,), float("nan")), labels).isfinite()
+
+
+def test_distillation_backward_twice_is_a_clear_error():
+    student = torch.randn(2, 3, 11, requires_grad=True)
+    loss = distillation_loss(student, torch.randn(2, 3, 11))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 def test_distillation_loss_may_consume_the_teacher_and_gives_the_same_result():

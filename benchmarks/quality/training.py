@@ -91,7 +91,7 @@ class QualityTrainer(Trainer):
             with torch.no_grad():
                 teacher_logits = self.teacher(**forward).logits
             loss = distillation_loss(
-                outputs.logits, teacher_logits, inputs.get("attention_mask"), temperature=self.temperature
+                outputs.logits, teacher_logits, inputs.get("attention_mask"), self.temperature, consume_teacher=True
             )
         if model.training:
             self.task_losses.append(task_cross_entropy(outputs.logits.detach(), labels))
