@@ -26,7 +26,7 @@ round-robin (one process's peak moves by up to ~250 MiB between identical runs o
 models is measured by benchmarks/merge_memory.py; its numbers are read from
 benchmarks/results/merge_memory.json when that file exists and printed next to these.
 
-    python -m benchmarks.training --profile                         # 324 s on 2 cores (docs/performance.md)
+    python -m benchmarks.training --threads 1                       # 23 min on 1 thread (docs/performance.md)
     python -m benchmarks.training --configs pat,lora-matched --batch 4 --seq-len 256 --repeats 10
     python -m benchmarks.training --profile                         # also torch.profiler top ops per config
 """
