@@ -1,7 +1,7 @@
 """PAT end to end: wrap a model, train with the Trainer, save/reload the adapter, merge and prune,
 save the smaller stock model and reload it with plain transformers.
 
-    python examples/quickstart.py                      # real SmolLM2-135M (offline pip package), ~2.5 min on 2 CPU cores
+    python examples/quickstart.py                      # real SmolLM2-135M (offline pip package), 2.5 min on 2 cores
     python examples/quickstart.py --model Qwen/Qwen2.5-0.5B --steps 200
     python examples/quickstart.py --tiny               # tiny random Llama, seconds (used by the tests)
 
