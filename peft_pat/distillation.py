@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 DISTILLATION_BLOCK_TOKENS = 256  # positions per block on an accelerator: 256 x 50k vocab x 4 bytes = 50 MB of scratch
+IGNORE_INDEX = -100  # label of a position without a target (transformers' convention)
 CPU_BLOCK_FLOATS = 2**19  # on CPU a block is ~2 MB of float32 per scratch (4 rows at least), so it stays in cache
 
 
@@ -169,20 +170,25 @@ def distillation_and_task_loss(
     return loss, cross_entropy_from_lse(student_logits.detach(), lse, labels, shift_labels)
 
 
+def next_token_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The target of every position, as transformers' ``ForCausalLMLoss`` reads it: ``shift_labels`` when given
+    (padding-free collators pass them), else ``labels`` shifted left by one with ``IGNORE_INDEX`` at the end."""
+    if shift_labels is not None:
+        return shift_labels
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
 def cross_entropy_from_lse(
     logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean causal-LM cross-entropy lse(s_i) - s_i[y_i] over labelled positions, given lse per position.
 
     ``lse``: logsumexp of ``logits`` per flattened position, NaN where unknown (recomputed there).
-    Targets: ``shift_labels`` per position, else ``labels`` shifted left by one (transformers'
-    ``ForCausalLMLoss``); -100 is ignored.
+    Targets: :func:`next_token_targets`; ``IGNORE_INDEX`` is ignored.
     """
     vocab = logits.shape[-1]
-    if shift_labels is None:
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-    targets = shift_labels.reshape(-1).to(logits.device)
-    rows = (targets != -100).nonzero().flatten()
+    targets = next_token_targets(labels, shift_labels).reshape(-1).to(logits.device)
+    rows = (targets != IGNORE_INDEX).nonzero().flatten()
     if rows.numel() == 0:
         return torch.zeros((), device=logits.device)
     flat = logits.reshape(-1, vocab)

@@ -29,7 +29,7 @@ from .checks import (
     plain_float_layer_error,
 )
 from .config import PATConfig
-from .distillation import distillation_and_task_loss, distillation_loss
+from .distillation import IGNORE_INDEX, distillation_and_task_loss, distillation_loss, next_token_targets
 from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
@@ -547,11 +547,10 @@ class PATModel(BaseTuner):
         auxiliary loss is weighted by this micro-batch's token share to count once per step.
         """
         num_items = kwargs.get("num_items_in_batch")
-        shifted = kwargs.get("shift_labels")  # padding-free collators pass labels already shifted
-        labels = shifted if shifted is not None else kwargs.get("labels")
-        if num_items is None or labels is None:
+        labels, shifted = (kwargs.get(k) for k in _LABEL_KWARGS)
+        if num_items is None or (labels is None and shifted is None):
             return 1.0
-        local = (labels != -100).sum() if shifted is not None else (labels[..., 1:] != -100).sum()
+        local = (next_token_targets(labels, shifted) != IGNORE_INDEX).sum()
         total = torch.as_tensor(num_items, dtype=torch.float32, device=local.device).clamp(min=1.0)
         return local.to(torch.float32) / total
 
