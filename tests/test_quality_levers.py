@@ -165,6 +165,18 @@ def test_distillation_backward_twice_is_a_clear_error():
         loss.backward()
 
 
+def test_distillation_loss_value_is_float64_accurate_on_a_real_vocabulary():
+    """Logits of order 10-25 over a 49k vocabulary, as a real LM head gives: the float32 loss value stays within 1e-4
+    of float64 (the 0.4.0 implementation reported 0.0018 for two identical distributions, 4% too high here)."""
+    torch.manual_seed(0)
+    teacher = torch.randn(32, 49152) * 4 + 10
+    student = teacher + torch.randn_like(teacher) * 0.3
+    assert float(distillation_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    log_t, log_s = torch.log_softmax(teacher.double(), -1), torch.log_softmax(student.double(), -1)
+    reference = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    assert float(distillation_loss(student, teacher)) == pytest.approx(float(reference), rel=1e-4)
+
+
 def test_distillation_loss_may_consume_the_teacher_and_gives_the_same_result():
     torch.manual_seed(0)
     student = torch.randn(2, 7, 33, requires_grad=True)
