@@ -39,7 +39,7 @@ from .errors import AdapterMismatchError, CheckpointError, PATConfigError
 from .families import FamilySpec, family_for_model_type
 from .mask import PATMask
 from .merge_plan import PRUNED_AXIS, gate_scale, harden_for_merge, keeps_tie, lora_scaling
-from .saving import atomic_directory
+from .saving import atomic_directory, check_output_apart
 from .shards import (
     SAFE_WEIGHTS_INDEX_NAME,
     SafetensorsWriter,
@@ -383,10 +383,7 @@ def merge_checkpoint(
     base, out = Path(base), Path(out)
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base} has no config.json; BASE must be a transformers model folder.")
-    resolved_out = out.resolve()
-    for what, folder in (("BASE", base), ("ADAPTER", Path(adapter))):
-        if resolved_out == folder.resolve() or folder.resolve() in resolved_out.parents:
-            raise CheckpointError(f"OUT ({out}) must not be {what} ({folder}) or lie inside it; choose another folder.")
+    check_output_apart(out, {"BASE": base, "ADAPTER": Path(adapter)})
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite (overwrite=True).")
     if isinstance(dtype, str):

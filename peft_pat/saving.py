@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import PATTypeError
+from .errors import CheckpointError, PATTypeError
 
 # Weight files (and their shard indexes) a new save replaces; stale ones are not carried over.
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)([.-].*)?\.(safetensors|bin)(\.index\.json)?$")
@@ -55,6 +55,23 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def check_output_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output folder that is, lies inside or contains one of ``inputs`` (symlinks resolved).
+
+    Replacing ``out`` (``overwrite``) removes everything under it, and writing inside an input changes it:
+    either would destroy what the command reads."""
+    target = Path(out).resolve()
+    for what, folder in inputs.items():
+        source = Path(folder).resolve()
+        if target == source or source in target.parents:
+            raise CheckpointError(f"OUT ({out}) must not be {what} ({folder}) or lie inside it; choose another folder.")
+        if target in source.parents:
+            raise CheckpointError(
+                f"OUT ({out}) contains {what} ({folder}): writing OUT (with --overwrite, replacing it) would delete "
+                f"{what}. Choose an output folder outside {what}'s folder."
+            )
 
 
 def _link_or_copy(source: str, destination: str) -> None:

@@ -201,6 +201,25 @@ def test_out_inside_base_is_refused(tmp_path):
         merge_checkpoint(base, adapter, base / "pruned", progressbar=False)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_holding_the_inputs_is_refused_and_nothing_is_lost(tmp_path, overwrite):
+    """`peft-pat merge run/base run/adapter run --overwrite` used to delete BASE and ADAPTER."""
+    run = tmp_path / "run"
+    run.mkdir()
+    base, adapter, _ = _checkpoint(run, "llama")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    argv = ["merge", str(base), str(adapter), str(run), "--no-progress", *(["--overwrite"] if overwrite else [])]
+    assert main(argv) == 1
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    with pytest.raises(CheckpointError, match="contains BASE"):
+        merge_checkpoint(base, adapter, tmp_path, overwrite=True, progressbar=False)
+    link = tmp_path / "link"
+    link.symlink_to(run)  # the same folder under another name
+    with pytest.raises(CheckpointError, match="contains BASE"):
+        merge_checkpoint(base, adapter, link, overwrite=True, progressbar=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in run.rglob("*")) == [x for x in before if x != "run"]
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 def test_lora_adapter_is_not_a_pat_adapter(tmp_path):
     base = tiny_model("llama")
