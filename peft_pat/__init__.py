@@ -18,10 +18,11 @@ from .errors import (
 from .families import FAMILIES, FamilySpec, family_for_model, supported_model_types
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
+from .merge.checkpoint import merge_checkpoint
+from .merge.in_memory import prune_hidden_channels
 from .model import PATModel, find_pat_tuner
 from .optim import optimizer_param_groups
 from .saving import save_pruned
-from .surgery import prune_hidden_channels
 
 register(PATConfig, PATModel)
 
@@ -46,6 +47,7 @@ __all__ = [
     "UnsupportedModelError",
     "family_for_model",
     "find_pat_tuner",
+    "merge_checkpoint",
     "optimizer_param_groups",
     "prune_hidden_channels",
     "save_pruned",

@@ -1,7 +1,7 @@
 """The ``peft-pat`` command line.
 
 ``peft-pat merge BASE ADAPTER OUT`` merges a trained PAT adapter into its base checkpoint and writes
-the pruned model, streaming tensor by tensor from safetensors (see :mod:`peft_pat.disk_merge`), so it
+the pruned model, streaming tensor by tensor from safetensors (see :mod:`peft_pat.merge.checkpoint`), so it
 works for models larger than RAM. Also runnable as ``python -m peft_pat.cli``.
 """
 
@@ -12,8 +12,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .disk_merge import DTYPES, merge_checkpoint
 from .errors import PATError
+from .merge.checkpoint import DTYPES, merge_checkpoint
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -20,10 +20,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from . import fold
 from .errors import PATStateError
 from .hsm import low_rank_hsm
-from .merge_plan import gate_scale, lora_scaling
+from .merge import fold
+from .merge.adapter import gate_scale, lora_scaling
 
 
 class PATLayer(BaseTunerLayer):
@@ -257,8 +257,8 @@ class PATLinear(nn.Module, PATLayer):
             return fold.merge_lora(base.weight, delta, out=out), base.bias
         down, up = self.hsm_factors(adapter_name)
         gate_scale = self.hsm_gate_scale(adapter_name)
-        dtype = base.weight.dtype
-        return fold.fold_producer(base.weight, base.bias, delta, down, up, gate_scale, dtype=dtype, out=out)
+        bias = None if base.bias is None else fold.fold_bias(base.bias, down, up, gate_scale)
+        return fold.fold_producer(base.weight, delta, down, up, gate_scale, out=out), bias
 
     def __repr__(self) -> str:
         return "pat." + super().__repr__()
@@ -295,7 +295,7 @@ class PATEmbedding(nn.Module, PATLayer):
         base = self.get_base_layer()
         down, up = self.hsm_factors(adapter_name)
         gate_scale = self.hsm_gate_scale(adapter_name)
-        return fold.fold_embedding(base.weight, down, up, gate_scale, dtype=base.weight.dtype, out=out), None
+        return fold.fold_embedding(base.weight, down, up, gate_scale, out=out), None
 
     def __repr__(self) -> str:
         return "pat." + super().__repr__()

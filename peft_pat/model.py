@@ -13,12 +13,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists, onload_layer
-from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import fold
 from .calibration import channel_statistics, massive_channels
 from .checks import (
     check_adapter_matches_base,
@@ -34,9 +32,10 @@ from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask, resolve_schedule
-from .merge_plan import harden_for_merge, keeps_tie
+from .merge.adapter import AdapterWeights
+from .merge.in_memory import InMemoryMerge, embedding_scale, stock_layout
+from .merge.plan import build_plan, harden_for_merge
 from .saving import make_save_pretrained_atomic
-from .surgery import own_config, prune_hidden_channels
 from .width import kept_width_for
 
 logger = logging.getLogger("peft_pat")
@@ -59,15 +58,6 @@ def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
 def _refuse_state_dict_after_pruning(module: nn.Module, prefix: str, keep_vars: bool) -> None:
     """Saving the consumed PEFT model would write an adapter without its layers: refuse (state_dict pre-hook)."""
     module._check_not_pruned()
-
-
-def _shared_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of parameters registered under more than one name (tied weights)."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-    for _, param in model.named_parameters(remove_duplicate=False):
-        (shared if id(param) in seen else seen).add(id(param))
-    return shared
 
 
 class PATModel(BaseTuner):
@@ -573,27 +563,66 @@ class PATModel(BaseTuner):
                 "This model was already merged and pruned: merge_and_prune() works in place and returns the "
                 "pruned model. Use that returned model, or reload the base model and the adapter to merge again."
             )
+        if getattr(self, "_pending_merge", None) is not None:
+            raise PATStateError(
+                "A merge of this model was interrupted midway, so its weights are partly merged. Call the same "
+                "merge again (merge_and_prune() or merge_and_unload()) to finish it; it continues where it stopped."
+            )
 
-    def _fold_tied_diagonal_embedding(self, adapter_name: str) -> bool:
-        """Keep tied embeddings tied: E <- E diag(g), final-norm gain <- gain / g (exact; module docstring of prune)."""
-        family = self.family
-        embedding = self.model.get_submodule(family.embedding)
-        lm_head = self.model.get_submodule(family.lm_head)
-        if not isinstance(embedding, PATEmbedding) or adapter_name not in embedding.pat_hsm_scale:
-            return False
-        base = embedding.get_base_layer()
-        if adapter_name in embedding.pat_hsm_down or getattr(lm_head, "weight", None) is not base.weight:
-            return False  # a low-rank embedding HSM, or not tied
-        gate_scale = embedding.hsm_gate_scale(adapter_name).detach()
-        head_lora = isinstance(lm_head, PATLayer) and adapter_name in lm_head.pat_lora_A
-        if not keeps_tie(True, False, head_lora, gate_scale):
-            return False  # untie instead
-        norm = self.model.get_submodule(family.final_norm)
-        with torch.no_grad():
-            fold.scale_columns(base.weight, gate_scale, out=base.weight)  # in place: lm_head shares it
-            norm.weight.data = fold.divide_norm_gain(norm.weight, gate_scale.to(norm.weight.device), family.norm_offset)
-        embedding.merged_adapters.append(adapter_name)
-        return True
+    def adapter_weights(self, adapter_name: str) -> AdapterWeights:
+        """This adapter's weights by stock module name: the interface a merge plan reads (an adapter folder
+        gives the same through :func:`peft_pat.merge.adapter.load_pat_adapter`)."""
+        weights = AdapterWeights(self.peft_config[adapter_name], self.pat_mask[adapter_name],
+                                 where=f"PAT adapter '{adapter_name}'")  # fmt: skip
+        for key, module in self.model.named_modules():
+            if isinstance(module, PATLayer):
+                if adapter_name in module.pat_lora_A:
+                    lora = (module.pat_lora_A[adapter_name].weight, module.pat_lora_B[adapter_name].weight)
+                    weights.lora[key] = lora
+                if module.has_hsm(adapter_name):
+                    down, up = module.hsm_factors(adapter_name)
+                    parts = {"down": down, "up": up} if down is not None else {}
+                    weights.hsm[key] = {"scale": module.pat_hsm_scale[adapter_name], **parts}
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                for name, param in module.modules_to_save[adapter_name].named_parameters():
+                    weights.replacements[f"{key}.{name}"] = param
+        return weights
+
+    def _merge(self, adapter_names: list[str], cut: bool, progressbar: bool) -> nn.Module:
+        """Plan the merge of ``adapter_names`` (``cut``: and the cut to the kept channels of the one adapter),
+        unload the PAT layers and execute the plan over the base model's parameters; an interrupted merge
+        resumes here (the plan is kept until it has run)."""
+        pending = self.__dict__.get("_pending_merge")
+        if pending is None:
+            if not any(isinstance(m, PATLayer) for m in self.model.modules()):
+                raise PATStateError(
+                    "This PeftModel holds no PAT layers any more: unload() or merge_and_unload() removed them and "
+                    "returned the base model. Merge before unloading, or load the adapter again with "
+                    "PeftModel.from_pretrained(base, adapter_folder)."
+                )
+            plans = []
+            for name in adapter_names:
+                weights = self.adapter_weights(name)
+                keep = None
+                if cut:
+                    harden_for_merge(weights.mask, f"PAT adapter '{name}'", stacklevel=3)
+                    keep = weights.mask.kept_indices()
+                layout = stock_layout(self.model)
+                scale = embedding_scale(self.model, self.family)
+                plan = build_plan(self.family, self.model.config, layout, weights, keep=keep, embedding_scale=scale)
+                plans.append((plan, weights.replacements))
+            pending = InMemoryMerge(plans)
+            pending.cut = cut
+            self._pending_merge = pending
+        elif pending.cut != cut:
+            raise PATStateError(
+                f"A {'merge_and_prune' if pending.cut else 'merge_and_unload'}() of this model was interrupted; "
+                "call it again to finish it before anything else."
+            )
+        model = BaseTuner._unload_and_optionally_merge(self, merge=False, progressbar=progressbar)
+        pending.run(model, progressbar=progressbar)
+        self._pending_merge = None
+        return model
 
     def _unload_and_optionally_merge(
         self,
@@ -602,64 +631,37 @@ class PATModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ):
-        """Fold every PAT layer at full width (no unmerge backups) and replace the wrappers by base layers."""
-        self._check_not_pruned()
-        if merge:
-            names = adapter_names or [a for a in self.active_adapters if a in self.peft_config]
-            shared = _shared_parameter_ids(self.model)  # tied weights get a new Parameter; all others fold in place
-            for name in names:
-                tied_done = self._fold_tied_diagonal_embedding(name)
-                for module in self._pat_layers():
-                    if tied_done and isinstance(module, PATEmbedding):
-                        continue
-                    with onload_layer(module):
-                        in_place = id(module.get_base_layer().weight) not in shared
-                        module.merge(safe_merge=safe_merge, adapter_names=[name], keep_backup=False, in_place=in_place)
-            self._untie_flag_if_diverged()
-        keys = [
-            key
-            for key, module in self.model.named_modules()
-            if isinstance(module, (PATLayer, AuxiliaryTrainingWrapper))
-        ]
-        for key in tqdm(keys, disable=not progressbar, desc="Unloading PAT layers"):
-            parent, target, target_name = _get_submodules(self.model, key)
-            if isinstance(target, AuxiliaryTrainingWrapper):
-                replacement = target.unload_and_optionally_merge_module(
-                    merge=merge, safe_merge=safe_merge, adapter_names=adapter_names
-                )
-            else:
-                replacement = target.get_base_layer()
-            setattr(parent, target_name, replacement)
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
-
-    def _untie_flag_if_diverged(self) -> None:
-        family = self.family
-        embedding = self.model.get_submodule(family.embedding)
-        lm_head = self.model.get_submodule(family.lm_head)
-        base = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
-        if getattr(self.model.config, "tie_word_embeddings", False) and lm_head.weight is not base.weight:
-            own_config(self.model).tie_word_embeddings = False  # not the caller's config object
+        """PEFT's unload; with ``merge``, every PAT adapter folded at full width by the merge plan (pruned
+        channels become zero) before the PAT layers are replaced by their base layers."""
+        if getattr(self, "_pruned", False):
+            self._check_not_pruned()
+        if not merge:
+            if getattr(self, "_pending_merge", None) is not None:
+                self._check_not_pruned()
+            return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        names = adapter_names or [a for a in self.active_adapters if a in self.peft_config]
+        return self._merge(names, cut=False, progressbar=progressbar)
 
     def merge_and_prune(self, adapter_name: str | None = None, progressbar: bool = False) -> nn.Module:
         """Fold LoRA and the HSMs into the base weights, drop the masked hidden channels and return the
         smaller stock transformers model (``config.hidden_size`` = kept width, ``head_dim`` pinned).
 
         Works in place: the PEFT model is consumed. If the mask is still soft (training stopped before
-        the freeze step), it is first hardened to the exact top-N channels, with a warning.
+        the freeze step), it is first hardened to the exact top-N channels, with a warning. Interrupted
+        (Ctrl-C), it leaves the model partly merged; calling it again finishes the same merge.
         """
-        self._check_not_pruned()
-        name = self._single_adapter(adapter_name)
-        mask = self.pat_mask[name]
-        harden_for_merge(mask, f"PAT adapter '{name}'", stacklevel=2)
-        keep = mask.kept_indices()
-        family = self.family
-        others = [a for a in self.peft_config if a != name]
-        if others:
-            warnings.warn(f"merge_and_prune keeps only adapter '{name}'; dropping {others}.", stacklevel=2)
-        model = self._unload_and_optionally_merge(merge=True, progressbar=progressbar, adapter_names=[name])
-        prune_hidden_channels(model, family, keep.to("cpu"), progressbar=progressbar)
+        if getattr(self, "_pruned", False):
+            self._check_not_pruned()
+        pending = self.__dict__.get("_pending_merge")
+        if pending is None:
+            name = self._single_adapter(adapter_name)
+            others = [a for a in self.peft_config if a != name]
+            if others:
+                warnings.warn(f"merge_and_prune keeps only adapter '{name}'; dropping {others}.", stacklevel=2)
+            names = [name]
+        else:
+            names = []
+        model = self._merge(names, cut=True, progressbar=progressbar)
         # Trainable parameters, as from_pretrained returns them. Left frozen, transformers' logits_to_keep slice
         # (a non-foldable 3-D view) sends lm_head down PyTorch's bmm path, which copies the whole weight on every
         # prefill: measured 5x slower prefill of an in-memory pruned model (docs/performance.md).

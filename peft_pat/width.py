@@ -73,6 +73,30 @@ def resolve_kept_width(
     )
 
 
+def kept_width_problem(kept: int, hidden_size: int, num_attention_heads: int) -> str | None:
+    """Why a stock config cannot hold ``kept`` hidden channels (None if it can): 0 < N < d, and N a multiple of
+    the head count (transformers needs hidden_size % num_attention_heads == 0). The one rule for a kept width."""
+    if not 0 < kept < hidden_size:
+        return f"cannot keep {kept} of {hidden_size} hidden channels; keep between 1 and {hidden_size - 1}."
+    if kept % num_attention_heads:
+        return (
+            f"keeping {kept} channels is not a multiple of num_attention_heads={num_attention_heads}; transformers "
+            "requires hidden_size % num_attention_heads == 0."
+        )
+    return None
+
+
+def check_kept_channels(keep, hidden_size: int, num_attention_heads: int) -> str | None:
+    """Why the sorted channel indices ``keep`` cannot be a kept set (None if they can): a valid width
+    (:func:`kept_width_problem`), distinct indices in [0, d)."""
+    problem = kept_width_problem(int(keep.numel()), hidden_size, num_attention_heads)
+    if problem:
+        return problem
+    if keep.unique().numel() != keep.numel() or int(keep[0]) < 0 or int(keep[-1]) >= hidden_size:
+        return f"kept channel indices must be distinct and in [0, {hidden_size})."
+    return None
+
+
 def kept_width_for(config, hidden_size: int, num_attention_heads: int) -> int:
     """The kept width N of a ``PATConfig`` on a base of ``hidden_size`` / ``num_attention_heads``: resolved from
     ``target_width`` or ``target_sparsity``, or, for an adapter that recorded ``kept_width``, that value checked
@@ -82,7 +106,7 @@ def kept_width_for(config, hidden_size: int, num_attention_heads: int) -> int:
     if config.kept_width is None:
         return resolve_kept_width(d, heads, *resolve)
     kept = config.kept_width
-    if not 0 < kept < d or kept % heads:
+    if kept_width_problem(kept, d, heads):
         raise AdapterMismatchError(
             f"kept_width={kept} recorded in the adapter does not fit this base model "
             f"(hidden_size={d}, num_attention_heads={heads}): it must lie strictly between 0 and hidden_size "

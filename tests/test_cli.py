@@ -13,9 +13,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError, fold
+from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError
 from peft_pat.cli import main
-from peft_pat.disk_merge import _MergePlan, merge_checkpoint
+from peft_pat.merge import fold
+from peft_pat.merge.checkpoint import merge_checkpoint
+from peft_pat.merge.plan import TensorOp
 from peft_pat.errors import CheckpointError
 
 from helpers import logits, train_steps, wrap
@@ -181,15 +183,15 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
 def test_interrupted_merge_leaves_no_output(tmp_path, monkeypatch, capsys):
     base, adapter, _ = _checkpoint(tmp_path, "llama")
     calls = []
-    original = _MergePlan.stream
+    original = TensorOp.compute
 
-    def interrupt_midway(self, spec, handle):
-        calls.append(spec.name)
+    def interrupt_midway(self, source, keep):
+        calls.append(self.name)
         if len(calls) == 10:
             raise KeyboardInterrupt
-        return original(self, spec, handle)
+        return original(self, source, keep)
 
-    monkeypatch.setattr(_MergePlan, "stream", interrupt_midway)
+    monkeypatch.setattr(TensorOp, "compute", interrupt_midway)
     assert main(["merge", str(base), str(adapter), str(tmp_path / "out"), "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no OUT, no temporary folder

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from peft_pat import fold
+from peft_pat.merge import fold
 
 
 def _lora_delta(lora_a, lora_b, scaling):
@@ -27,7 +27,7 @@ def test_fold_producer_equals_hsm_after_linear():
     delta = _lora_delta(a, bb, 0.5)
     y = x @ (w + delta).T + b
     expected = (y + (y @ down.T) @ up.T) * g
-    new_w, new_b = fold.fold_producer(w, b, delta, down, up, g)
+    new_w, new_b = fold.fold_producer(w, delta, down, up, g), fold.fold_bias(b, down, up, g)
     assert torch.allclose(x @ new_w.T + new_b, expected, atol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_prune_keeps_dtype():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_in_place_and_fused_folds_agree_bit_for_bit(dtype, monkeypatch):
-    """In-place folds (merge_and_prune) and fold-and-prune (peft-pat merge) give the very same bits."""
+    """A fold in place, a fold then a cut, and a cut fold (keep=) give the very same bits."""
     monkeypatch.setattr(fold, "CHUNK_BYTES", 200)  # force many chunks
     torch.manual_seed(0)
     d, n, vocab, r = 16, 12, 30, 3
@@ -85,27 +85,28 @@ def test_chunked_in_place_and_fused_folds_agree_bit_for_bit(dtype, monkeypatch):
     consumer_lora = fold.LoRAUpdate(torch.randn(2, d), torch.randn(n, 2), 0.5)
     down, up, g = torch.randn(r, d), torch.randn(d, r), torch.rand(d)
 
-    folded, _ = fold.fold_producer(w, None, lora, down, up, g, dtype=dtype)
+    folded = fold.fold_producer(w, lora, down, up, g)
     in_place = w.clone()
-    fold.fold_producer(in_place, None, lora, down, up, g, out=in_place)
+    fold.fold_producer(in_place, lora, down, up, g, out=in_place)
     assert torch.equal(in_place, folded)
-    assert torch.equal(fold.fold_and_prune_producer(w, lora, down, up, g, keep, c), fold.prune_rows(folded, keep, c))
-    full_delta, _ = fold.fold_producer(w, None, _lora_delta(lora.lora_a, lora.lora_b, 0.5), down, up, g)
+    assert torch.equal(fold.fold_producer(w, lora, down, up, g, keep, c), fold.prune_rows(folded, keep, c))
+    full_delta = fold.fold_producer(w, _lora_delta(lora.lora_a, lora.lora_b, 0.5), down, up, g, dtype=torch.float32)
     torch.testing.assert_close(folded.float(), full_delta.to(dtype).float())
 
     for e_down, e_up in ((down, up), (None, None)):
-        folded_e = fold.fold_embedding(e, e_down, e_up, g, dtype=dtype)
+        folded_e = fold.fold_embedding(e, e_down, e_up, g)
         in_place = e.clone()
         fold.fold_embedding(in_place, e_down, e_up, g, out=in_place)
         assert torch.equal(in_place, folded_e)
-        fused = fold.fold_and_prune_embedding(e, e_down, e_up, g, keep, c)
-        assert torch.equal(fused, fold.prune_columns(folded_e, keep, c))
-    assert torch.equal(fold.scale_columns(e, g), fold.fold_embedding(e, None, None, g, dtype=dtype))
+        cut = fold.fold_embedding(e, e_down, e_up, g, keep, c)
+        assert torch.equal(cut, fold.prune_columns(folded_e, keep, c))
+        rows = fold.row_chunks(vocab, d)  # a block of rows at a time (peft-pat merge reads them so)
+        assert len(rows) > 1
+        blocks = torch.cat([fold.fold_embedding(e[r], e_down, e_up, g, keep, c) for r in rows])
+        assert torch.equal(blocks, cut)
 
     merged = fold.merge_lora(consumer, consumer_lora)
     in_place = consumer.clone()
     fold.merge_lora(in_place, consumer_lora, out=in_place)
     assert torch.equal(in_place, merged)
-    assert torch.equal(
-        fold.merge_lora_and_prune_columns(consumer, consumer_lora, keep), fold.prune_columns(merged, keep)
-    )
+    assert torch.equal(fold.merge_lora(consumer, consumer_lora, keep), fold.prune_columns(merged, keep))

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -197,12 +197,26 @@ class SafetensorsWriter:
             self._file.close()
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file as a dict, or a clear error naming the file (a truncated download, a hand edit)."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); the {what} is damaged (a truncated copy or download?). "
+            "Copy or save it again."
+        ) from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not the object a {what} is.")
+    return value
+
+
 def checkpoint_shards(folder: str | Path) -> list[Path]:
     """The safetensors weight files of a transformers checkpoint folder (one, or all listed in its index)."""
     folder = Path(folder)
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map'; it is not a transformers sharded-checkpoint index.")
         names = sorted(set(weight_map.values()))

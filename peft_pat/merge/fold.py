@@ -1,4 +1,4 @@
-"""Pure tensor algebra of folding and pruning (docs/method.md §5). No modules, no training code.
+"""Pure tensor algebra of folding and pruning (docs/method.md §5). No modules, no I/O, no training code.
 
 Notation: d hidden width, K the kept channels (|K| = d'), D = I + L1 L0 the HSM operator (Eq. 5),
 g = s ⊙ M the HSM's per-channel scale times the mask gate, c = sqrt(d'/d).
@@ -22,8 +22,10 @@ per-head q/k norms, which hidden pruning must not change. All folds run in float
 
 Memory: no function here forms a full float32 copy of a weight. Folds run on column (or row) chunks of
 about ``CHUNK_BYTES`` and write straight into the output dtype: in place (``out=weight``), or keeping
-only the channels K (``fold_and_prune_*``), so merging a weight needs a few chunk-sized temporaries
+only the channels K (``keep=``), so merging a weight needs a few chunk-sized temporaries
 beyond its input and output. Elementwise steps give bit-identical results however they are chunked.
+Each role has one fold; ``keep`` (the kept channels K, or None for a full-width fold) decides whether it
+also cuts, and :mod:`peft_pat.merge.plan` decides which fold and which K each tensor gets.
 """
 
 from __future__ import annotations
@@ -103,10 +105,22 @@ def _select(chunk: torch.Tensor, dim: int, keep: torch.Tensor, factor: float, dt
     return kept if factor == 1.0 else (_f32(kept) * factor).to(dtype)
 
 
-# Every fold below is a loop over chunks computed in float32. The plain form writes the chunks into a
-# full-width output (``out=weight`` folds in place: each chunk is read whole before it is written);
-# the ``*_and_prune`` form keeps only the channels K of each chunk, so the full-width result is never
-# held (``peft-pat merge``). Both share the chunk loop, so their results are identical bit for bit.
+# Every fold below is a loop over chunks computed in float32. With ``keep`` None a fold writes the chunks
+# at full width (into ``out`` when given: ``out=weight`` folds in place, each chunk is read whole before it
+# is written); with ``keep`` it keeps only the channels K of each chunk (times ``factor``), so the
+# full-width result is never held. One loop serves both, so a fold-then-cut and a cut fold give the same bits.
+
+
+def _write(result: torch.Tensor, index, chunk: torch.Tensor, dim: int, keep, factor: float) -> None:
+    """result[index] = the chunk, cast to the result's dtype, restricted to K along ``dim`` when cutting."""
+    result[index] = chunk if keep is None else _select(chunk, dim, keep, factor, result.dtype)
+
+
+def _cut_shape(shape, dim: int, keep: torch.Tensor | None) -> tuple[int, ...]:
+    shape = list(shape)
+    if keep is not None:
+        shape[dim] = keep.numel()
+    return tuple(shape)
 
 
 def _lora_chunks(weight: torch.Tensor, delta: Delta) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -115,25 +129,17 @@ def _lora_chunks(weight: torch.Tensor, delta: Delta) -> Iterator[tuple[slice, to
 
 
 def merge_lora(
-    weight: torch.Tensor, delta: Delta, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    weight: torch.Tensor,
+    delta: Delta,
+    keep: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W + dW in ``dtype`` (default: the weight's), float32 math in row chunks."""
-    result = _output(weight, weight.shape, dtype, out)
+    """(W + dW)[:, K] (all columns for ``keep`` None) in ``dtype`` (default: the weight's), float32 math in
+    row chunks (consumers, an untied ``lm_head``, any other LoRA target)."""
+    result = _output(weight, _cut_shape(weight.shape, 1, keep), dtype, out)
     for rows, chunk in _lora_chunks(weight, delta):
-        result[rows] = chunk
-    return result
-
-
-def merge_lora_and_prune_columns(weight: torch.Tensor, delta: Delta, keep: torch.Tensor) -> torch.Tensor:
-    """``prune_columns(merge_lora(W, dW), K)`` without the full-width intermediate (consumers)."""
-    return _kept_columns(weight, _lora_chunks(weight, delta), keep, 1.0)
-
-
-def _kept_columns(like: torch.Tensor, chunks, keep: torch.Tensor, factor: float) -> torch.Tensor:
-    """Row chunks of a fold, each restricted to the columns K (times ``factor``), in ``like``'s dtype."""
-    result = torch.empty((like.shape[0], keep.numel()), dtype=like.dtype, device=like.device)
-    for rows, chunk in chunks:
-        result[rows] = _select(chunk, 1, keep, factor, like.dtype)
+        _write(result, rows, chunk, 1, keep, 1.0)
     return result
 
 
@@ -172,43 +178,22 @@ def _producer_chunks(weight, delta, down, up, gate_scale) -> Iterator[tuple[slic
 
 def fold_producer(
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
     delta: Delta | None,
     down: torch.Tensor | None,
     up: torch.Tensor | None,
     gate_scale: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
+    keep: torch.Tensor | None = None,
+    factor: float = 1.0,
+    dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W', b') = (diag(g) D (W + dW), diag(g) D b) for a producer linear; W' in ``dtype`` (or into
-    ``out``), b' float32. ``delta`` is dW as a tensor or as a :class:`LoRAUpdate`."""
-    new_w = _output(weight, weight.shape, dtype, out)
-    for cols, chunk in _producer_chunks(weight, delta, down, up, gate_scale):
-        new_w[:, cols] = chunk
-    new_b = None if bias is None else fold_bias(bias, down, up, gate_scale)
-    return new_w, new_b
-
-
-def fold_and_prune_producer(
-    weight: torch.Tensor,
-    delta: Delta | None,
-    down: torch.Tensor | None,
-    up: torch.Tensor | None,
-    gate_scale: torch.Tensor,
-    keep: torch.Tensor,
-    factor: float,
 ) -> torch.Tensor:
-    """``prune_rows(fold_producer(W, ..., dtype=W.dtype)[0], K, factor)`` without the full-width intermediate."""
-    result = torch.empty((keep.numel(), weight.shape[1]), dtype=weight.dtype, device=weight.device)
+    """W' = factor * (diag(g) D (W + dW))[K, :] for a producer linear (all rows and no factor for ``keep``
+    None), in ``dtype`` (default: the weight's) or into ``out``. ``delta`` is dW as a tensor or a
+    :class:`LoRAUpdate`."""
+    result = _output(weight, _cut_shape(weight.shape, 0, keep), dtype, out)
     for cols, chunk in _producer_chunks(weight, delta, down, up, gate_scale):
-        result[:, cols] = _select(chunk, 0, keep, factor, weight.dtype)
+        _write(result, (slice(None), cols), chunk, 0, keep, factor)
     return result
-
-
-def _embedding_chunks(embedding, down, up, gate_scale) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Row chunks of E D^T diag(g): each token's row folds independently."""
-    for rows in _chunks(embedding.shape[0], embedding.shape[1]):
-        yield rows, apply_hsm_to_rows(_f32(embedding[rows]).T, down, up, gate_scale).T
 
 
 def fold_embedding(
@@ -216,35 +201,18 @@ def fold_embedding(
     down: torch.Tensor | None,
     up: torch.Tensor | None,
     gate_scale: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
+    keep: torch.Tensor | None = None,
+    factor: float = 1.0,
+    dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """E' = E D^T diag(g), shape (vocab, d), in ``dtype`` (or into ``out``)."""
-    result = _output(embedding, embedding.shape, dtype, out)
-    for rows, chunk in _embedding_chunks(embedding, down, up, gate_scale):
-        result[rows] = chunk
-    return result
-
-
-def fold_and_prune_embedding(
-    embedding: torch.Tensor,
-    down: torch.Tensor | None,
-    up: torch.Tensor | None,
-    gate_scale: torch.Tensor,
-    keep: torch.Tensor,
-    factor: float,
-) -> torch.Tensor:
-    """``prune_columns(fold_embedding(E, ..., dtype=E.dtype), K, factor)`` without the full-width intermediate."""
-    return _kept_columns(embedding, _embedding_chunks(embedding, down, up, gate_scale), keep, factor)
-
-
-def scale_columns(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """W diag(scale) in the weight's dtype (float32 math, row chunks; ``out=weight`` scales in place):
-    a diagonal embedding HSM."""
-    result = _output(weight, weight.shape, weight.dtype, out)
-    s = _f32(scale).to(weight.device)
-    for rows in _chunks(weight.shape[0], weight.shape[1]):
-        result[rows] = _f32(weight[rows]) * s
+    """E' = factor * (E D^T diag(g))[:, K], shape (vocab, |K|) (all columns, no factor for ``keep`` None), in
+    ``dtype`` (default: the embedding's) or into ``out``. Each token's row folds independently, so E may be
+    given a block of rows at a time."""
+    result = _output(embedding, _cut_shape(embedding.shape, 1, keep), dtype, out)
+    for rows in _chunks(embedding.shape[0], embedding.shape[1]):
+        chunk = apply_hsm_to_rows(_f32(embedding[rows]).T, down, up, gate_scale).T
+        _write(result, rows, chunk, 1, keep, factor)
     return result
 
 
@@ -306,17 +274,17 @@ def _scale_in_place(t: torch.Tensor, factor: float) -> torch.Tensor:
 
 def prune_rows(weight: torch.Tensor, keep: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
     """factor * W[K, :] in the input's dtype (producers, biases)."""
-    return _scale_in_place(weight.detach().index_select(0, keep), factor)
+    return _scale_in_place(weight.detach().index_select(0, keep.to(weight.device)), factor)
 
 
 def prune_columns(weight: torch.Tensor, keep: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
     """factor * W[:, K] in the input's dtype (consumers; the embedding with ``factor`` = c or 1)."""
-    return _scale_in_place(weight.detach().index_select(1, keep), factor)
+    return _scale_in_place(weight.detach().index_select(1, keep.to(weight.device)), factor)
 
 
 def rescale_norm_gain(weight: torch.Tensor, keep: torch.Tensor, offset: float, factor: float) -> torch.Tensor:
     """Gain of a norm computing x/rms * (offset + w): (offset + w[K]) * factor - offset."""
-    kept = _f32(weight.index_select(0, keep))
+    kept = _f32(weight.index_select(0, keep.to(weight.device)))
     return ((offset + kept) * factor - offset).to(weight.dtype)
 
 

@@ -1,0 +1,328 @@
+"""The merge plan: per tensor of the stock checkpoint, what is folded into it and which channels survive.
+
+One plan serves every merge. :func:`build_plan` makes it from the family table, the base model's tensor
+layout (names, shapes, dtypes; from a loaded model or from safetensors headers) and the adapter's weights
+(:class:`~peft_pat.merge.adapter.AdapterWeights`, from a live tuner or an adapter folder), before any
+tensor is touched. Each :class:`TensorOp` then computes one output tensor from one source tensor, a block
+of rows at a time; :mod:`peft_pat.merge.in_memory` runs the ops over a model's parameters and
+:mod:`peft_pat.merge.checkpoint` over safetensors shards, so both give the same bits by construction.
+
+Per role (K kept channels, g = s ⊙ M of the module's HSM, D = I + L1 L0, factors from
+:func:`~peft_pat.merge.fold.pruning_factors`):
+
+* embedding: ``E' = (E D^T diag(g))[:, K] * f_emb``; a tied ``lm_head`` stays tied when the embedding HSM
+  is diagonal, ``lm_head`` has no LoRA or saved copy of its own and g can be divided out (the final norm's
+  gain is then divided by g); otherwise an ``lm_head`` is written from the old ``E`` (untied);
+* producers (``o_proj``, ``down_proj``): ``W' = (diag(g) D (W + dW))[K, :] * c`` (biases likewise);
+* consumers and an untied ``lm_head``: ``W' = (W + dW)[:, K]``;
+* norms: the gain is sliced to K and rescaled (residual, branch and final norms differ);
+* anything else (q/k norms, biases of consumers, ...) is copied, with any LoRA update folded in.
+
+Which axis of a tensor a role cuts is data (:data:`CUT_DIMS`): an axis is a set of kept indices, and a
+role's tensor keeps its rows or its columns by them. A plan without a cut (``cut=False``) folds at full
+width (PEFT's ``merge_and_unload``: pruned channels become zero).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..errors import AdapterMismatchError, CheckpointError, PATConfigError
+from ..families import FamilySpec
+from ..width import check_kept_channels
+from . import fold
+from .adapter import AdapterWeights
+
+HIDDEN = "hidden"  # the residual-stream axis: the one axis the plan cuts today
+
+# (role, parameter) -> the dimension of the tensor cut to the hidden axis' kept channels; None: not cut.
+CUT_DIMS: dict[tuple[str, str], int | None] = {
+    ("embedding", "weight"): 1,
+    ("producer", "weight"): 0,
+    ("producer", "bias"): 0,
+    ("consumer", "weight"): 1,
+    ("consumer", "bias"): None,
+    ("lm_head", "weight"): 1,
+    ("residual_norm", "weight"): 0,
+    ("branch_norm", "weight"): 0,
+    ("final_norm", "weight"): 0,
+}
+_NORMS = ("residual_norm", "branch_norm", "final_norm")
+
+
+class Source(Protocol):
+    """One base tensor, read whole or a block of rows of its first dimension at a time."""
+
+    shape: tuple[int, ...]
+
+    def rows(self, rows: slice | None) -> torch.Tensor: ...
+
+
+class TensorSource:
+    """A tensor in memory (a model parameter, or an adapter's saved copy of a module), cast on reading."""
+
+    def __init__(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+        self.dtype = dtype if tensor.dtype.is_floating_point else None
+
+    def rows(self, rows: slice | None) -> torch.Tensor:
+        tensor = self.tensor.detach() if rows is None else self.tensor.detach()[rows]
+        return tensor if self.dtype is None else tensor.to(self.dtype)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of one tensor of the base checkpoint (the plan needs nothing else of it)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class TensorOp:
+    """How one output tensor is made from one source tensor: folds, then the cut to the kept channels."""
+
+    name: str  # the output tensor, as named in the stock checkpoint and the model's state dict
+    source: str  # the base tensor it is computed from (an untied lm_head: the embedding)
+    role: str | None
+    param: str
+    shape: tuple[int, ...]  # output shape
+    dtype: torch.dtype  # output dtype
+    lora: fold.LoRAUpdate | None = None
+    hsm: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor] | None = None  # (L0, L1, g)
+    cut_dim: int | None = None  # the dimension cut to K (None: none)
+    factor: float = 1.0
+    norm_divisor: torch.Tensor | None = None  # a tied diagonal embedding HSM g divided out of the final norm
+    norm_offset: float = 0.0
+
+    @property
+    def changes(self) -> bool:
+        """False for a tensor the merge copies unchanged."""
+        folded = self.lora is not None or self.hsm is not None or self.norm_divisor is not None
+        return folded or self.cut_dim is not None
+
+    def compute(self, source: Source, keep: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        """The output tensor, as consecutive blocks of rows (one block for tensors folded whole)."""
+        keep = keep if self.cut_dim is not None else None
+        role, lora = self.role, self.lora
+        if role == "embedding" and self.hsm is not None:
+            down, up, g = self.hsm
+            for rows in fold.row_chunks(source.shape[0], _row_size(source.shape)):
+                yield fold.fold_embedding(source.rows(rows), down, up, g, keep, self.factor)
+        elif role == "producer" and self.hsm is not None:
+            down, up, g = self.hsm
+            tensor = source.rows(None)
+            if self.param == "bias":
+                folded = fold.fold_bias(tensor, down, up, g).to(tensor.dtype)
+                yield folded if keep is None else fold.prune_rows(folded, keep, self.factor)
+            else:
+                yield fold.fold_producer(tensor, lora, down, up, g, keep, self.factor)
+        elif role in _NORMS:
+            gain = source.rows(None)
+            if self.norm_divisor is not None:
+                gain = fold.divide_norm_gain(gain, self.norm_divisor.to(gain.device), self.norm_offset)
+            yield gain if keep is None else fold.rescale_norm_gain(gain, keep, self.norm_offset, self.factor)
+        elif lora is not None:  # consumers, an untied lm_head, any other LoRA target
+            for rows in fold.row_chunks(source.shape[0], _row_size(source.shape)):
+                yield fold.merge_lora(source.rows(rows), lora.restricted(rows), keep)
+        else:  # no fold: a post-hoc cut (no adapter) or a copy
+            tensor = source.rows(None)
+            if keep is None:
+                yield tensor
+            else:
+                yield (fold.prune_rows if self.cut_dim == 0 else fold.prune_columns)(tensor, keep, self.factor)
+
+
+def _row_size(shape: tuple[int, ...]) -> int:
+    return int(torch.Size(shape[1:]).numel())
+
+
+@dataclass
+class MergePlan:
+    """Every decision of one merge, made before any tensor is touched (module docstring)."""
+
+    family: FamilySpec
+    hidden_size: int
+    keep: torch.Tensor | None  # the kept hidden channels, sorted; None: a full-width fold
+    tied_in: bool  # the base ties lm_head to the embedding
+    tied_out: bool  # ... and the merged model does too
+    ops: dict[str, list[TensorOp]] = field(default_factory=dict)  # base tensor -> the outputs made from it
+
+    @property
+    def kept(self) -> int:
+        return self.hidden_size if self.keep is None else int(self.keep.numel())
+
+    def outputs_of(self, name: str) -> list[TensorOp]:
+        """The output tensors made from base tensor ``name``, in writing order."""
+        return self.ops.get(name, [])
+
+    def all_ops(self) -> list[TensorOp]:
+        return [op for ops in self.ops.values() for op in ops]
+
+    def config_updates(self, config) -> dict:
+        """The config fields the merge changes: the kept width with ``head_dim`` pinned, the tie."""
+        updates: dict = {"tie_word_embeddings": self.tied_out} if self.tied_in else {}
+        if self.keep is not None:
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            updates.update(hidden_size=self.kept, head_dim=int(head_dim))
+        return updates
+
+
+def harden_for_merge(mask, where: str, stacklevel: int = 3) -> None:
+    """Harden a soft mask to its exact top-N channels, with a warning (a merge needs a 0/1 mask).
+
+    ``where`` names the mask in the warning ("PAT adapter 'default'", "The PAT mask in <folder>")."""
+    if mask.hardened:
+        return
+    warnings.warn(
+        f"{where}: the mask is still soft (step {int(mask.step)} of {int(mask.total_steps)}, before the freeze "
+        "point); hardening it now to the exact top-N channels. The merged model then differs from the "
+        "soft-masked model; train past the freeze point for an exact match.",
+        stacklevel=stacklevel + 1,
+    )
+    mask.harden()
+
+
+def _module_and_param(name: str) -> tuple[str, str]:
+    module, _, param = name.rpartition(".")
+    return module, param
+
+
+def build_plan(
+    family: FamilySpec,
+    config,
+    layout: list[TensorInfo],
+    adapter: AdapterWeights | None,
+    *,
+    keep: torch.Tensor | None,
+    dtype: torch.dtype | None = None,
+    embedding_scale: float | None = None,
+    where: str = "the base model",
+) -> MergePlan:
+    """The plan that merges ``adapter`` (None: no adapter, a plain cut) into the base of ``layout`` and cuts
+    the hidden width to ``keep`` (None: fold at full width). ``dtype``: cast floating base tensors to it.
+    ``embedding_scale``: the sqrt(hidden_size) a loaded Gemma-style model really multiplies by (a bfloat16
+    buffer stays rounded after ``.float()``); default: sqrt(d) as a model loaded in the embedding's dtype has it.
+
+    Refuses, before anything is written, a base that is not the adapter's (another depth, producers the
+    adapter has no HSM for, LoRA or saved copies of tensors the base lacks) or a ``keep`` that a stock
+    config cannot hold."""
+    d = int(config.hidden_size)
+    if keep is not None:
+        keep = torch.as_tensor(keep, dtype=torch.long).flatten().sort().values.cpu()
+        problem = check_kept_channels(keep, d, int(config.num_attention_heads))
+        if problem:
+            raise (AdapterMismatchError if adapter is not None else PATConfigError)(
+                f"The kept channels do not fit {where}: {problem}"
+            )
+    specs = {s.name: s for s in layout}
+    tied_in = bool(getattr(config, "tie_word_embeddings", False))
+    num_layers = int(config.num_hidden_layers)
+    roles = family.module_roles(num_layers, tied=tied_in)
+    missing = [m for m in roles if f"{m}.weight" not in specs]
+    if missing:
+        raise CheckpointError(
+            f"{where} lacks {len(missing)} tensors a {family.name} model needs, e.g. "
+            f"{[m + '.weight' for m in missing[:3]]}; is it a transformers {family.name} model?"
+        )
+    lm_head, embedding = family.lm_head, family.embedding
+    head_name, embedding_name = f"{lm_head}.weight", f"{embedding}.weight"
+    replacements = dict(adapter.replacements) if adapter is not None else {}
+    if adapter is not None:
+        adapter.check_finite()
+        _check_adapter_fits(family, roles, specs, adapter, replacements, tied_in, num_layers, where)
+
+    # --- the tie: one rule for both merges
+    embedding_hsm = adapter.hsm.get(embedding) if adapter is not None else None
+    g_embedding = adapter.gate_scale(embedding) if embedding_hsm is not None else None
+    head_has_own = adapter is not None and (lm_head in adapter.lora or head_name in replacements)
+    tied_out = (
+        tied_in
+        and not head_has_own
+        and (embedding_hsm is None or ("down" not in embedding_hsm and fold.can_divide_out(g_embedding)))
+    )
+    compute_dtype = dtype or specs[embedding_name].dtype
+    if keep is not None:
+        scales = fold.embedding_scales(d, int(keep.numel()), compute_dtype)  # as the model in that dtype multiplies
+        if embedding_scale is not None:
+            scales = (embedding_scale, scales[1])
+        factors = fold.pruning_factors(d, int(keep.numel()), bool(family.embedding_scale_attr), tied_out, scales)
+    else:
+        factors = dict.fromkeys(("producer", "embedding", *_NORMS), 1.0)
+
+    plan = MergePlan(family, d, keep, tied_in, tied_out)
+    for spec in layout:
+        module, param = _module_and_param(spec.name)
+        role = roles.get(module)
+        if tied_in and module == lm_head:
+            continue  # a tied lm_head has no tensor of its own; written below if it gets one
+        out_dtype = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+        op = _op(family, spec, role, param, out_dtype, adapter, keep, factors)
+        if role == "final_norm" and tied_out and g_embedding is not None:
+            op.norm_divisor = g_embedding
+        plan.ops[spec.name] = [op]
+        if role == "embedding" and tied_in and not tied_out:  # untie: lm_head gets a tensor of its own
+            source = head_name if head_name in replacements else spec.name
+            head_spec = TensorInfo(head_name, tuple(replacements[source].shape) if source == head_name else spec.shape,
+                                   spec.dtype)  # fmt: skip
+            head = _op(family, head_spec, "lm_head", "weight", out_dtype, adapter, keep, factors)
+            head.source = source
+            plan.ops[spec.name].append(head)
+    return plan
+
+
+def _op(family, spec: TensorInfo, role, param, dtype, adapter, keep, factors) -> TensorOp:
+    module = spec.name.rpartition(".")[0]
+    if role is not None and (role, param) not in CUT_DIMS:
+        raise CheckpointError(f"Unexpected tensor {spec.name!r} for a {family.name} model.")
+    cut_dim = CUT_DIMS.get((role, param)) if keep is not None and role is not None else None
+    shape = list(spec.shape)
+    if cut_dim is not None:
+        shape[cut_dim] = int(keep.numel())
+    op = TensorOp(spec.name, spec.name, role, param, tuple(shape), dtype, cut_dim=cut_dim,
+                  factor=factors[role] if role in factors else 1.0, norm_offset=family.norm_offset)  # fmt: skip
+    if adapter is None:
+        return op
+    if param == "weight":
+        op.lora = adapter.lora_update(module)
+    if role in ("embedding", "producer"):
+        hsm = adapter.hsm[module]
+        op.hsm = (hsm.get("down"), hsm.get("up"), adapter.gate_scale(module))
+    return op
+
+
+def _check_adapter_fits(family, roles, specs, adapter: AdapterWeights, replacements, tied_in, num_layers, where):
+    producers = {m for m, r in roles.items() if r in ("embedding", "producer")}
+    if set(adapter.hsm) != producers:
+        odd = sorted(set(adapter.hsm) ^ producers)[:3]
+        raise AdapterMismatchError(
+            f"The adapter's HSMs do not sit on {where}'s residual-stream producers (they differ at {odd}): "
+            f"the base has {num_layers} decoder layers and {len(producers)} producers, the adapter "
+            f"{len(adapter.hsm)} HSMs. Merge the adapter into the model it was trained from."
+        )
+    head_name = f"{family.lm_head}.weight"
+    for module in adapter.lora:
+        if f"{module}.weight" not in specs and not (tied_in and module == family.lm_head):
+            raise AdapterMismatchError(f"The adapter has LoRA on {module!r}, which {where} does not have.")
+    for name, tensor in replacements.items():
+        expected = specs[f"{family.embedding}.weight"].shape if (tied_in and name == head_name) else None
+        if name in specs:
+            expected = specs[name].shape
+        if expected is None:
+            raise AdapterMismatchError(f"The adapter saves a copy of {name!r}; {where} has no such tensor.")
+        if tuple(tensor.shape) != tuple(expected):
+            raise AdapterMismatchError(
+                f"The adapter's saved copy of {name!r} has shape {tuple(tensor.shape)}, {where} {tuple(expected)}."
+            )
+
+
+def layout_of(state: Mapping[str, torch.Tensor]) -> list[TensorInfo]:
+    """The layout of a state dict (name -> tensor), in its order."""
+    return [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in state.items()]
