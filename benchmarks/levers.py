@@ -10,7 +10,7 @@ process, WikiText-2 perplexity on 40 windows of 512 tokens, one JSON line append
   first 8 training batches), so the package defaults are what is measured.
 * ``--method posthoc``: the activation cut of the same 8 batches (massive-activation channels
   protected, as PAT's start protects them), then LoRA r=20 on every decoder linear, distilled from a
-  frozen dense copy with ``peft_pat.distillation.distillation_loss`` (``--loss distill``) or trained
+  frozen dense copy with ``peft_pat.training.distillation.distillation_loss`` (``--loss distill``) or trained
   on cross-entropy (``--loss full``).
 
     python -m benchmarks.levers --method pat --sparsity 0.25
@@ -35,7 +35,7 @@ from peft import LoraConfig, get_peft_model
 
 from peft_pat import PATConfig, family_for_model
 from peft_pat.calibration import channel_statistics, massive_channels
-from peft_pat.distillation import distillation_loss
+from peft_pat.training.distillation import distillation_loss
 from peft_pat.pretrained import load_causal_lm
 from peft_pat.width import resolve_kept_width
 

@@ -4,17 +4,16 @@ loss in its forward pass and turns a trained adapter into a smaller stock model 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .calibration import channel_statistics, massive_channels
@@ -27,7 +26,6 @@ from .checks import (
     plain_float_layer_error,
 )
 from .config import PATConfig
-from .distillation import IGNORE_INDEX, distillation_and_task_loss, distillation_loss, next_token_targets
 from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
@@ -36,12 +34,12 @@ from .merge.adapter import AdapterWeights
 from .merge.in_memory import InMemoryMerge, embedding_scale, stock_layout
 from .merge.plan import build_plan, harden_for_merge
 from .saving import make_save_pretrained_atomic
+from .training.objective import auxiliary_loss, teacher_pass, training_forward
+from .training.schedule import TrainingTelemetry, drive_schedule
 from .width import kept_width_for
 
 logger = logging.getLogger("peft_pat")
 
-HARDENING_WINDOW = 3  # optimizer steps averaged on each side of the hardening step for the loss-change log
-_LABEL_KWARGS = ("labels", "shift_labels")  # the forward arguments a causal LM computes its own loss from
 PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 
 
@@ -77,10 +75,12 @@ class PATModel(BaseTuner):
 
     # ------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: PATConfig, adapter_name: str) -> None:
-        if "pat_mask" not in self._modules:
+        if "pat_mask" not in self._modules:  # the first adapter: the tuner's own state, once
             self.pat_mask = nn.ModuleDict()
-        self._last_losses: dict[str, torch.Tensor] = {}
-        self._pruned = False
+            self.telemetry = TrainingTelemetry()
+            self._pruned = False
+            self._pending_merge: InMemoryMerge | None = None
+            self._pat_adapters_disabled = False
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged.
@@ -206,7 +206,7 @@ class PATModel(BaseTuner):
     def _sync_mask_requires_grad(self) -> None:
         if "pat_mask" not in self._modules:
             return
-        enabled = not getattr(self, "_pat_adapters_disabled", False)
+        enabled = not self._pat_adapters_disabled
         for name, mask in self.pat_mask.items():
             config = self.peft_config.get(name)
             trainable = enabled and name in self.active_adapters and not (config and config.inference_mode)
@@ -249,7 +249,7 @@ class PATModel(BaseTuner):
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits.data = logits.data.float()
 
-    # ------------------------------------------------------------------ schedule
+    # ------------------------------------------------------------------ training (peft_pat.training)
     def set_step(self, step: int, total_steps: int, learning_rate: float | None = None) -> None:
         """Drive the mask schedule: call once per optimizer step (the callback does this for Trainer).
 
@@ -257,65 +257,7 @@ class PATModel(BaseTuner):
         get their own learning rate ``PATConfig.mask_lr`` (default 2 / s0).
         """
         self._check_not_pruned()
-        if "pat_mask" not in self._modules or not len(self.pat_mask):
-            raise PATStateError(
-                "set_step: this model has no PAT adapter (all were deleted?); add one with add_adapter(name, "
-                "PATConfig(...)) or wrap the base model with get_peft_model(base, PATConfig(...))."
-            )
-        self._trace_hardening_loss(step)
-        self._warn_if_uncalibrated(step)
-        for name, mask in self.pat_mask.items():
-            if mask.set_step(step, total_steps, learning_rate=learning_rate):
-                kept = int(mask.hard_mask.sum())
-                self._hardened_at = step
-                warnings.warn(
-                    f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {kept} of "
-                    f"{mask.hidden_size} hidden channels kept.",
-                    stacklevel=2,
-                )
-
-    def _warn_if_uncalibrated(self, step: int) -> None:
-        """Once: training started while an adapter still waits for its importance-aware start."""
-        if step < 1 or self.__dict__.get("_warned_uncalibrated"):
-            return
-        waiting = [n for n in self.pat_mask if n in self.peft_config and self.needs_calibration(n)]
-        if waiting:
-            self._warned_uncalibrated = True
-            warnings.warn(
-                f"PAT adapter(s) {waiting}: training started without the importance-aware mask start, so the mask "
-                "logits start at 0 and massive-activation channels are not protected. Call "
-                "model.calibrate(first_training_batches) before the first step (PATCallback does it for "
-                "the Trainer), or set PATConfig(calibration_batches=0) to start from 0 on purpose.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-    def _trace_hardening_loss(self, step: int) -> None:
-        """Record the training objective per step; HARDENING_WINDOW steps after the hardening, log its change.
-
-        The objective is the distillation loss when distilling, else the task loss (auxiliary losses
-        excluded). ``hardening_loss_change`` = mean over the window after - mean over the window before.
-        """
-        losses = self.__dict__.get("_last_losses", {})
-        value = losses.get("distillation_loss", losses.get("task_loss"))
-        if value is None or step < 1:
-            return
-        trace = self.__dict__.setdefault("_objective_trace", {})
-        trace[step] = float(value)
-        hardened = self.__dict__.get("_hardened_at")
-        if hardened is None or step != hardened + HARDENING_WINDOW or "hardening_loss_change" in self.__dict__:
-            return
-        before = [trace[s] for s in range(hardened - HARDENING_WINDOW + 1, hardened + 1) if s in trace]
-        after = [trace[s] for s in range(hardened + 1, hardened + HARDENING_WINDOW + 1) if s in trace]
-        if before and after:
-            self.hardening_loss_change = sum(after) / len(after) - sum(before) / len(before)
-            logger.info(
-                "PAT: training loss across the hardening at step %d: %.4f before, %.4f after (%+.4f).",
-                hardened,
-                sum(before) / len(before),
-                sum(after) / len(after),
-                self.hardening_loss_change,
-            )
+        drive_schedule(self, step, total_steps, learning_rate)
 
     def harden_mask(self, adapter_name: str | None = None) -> None:
         """Turn the mask of ``adapter_name`` (default: the active one) into the exact top-N 0/1 mask now."""
@@ -324,12 +266,13 @@ class PATModel(BaseTuner):
     @property
     def last_auxiliary_losses(self) -> dict[str, float]:
         """Each weighted auxiliary loss and the task loss (mean per target token of the micro-batch) of the
-        last training forward. Kept as detached tensors until read, so the forward pass neither waits for
-        the device nor breaks a ``torch.compile`` graph."""
-        values = {key: float(value) for key, value in self.__dict__.get("_last_losses", {}).items()}
-        if "hardening_loss_change" in self.__dict__:
-            values["hardening_loss_change"] = float(self.hardening_loss_change)
-        return values
+        last training forward, and the loss change across the hardening once known."""
+        return self.telemetry.logged_losses()
+
+    @property
+    def calibration_summary(self) -> dict | None:
+        """What the importance-aware start did (tokens, protected channels), or None before it ran."""
+        return self.telemetry.calibration_summary
 
     def pat_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Schedule state and the last auxiliary losses, for logging."""
@@ -337,60 +280,15 @@ class PATModel(BaseTuner):
         stats.update(self.last_auxiliary_losses)
         return stats
 
-    # ------------------------------------------------------------------ losses
-    def _pat_layers(self) -> list[PATLayer]:
-        return [m for m in self.model.modules() if isinstance(m, PATLayer)]
-
     def auxiliary_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the active-channel, polarisation and identity losses of the active adapters."""
-        parts: dict[str, torch.Tensor] = {}
-        total = None
-        layers = None
-        for name in self.active_adapters:
-            if name not in self.pat_mask:
-                continue
-            config: PATConfig = self.peft_config[name]
-            mask_losses = self.pat_mask[name].mask_losses()
-            terms = {
-                "active_loss": mask_losses["active"] * config.active_loss_weight,
-                "polarization_loss": mask_losses["polarization"] * config.polarization_weight,
-            }
-            if config.identity_loss == "l0_gram" and config.identity_loss_weight > 0:
-                layers = self._pat_layers() if layers is None else layers
-                identity = [m.identity_loss(name) for m in layers if m.has_hsm(name)]  # no walrus: compiles
-                identity = [loss for loss in identity if loss is not None]
-                if identity:
-                    device = terms["active_loss"].device
-                    terms["identity_loss"] = torch.stack([x.to(device) for x in identity]).sum() * (
-                        config.identity_loss_weight
-                    )
-            for key, value in terms.items():
-                parts[key] = parts[key] + value if key in parts else value
-                total = value if total is None else total + value
-        if total is None:
-            total = torch.zeros(())
-        return total, parts
+        return auxiliary_loss(self)
 
-    # ------------------------------------------------------------------ teacher and calibration
-    @contextlib.contextmanager
-    def teacher_pass(self) -> Iterator[None]:
-        """Run the base model: every PAT piece (HSMs, mask, LoRA, modules_to_save copies) bypassed.
+    def teacher_pass(self):
+        """Context manager: run the base model with every PAT piece bypassed (the distillation teacher)."""
+        return teacher_pass(self)
 
-        A flag read by the PAT layers' forward; unlike PEFT's ``disable_adapter()`` it leaves
-        ``requires_grad`` alone, so it is safe inside a training step (DDP, optimizers, compile).
-        """
-        wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-        previous = [m._disable_adapters for m in wrappers]
-        self.pat_mask.teacher_pass = True
-        for module in wrappers:
-            module._disable_adapters = True
-        try:
-            yield
-        finally:
-            self.pat_mask.teacher_pass = False
-            for module, value in zip(wrappers, previous):
-                module._disable_adapters = value
-
+    # ------------------------------------------------------------------ calibration
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Mapping[str, torch.Tensor]], adapter_name: str | None = None) -> dict:
         """Importance-aware mask start from ``batches`` (dicts with ``input_ids``, optional ``attention_mask``).
@@ -422,7 +320,7 @@ class PATModel(BaseTuner):
         gate_before = mask.gate().detach().float().cpu()
         gate_after = mask.start_from_importance(score, protected, config.calibration_margin)
         ratio = gate_before / gate_after
-        for layer in self._pat_layers():
+        for layer in (m for m in self.model.modules() if isinstance(m, PATLayer)):
             if layer.has_hsm(name):
                 scale = layer.pat_hsm_scale[name]
                 scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
@@ -441,7 +339,7 @@ class PATModel(BaseTuner):
                 summary["protected_energy_ratio"],
             )
         logger.info("PAT: mask start ranked %d channels on %d calibration tokens.", mask.hidden_size, stats.tokens)
-        self.calibration_summary = summary
+        self.telemetry.calibration_summary = summary
         return summary
 
     def needs_calibration(self, adapter_name: str | None = None) -> bool:
@@ -450,99 +348,11 @@ class PATModel(BaseTuner):
         mask = self.pat_mask[name]
         return self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated) and not mask.hardened
 
-    def _distillation_settings(self) -> tuple[float, float] | None:
-        """(weight, temperature) of the active adapter when this forward should distil, else None."""
-        if not (self.training and torch.is_grad_enabled()) or "pat_mask" not in self._modules:
-            return None
-        active = [a for a in self.active_adapters if a in self.pat_mask]
-        if len(active) != 1:
-            return None
-        config: PATConfig = self.peft_config[active[0]]
-        if config.distillation_weight <= 0:
-            return None
-        return float(config.distillation_weight), float(config.distillation_temperature)
-
     def forward(self, *args: Any, **kwargs: Any):
+        """The base model's forward through the PAT layers; in training, ``loss`` is the training objective
+        (distillation and the auxiliary losses, :mod:`peft_pat.training.objective`)."""
         self._check_not_pruned()
-        # TRL's SFTTrainer asks its patched forward for per-token log-probabilities (fused_lm_head=True) and builds
-        # no logits: nothing to distil from, so that call keeps the task loss only (docs/training.md).
-        distill = None if kwargs.get("fused_lm_head") else self._distillation_settings()
-        teacher_logits = None
-        student_kwargs = kwargs
-        # distillation alone (w = 1, T = 1) scores the task loss from the distillation pass, not the model's own loss
-        task_from_distillation = distill == (1.0, 1.0) and any(kwargs.get(k) is not None for k in _LABEL_KWARGS)
-        if distill is not None:
-            unlabelled = {k: v for k, v in kwargs.items() if k not in (*_LABEL_KWARGS, "num_items_in_batch")}
-            with torch.no_grad(), self.teacher_pass():
-                teacher_logits = self.model(*args, **{**unlabelled, "use_cache": False}).logits
-            if task_from_distillation:
-                student_kwargs = unlabelled
-        outputs = self.model(*args, **student_kwargs)
-        loss = getattr(outputs, "loss", None)
-        if not self.training or "pat_mask" not in self._modules or not len(self.pat_mask):
-            return outputs
-        if loss is None and teacher_logits is None:
-            return outputs
-        fraction = self._aux_fraction(kwargs)
-        parts_log: dict[str, torch.Tensor] = {}
-        if teacher_logits is not None:
-            weight, temperature = distill
-            if task_from_distillation:
-                labels = (kwargs.get(k) for k in _LABEL_KWARGS)
-                kd, parts_log["task_loss"] = distillation_and_task_loss(
-                    outputs.logits, teacher_logits, kwargs.get("attention_mask"), *labels
-                )
-            else:
-                kd = distillation_loss(
-                    outputs.logits, teacher_logits, kwargs.get("attention_mask"), temperature, consume_teacher=True
-                )
-            parts_log["distillation_loss"] = kd.detach()
-            kd_step = kd * self._distillation_share(kwargs, outputs.logits, fraction).to(kd.device)
-            objective = kd_step * weight if loss is None or weight == 1.0 else loss * (1 - weight) + kd_step * weight
-        else:
-            objective = loss
-        aux, parts = self.auxiliary_loss()
-        outputs.loss = objective + aux.to(objective.device) * fraction
-        self._last_losses = {key: value.detach() for key, value in parts.items()}
-        self._last_losses.update(parts_log)
-        if loss is not None:
-            task_loss = loss.detach()
-            if isinstance(
-                fraction, torch.Tensor
-            ):  # loss = sum / (tokens in the whole step): log this micro-batch's mean
-                task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
-            self._last_losses["task_loss"] = task_loss
-        return outputs
-
-    @staticmethod
-    def _distillation_share(kwargs: dict[str, Any], logits: torch.Tensor, fraction) -> torch.Tensor:
-        """Weight of this micro-batch's mean KL in the step: 1, or, when the Trainer normalises the task loss by
-        the label tokens of the whole step (``num_items_in_batch``), (this micro-batch's distilled tokens) /
-        (the step's label tokens), so the sum over micro-batches is the same for any accumulation split."""
-        if not isinstance(fraction, torch.Tensor):
-            return torch.as_tensor(float(fraction))
-        attention = kwargs.get("attention_mask")
-        tokens = attention.sum() if attention is not None else torch.tensor(logits.shape[:-1].numel())
-        total = torch.as_tensor(kwargs["num_items_in_batch"], dtype=torch.float32, device=fraction.device).clamp(
-            min=1.0
-        )
-        return tokens.to(fraction.device, torch.float32) / total
-
-    @staticmethod
-    def _aux_fraction(kwargs: dict[str, Any]) -> float | torch.Tensor:
-        """Share of this micro-batch in the optimizer step when the Trainer normalises by token count.
-
-        With ``num_items_in_batch`` the task loss is sum / (tokens in the whole accumulated, possibly
-        multi-process, batch) and the Trainer does not divide by the accumulation steps, so the
-        auxiliary loss is weighted by this micro-batch's token share to count once per step.
-        """
-        num_items = kwargs.get("num_items_in_batch")
-        labels, shifted = (kwargs.get(k) for k in _LABEL_KWARGS)
-        if num_items is None or (labels is None and shifted is None):
-            return 1.0
-        local = (next_token_targets(labels, shifted) != IGNORE_INDEX).sum()
-        total = torch.as_tensor(num_items, dtype=torch.float32, device=local.device).clamp(min=1.0)
-        return local.to(torch.float32) / total
+        return training_forward(self, args, kwargs)
 
     # ------------------------------------------------------------------ merging
     def _single_adapter(self, adapter_name: str | None) -> str:
@@ -558,12 +368,12 @@ class PATModel(BaseTuner):
         return active[0]
 
     def _check_not_pruned(self) -> None:
-        if getattr(self, "_pruned", False):
+        if self._pruned:
             raise PATStateError(
                 "This model was already merged and pruned: merge_and_prune() works in place and returns the "
                 "pruned model. Use that returned model, or reload the base model and the adapter to merge again."
             )
-        if getattr(self, "_pending_merge", None) is not None:
+        if self._pending_merge is not None:
             raise PATStateError(
                 "A merge of this model was interrupted midway, so its weights are partly merged. Call the same "
                 "merge again (merge_and_prune() or merge_and_unload()) to finish it; it continues where it stopped."
@@ -592,7 +402,7 @@ class PATModel(BaseTuner):
         """Plan the merge of ``adapter_names`` (``cut``: and the cut to the kept channels of the one adapter),
         unload the PAT layers and execute the plan over the base model's parameters; an interrupted merge
         resumes here (the plan is kept until it has run)."""
-        pending = self.__dict__.get("_pending_merge")
+        pending = self._pending_merge
         if pending is None:
             if not any(isinstance(m, PATLayer) for m in self.model.modules()):
                 raise PATStateError(
@@ -633,11 +443,9 @@ class PATModel(BaseTuner):
     ):
         """PEFT's unload; with ``merge``, every PAT adapter folded at full width by the merge plan (pruned
         channels become zero) before the PAT layers are replaced by their base layers."""
-        if getattr(self, "_pruned", False):
+        if self._pruned or (not merge and self._pending_merge is not None):
             self._check_not_pruned()
         if not merge:
-            if getattr(self, "_pending_merge", None) is not None:
-                self._check_not_pruned()
             return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         names = adapter_names or [a for a in self.active_adapters if a in self.peft_config]
         return self._merge(names, cut=False, progressbar=progressbar)
@@ -650,10 +458,9 @@ class PATModel(BaseTuner):
         the freeze step), it is first hardened to the exact top-N channels, with a warning. Interrupted
         (Ctrl-C), it leaves the model partly merged; calling it again finishes the same merge.
         """
-        if getattr(self, "_pruned", False):
+        if self._pruned:
             self._check_not_pruned()
-        pending = self.__dict__.get("_pending_merge")
-        if pending is None:
+        if self._pending_merge is None:
             name = self._single_adapter(adapter_name)
             others = [a for a in self.peft_config if a != name]
             if others:

@@ -16,7 +16,7 @@ The loss (``--loss``):
 * ``distill``: logit distillation from the dense base model on every non-padding token. PAT does it
   inside the package (its default; teacher = its own base weights with every PAT piece bypassed).
   A post-hoc rival gets a frozen copy of the dense base model as teacher and the loss
-  :func:`peft_pat.distillation.distillation_loss` (the same definition), through
+  :func:`peft_pat.training.distillation.distillation_loss` (the same definition), through
   :class:`QualityTrainer`'s ``compute_loss``; nothing else of the Trainer changes.
 
 Logged per step, for every method: the task cross-entropy on the batch labels (``loss_curve``, computed
@@ -37,7 +37,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback
-from peft_pat.distillation import distillation_loss
+from peft_pat.training.distillation import distillation_loss
 
 LOSSES = ("answer", "full", "distill")
 IGNORE = -100
