@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError
 from peft_pat.cli import main
+from peft_pat.errors import CheckpointError
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
 from peft_pat.merge.plan import TensorOp
-from peft_pat.errors import CheckpointError
 
 from helpers import logits, train_steps, wrap
 from tiny_models import VOCAB, tiny_inputs, tiny_model

@@ -136,9 +136,7 @@ def merge_checkpoint(
                     bar.set_postfix_str(shard.name, refresh=False)
                     for op in plan.outputs_of(spec.name):
                         source = adapter_weights.replacements.get(op.source)
-                        reader = (
-                            TensorSource(source, dtype) if source is not None else ShardSource(spec, handle, dtype)
-                        )
+                        reader = TensorSource(source, dtype) if source is not None else ShardSource(spec, handle, dtype)
                         for block in op.compute(reader, plan.keep):
                             writer.write(op.name, block)
                     bar.update(spec.nbytes)
