@@ -410,6 +410,12 @@ class PATModel(BaseTuner):
                     "returned the base model. Merge before unloading, or load the adapter again with "
                     "PeftModel.from_pretrained(base, adapter_folder)."
                 )
+            if any(p.is_meta for p in self.model.parameters()):
+                raise PATStateError(
+                    "Some weights of this model are not in memory (offloaded by device_map, or on the meta device), "
+                    "so they cannot be merged here. Save the adapter and merge from disk: peft-pat merge BASE "
+                    "ADAPTER OUT (streams the base checkpoint tensor by tensor)."
+                )
             plans = []
             for name in adapter_names:
                 weights = self.adapter_weights(name)

@@ -158,3 +158,14 @@ def test_truncated_json_is_a_clear_error_not_a_traceback(tmp_path, capsys, where
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(CheckpointError, match="holds a JSON list"):
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progressbar=False)
+
+
+def test_merge_of_offloaded_weights_is_refused_before_anything_changes():
+    model = _model()
+    layer = model.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
+    before = {k: v for k, v in model.state_dict().items() if not v.is_meta}
+    with pytest.raises(PATStateError, match="peft-pat merge BASE ADAPTER OUT"):
+        model.merge_and_prune()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
