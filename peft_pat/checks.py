@@ -53,23 +53,28 @@ def check_adapter_matches_base(
     adapter: str,
     base: str,
     action: str,
+    num_hidden_layers: int | None = None,
+    note: str = "",
 ) -> None:
-    """Refuse an adapter whose recorded base (family, ``hidden_size``, ``vocab_size``) is not this base.
+    """Refuse an adapter whose recorded base (family, ``hidden_size``, ``vocab_size``, number of decoder
+    layers) is not this base.
 
     ``adapter`` names the adapter, ``base`` the base it meets and ``action`` what to do with it instead
-    ("Load it onto", "Merge it into"); values not recorded (older adapters) are not compared.
+    ("Load it onto", "Merge it into"); ``note`` is appended to the message. Values not recorded (older
+    adapters lack ``base_num_hidden_layers``) or not given are not compared.
     """
     recorded = (
         ("model family", pat_config.base_model_type, model_type),
         ("hidden_size", pat_config.base_hidden_size, hidden_size),
         ("vocab_size", pat_config.base_vocab_size, vocab_size),
+        ("num_hidden_layers", getattr(pat_config, "base_num_hidden_layers", None), num_hidden_layers),
     )
     for what, saved, actual in recorded:
         if saved is not None and actual is not None and saved != actual:
             raise AdapterMismatchError(
                 f"{adapter} was trained on a base model with {what}={saved!r}, but {base} has {what}={actual!r}. "
                 f"{action} the model it was trained from "
-                f"(adapter_config.json: base_model_name_or_path={pat_config.base_model_name_or_path!r})."
+                f"(adapter_config.json: base_model_name_or_path={pat_config.base_model_name_or_path!r}).{note}"
             )
 
 

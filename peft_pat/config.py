@@ -182,6 +182,9 @@ class PATConfig(PeftConfig):
     base_model_type: str | None = field(default=None, metadata={"help": "Filled in automatically."})
     base_hidden_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
     base_vocab_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
+    base_num_hidden_layers: int | None = field(
+        default=None, metadata={"help": "Filled in automatically (adapters saved by peft-pat 0.4.0 and older lack it)."}
+    )
     kept_width: int | None = field(default=None, metadata={"help": "Resolved N, filled in automatically."})
 
     def __post_init__(self) -> None:
@@ -229,7 +232,7 @@ class PATConfig(PeftConfig):
                     f"target_sparsity={self.target_sparsity} is impossible: it is the fraction of hidden channels "
                     "removed and must lie strictly between 0 and 1 (e.g. 0.25)."
                 )
-        for name in ("target_width", "width_multiple", "hsm_rank", "kept_width"):
+        for name in ("target_width", "width_multiple", "hsm_rank", "kept_width", "base_num_hidden_layers"):
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, (int,))

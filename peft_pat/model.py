@@ -44,6 +44,10 @@ logger = logging.getLogger("peft_pat")
 HARDENING_WINDOW = 3  # optimizer steps averaged on each side of the hardening step for the loss-change log
 _LABEL_KWARGS = ("labels", "shift_labels")  # the forward arguments a causal LM computes its own loss from
 PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
+REUSED_CONFIG_NOTE = (  # the same refusal meets a PATConfig object reused for a second, different base
+    " (A PATConfig you built and already passed to get_peft_model recorded that first base: build a new "
+    "PATConfig(...) for each base.)"
+)
 
 
 def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
@@ -119,15 +123,19 @@ class PATModel(BaseTuner):
         hidden = int(model_config["hidden_size"])
         vocab = model_config.get("vocab_size")
         heads = int(model_config["num_attention_heads"])
+        layers = model_config.get("num_hidden_layers")
+        layers = int(layers) if layers is not None else None
         check_adapter_matches_base(
             peft_config, model_type, hidden, vocab,
             adapter="This PAT adapter", base="the base model it is being applied to", action="Load it onto",
+            num_hidden_layers=layers, note=REUSED_CONFIG_NOTE,
         )  # fmt: skip
         peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
             model_type,
             hidden,
             vocab,
         )
+        peft_config.base_num_hidden_layers = layers
         peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
         if peft_config.hsm_rank is None:
             peft_config.hsm_rank = default_hsm_rank(hidden, peft_config.kept_width)

@@ -254,6 +254,7 @@ def test_lora_rank_above_the_layer_width():
         ({"target_modules": 5}, r"target_modules must be a str \(regex\), a list of str or None"),
         ({"modules_to_save": "lm_head"}, r"modules_to_save must be a list of str or None, e.g. \['lm_head'\]"),
         ({"layers_to_transform": "0"}, "layers_to_transform must be an int, a list of int or None"),
+        ({"base_num_hidden_layers": "2"}, "base_num_hidden_layers must be int"),
     ],
 )
 def test_wrong_types(kwargs, match):
@@ -588,3 +589,41 @@ def test_save_pruned_of_an_unmerged_model(tmp_path):
     with pytest.raises(PATTypeError, match=r"Call merge_and_prune\(\) and save what it returns"):
         save_pruned(wrap(tiny_model("llama")), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- issue 22: more misuse
+@pytest.mark.parametrize("layers", [3, 1])
+def test_adapter_onto_a_base_with_another_depth(tmp_path, layers):
+    """More layers: an untrained layer would run under the trained mask; fewer: trained layers dropped silently."""
+    wrap(tiny_model("llama")).save_pretrained(tmp_path)
+    base = tiny_model("llama", num_hidden_layers=layers)
+    with pytest.raises(AdapterMismatchError, match="num_hidden_layers=2.*Load it onto the model it was trained from"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not has_pat_layers(base)
+
+
+def test_adapter_saved_without_the_layer_count_loads_as_before(tmp_path):
+    model = wrap(tiny_model("llama"), init_weights=False)
+    assert model.peft_config["default"].base_num_hidden_layers == 2
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["base_num_hidden_layers"]  # as peft-pat 0.4.0 wrote it
+    config_file.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert loaded.peft_config["default"].base_num_hidden_layers == 2  # recorded again at injection
+    ids = tiny_inputs()
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    # the disk merge's call passes no layer count: nothing is compared then
+    peft_pat.checks.check_adapter_matches_base(
+        loaded.peft_config["default"], "llama", 64, 97, adapter="a", base="b", action="c"
+    )
+
+
+def test_one_config_object_for_two_bases():
+    config = PATConfig(hsm_rank=8, r=4, calibration_batches=0)
+    get_peft_model(tiny_model("llama"), config)
+    narrow = tiny_model("llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
+    with pytest.raises(AdapterMismatchError, match=r"build a new PATConfig\(\.\.\.\) for each base"):
+        get_peft_model(narrow, config)
+    assert not has_pat_layers(narrow)
