@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from torch import nn
@@ -30,7 +31,7 @@ from .checks import (
 )
 from .config import PATConfig
 from .distillation import IGNORE_INDEX, distillation_and_task_loss, distillation_loss, next_token_targets
-from .errors import PATConfigError, PATStateError
+from .errors import PATConfigError, PATStateError, PATTypeError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask, resolve_schedule
@@ -102,8 +103,34 @@ class PATModel(BaseTuner):
         BaseTuner calls :meth:`_prepare_adapter_config` (once) and then :meth:`_prepare_model`, which runs
         the checks, before it replaces any module."""
         check_adapter_name(adapter_name)
+        self._check_no_foreign_pat_layers(model)
         self._explicit_targets = getattr(self.peft_config[adapter_name], "target_modules", None) is not None
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _check_no_foreign_pat_layers(self, model: nn.Module) -> None:
+        """Refuse a model that is a PEFT model, or whose modules are PAT layers of another PATModel.
+
+        A second ``get_peft_model(base, cfg)`` on the same ``base`` (a notebook cell run twice) would
+        otherwise re-initialise the first PeftModel's adapter in its layers and point them at a new
+        mask, changing the first model's outputs. ``add_adapter`` / ``load_adapter`` inject into
+        layers of this tuner, which hold a reference to this tuner's ``pat_mask``, and pass.
+        """
+        if isinstance(model, (PeftModel, BaseTuner)):
+            raise PATTypeError(
+                f"get_peft_model got a {type(model).__name__}, which is already a PEFT model; PAT wraps the base "
+                "transformers model. For a second PAT adapter use peft_model.add_adapter(name, PATConfig(...)); to "
+                "start over, load the base model again (or take peft_model.unload(), the base without adapters)."
+            )
+        own = self._modules.get("pat_mask")
+        for key, module in model.named_modules():
+            if isinstance(module, PATLayer) and module._pat_masks is not own:
+                raise PATStateError(
+                    f"This base model already holds the PAT layers of an existing PeftModel (e.g. '{key}'): "
+                    "get_peft_model was called on it before, and wrapping it again would re-initialise that "
+                    "PeftModel's adapter in place. Keep using the existing PeftModel (peft_model.add_adapter(name, "
+                    "PATConfig(...)) adds a second adapter), or load the base model again to start over "
+                    "(peft_model.unload() returns the base without PAT layers)."
+                )
 
     def _prepare_model(self, peft_config: PATConfig, model: nn.Module) -> None:
         family = family_for_model_type(peft_config.base_model_type)

@@ -592,6 +592,18 @@ def test_save_pruned_of_an_unmerged_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- issue 22: more misuse
+def _train_one_step(model, ids):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*without the importance-aware mask start")
+        model.set_step(1, 30)  # still soft
+    model.eval()
+
+
 @pytest.mark.parametrize("layers", [3, 1])
 def test_adapter_onto_a_base_with_another_depth(tmp_path, layers):
     """More layers: an untrained layer would run under the trained mask; fewer: trained layers dropped silently."""
@@ -618,6 +630,37 @@ def test_adapter_saved_without_the_layer_count_loads_as_before(tmp_path):
     peft_pat.checks.check_adapter_matches_base(
         loaded.peft_config["default"], "llama", 64, 97, adapter="a", base="b", action="c"
     )
+
+
+def test_get_peft_model_twice_on_the_same_base(tmp_path):
+    """A notebook cell run twice: the second call must not re-initialise the first PeftModel's layers."""
+    base = tiny_model("llama")
+    first = wrap(base, init_weights=False)
+    ids = tiny_inputs()
+    _train_one_step(first, ids)
+    before_logits = logits(first, ids)
+    before_state = {k: v.clone() for k, v in first.state_dict().items()}
+    with pytest.raises(PATStateError, match=r"Keep using the existing PeftModel \(peft_model.add_adapter"):
+        wrap(base)
+    assert torch.equal(logits(first, ids), before_logits)
+    assert before_state.keys() == first.state_dict().keys()
+    assert all(torch.equal(before_state[k], v) for k, v in first.state_dict().items())
+    # PEFT's own ways to put a second adapter on the same base still work
+    first.add_adapter("second", PATConfig(hsm_rank=8, r=4))
+    wrap(tiny_model("llama")).save_pretrained(tmp_path)
+    first.load_adapter(tmp_path, "loaded")
+    assert set(first.base_model.pat_mask) == {"default", "second", "loaded"}
+    assert torch.equal(logits(first, ids), before_logits)
+
+
+@pytest.mark.parametrize("kind", ["pat", "lora"])
+def test_get_peft_model_on_a_peft_model(kind):
+    if kind == "pat":
+        peft_model = wrap(tiny_model("llama"))
+    else:
+        peft_model = get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    with pytest.raises(PATTypeError, match=r"For a second PAT adapter use peft_model.add_adapter\(name, PATConfig"):
+        wrap(peft_model)
 
 
 def test_one_config_object_for_two_bases():
