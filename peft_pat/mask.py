@@ -20,7 +20,8 @@ work unchanged. kappa = mask_lr / lr is set by :meth:`PATMask.configure_learning
 passes the Trainer's learning rate); the automatic mask_lr = 2 / s0 lets the logits travel to the
 polarisation targets +-0.5 in the first half of the soft phase, so the gate is nearly binary when it
 freezes, whatever the run length. The same backward zeroes non-finite gradients, so a NaN loss
-cannot turn the logits into NaN.
+cannot turn the logits into NaN; every use of the logits that carries a gradient (the soft gate,
+the auxiliary losses, and the zero that keeps a hard mask's logits in the graph) goes through it.
 """
 
 from __future__ import annotations
@@ -401,8 +402,9 @@ class PATMask(nn.Module):
         """Active-channel loss |#{w >= 0} - N| / N (Eq. 11, straight-through count) and polarisation."""
         self._auxiliary_loss_seen = True
         if self._hard:
-            # Keep the logits in the graph with zero gradient so DDP sees every parameter used.
-            zero = self.logits.sum() * 0.0 + 0.0  # + 0.0: a log shows 0, never -0
+            # Keep the logits in the graph with zero gradient so DDP sees every parameter used. Through
+            # effective_logits, like every other path: a NaN loss times 0 is NaN, and its backward zeroes it.
+            zero = self.effective_logits().sum() * 0.0 + 0.0  # + 0.0: a log shows 0, never -0
             return {"active": zero, "polarization": zero}
         w = self.effective_logits().float()
         binary = ((w >= 0) | self.protected).float()  # protected channels count as kept whatever their logit

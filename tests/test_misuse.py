@@ -670,3 +670,22 @@ def test_one_config_object_for_two_bases():
     with pytest.raises(AdapterMismatchError, match=r"build a new PATConfig\(\.\.\.\) for each base"):
         get_peft_model(narrow, config)
     assert not has_pat_layers(narrow)
+
+
+def test_non_finite_loss_after_the_mask_hardened():
+    """The zero that keeps a hard mask's logits in the graph goes through the same NaN guard as the soft gate."""
+    model = hardened(wrap(tiny_model("llama")))
+    mask = model.base_model.pat_mask["default"]
+    kept = mask.kept_indices().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tiny_inputs()
+    model.train()
+    (model(input_ids=ids, labels=ids).loss * float("nan")).backward()
+    assert torch.equal(mask.logits.grad, torch.zeros_like(mask.logits))
+    optimizer.step()
+    optimizer.zero_grad()
+    assert torch.isfinite(mask.logits).all()
+    with pytest.warns(RuntimeWarning, match="non-finite gradients"):
+        model.set_step(5, 10)
+    assert torch.isfinite(mask.logits).all()
+    assert torch.equal(mask.kept_indices(), kept)
