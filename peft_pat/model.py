@@ -66,6 +66,30 @@ def _refuse_state_dict_after_pruning(module: nn.Module, prefix: str, keep_vars: 
     module._check_not_pruned()
 
 
+def _move_mask(mask: PATMask, device: torch.device) -> None:
+    """Put ``mask`` on ``device``, except while its logits are empty meta tensors.
+
+    PEFT's ``low_cpu_mem_usage=True`` builds the tuner under ``init_empty_weights``: the logits are
+    created on the meta device (buffers are not) and replaced by the saved tensor later
+    (``load_state_dict(assign=True)``), after which :func:`_masks_to_embedding_device` moves the mask.
+    """
+    if device.type == "meta" or any(p.is_meta for p in mask.parameters()):
+        return
+    mask.to(device)
+
+
+def _masks_to_embedding_device(tuner: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post-hook: a mask loaded with ``assign=True`` sits where the file was read to
+    (PEFT reads adapter files to its inferred device); move it next to the embedding, where
+    ``_ensure_mask`` puts a new one. A no-op after an ordinary (copying) load."""
+    if "pat_mask" not in tuner._modules:
+        return
+    device = tuner.model.get_input_embeddings().weight.device
+    for mask in tuner.pat_mask.values():
+        if any(t.device != device for t in itertools.chain(mask.parameters(), mask.buffers())):
+            _move_mask(mask, device)
+
+
 def _shared_parameter_ids(model: nn.Module) -> set[int]:
     """ids of parameters registered under more than one name (tied weights)."""
     seen: set[int] = set()
@@ -96,6 +120,9 @@ class PATModel(BaseTuner):
             self.pat_mask = nn.ModuleDict()
         self._last_losses: dict[str, torch.Tensor] = {}
         self._pruned = False
+        if not self.__dict__.get("_mask_device_hook"):
+            self.register_load_state_dict_post_hook(_masks_to_embedding_device)
+            self._mask_device_hook = True
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged.
@@ -202,9 +229,7 @@ class PATModel(BaseTuner):
             self.pat_mask = nn.ModuleDict()
         if adapter_name not in self.pat_mask:
             mask = PATMask.from_config(config, random_init=not config.init_weights)
-            device = self.model.get_input_embeddings().weight.device
-            if device.type != "meta":
-                mask.to(device)
+            _move_mask(mask, self.model.get_input_embeddings().weight.device)
             mask.requires_grad_(not config.inference_mode)
             self.pat_mask[adapter_name] = mask
         return self.pat_mask
@@ -295,6 +320,19 @@ class PATModel(BaseTuner):
                 logits.data = logits.data.float()
 
     # ------------------------------------------------------------------ schedule
+    def _check_materialised(self) -> None:
+        """Refuse to run an adapter whose weights are still empty meta tensors (low_cpu_mem_usage=True)."""
+        if "pat_mask" not in self._modules:
+            return
+        empty = [name for name, mask in self.pat_mask.items() if mask.logits.is_meta]
+        if empty:
+            raise PATStateError(
+                f"PAT adapter(s) {empty} have no weights yet: they were created with low_cpu_mem_usage=True, which "
+                "makes empty (meta-device) adapter weights for loading. Load saved weights into them "
+                "(PeftModel.from_pretrained(base, folder, low_cpu_mem_usage=True) does), or create an adapter "
+                "to train without low_cpu_mem_usage."
+            )
+
     def set_step(self, step: int, total_steps: int, learning_rate: float | None = None) -> None:
         """Drive the mask schedule: call once per optimizer step (the callback does this for Trainer).
 
@@ -302,6 +340,7 @@ class PATModel(BaseTuner):
         get their own learning rate ``PATConfig.mask_lr`` (default 2 / s0).
         """
         self._check_not_pruned()
+        self._check_materialised()
         if "pat_mask" not in self._modules or not len(self.pat_mask):
             raise PATStateError(
                 "set_step: this model has no PAT adapter (all were deleted?); add one with add_adapter(name, "
@@ -509,6 +548,7 @@ class PATModel(BaseTuner):
 
     def forward(self, *args: Any, **kwargs: Any):
         self._check_not_pruned()
+        self._check_materialised()
         # TRL's SFTTrainer asks its patched forward for per-token log-probabilities (fused_lm_head=True) and builds
         # no logits: nothing to distil from, so that call keeps the task loss only (docs/training.md).
         distill = None if kwargs.get("fused_lm_head") else self._distillation_settings()

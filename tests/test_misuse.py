@@ -689,3 +689,29 @@ def test_non_finite_loss_after_the_mask_hardened():
         model.set_step(5, 10)
     assert torch.isfinite(mask.logits).all()
     assert torch.equal(mask.kept_indices(), kept)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loading_with_low_cpu_mem_usage(tmp_path, is_trainable):
+    """PEFT builds the adapter on the meta device, then loads it with assign=True: the same model as without."""
+    model = wrap(tiny_model("llama"), init_weights=False)
+    ids = tiny_inputs()
+    _train_one_step(model, ids)
+    model.base_model.harden_mask()
+    model.save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=is_trainable)
+    light = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=is_trainable, low_cpu_mem_usage=True)
+    assert torch.equal(logits(light, ids), logits(plain, ids))
+    mask, reference = light.base_model.pat_mask["default"], plain.base_model.pat_mask["default"]
+    assert all(not t.is_meta for t in [*mask.parameters(), *mask.buffers()])
+    assert mask.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in mask.state_dict().items())
+    assert mask.hardened and torch.equal(mask.kept_indices(), reference.kept_indices())
+    assert mask.logits.requires_grad is is_trainable
+    assert not any(p.is_meta for p in light.parameters())
+
+
+def test_low_cpu_mem_usage_adapter_used_before_loading():
+    model = get_peft_model(tiny_model("llama"), PATConfig(hsm_rank=8, r=4), low_cpu_mem_usage=True)
+    with pytest.raises(PATStateError, match="create an adapter to train without low_cpu_mem_usage"):
+        model(input_ids=tiny_inputs())
