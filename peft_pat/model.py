@@ -24,6 +24,8 @@ from .calibration import channel_statistics, massive_channels
 from .checks import (
     check_adapter_matches_base,
     check_adapter_name,
+    check_calibration_batches,
+    check_calibration_source,
     check_causal_lm_layout,
     check_injection_targets,
     check_not_quantized,
@@ -492,11 +494,23 @@ class PATModel(BaseTuner):
         config: PATConfig = self.peft_config[name]
         mask = self.pat_mask[name]
         if mask.hardened:
-            raise PATStateError("calibrate: the mask is already hard (training is past the freeze point).")
+            raise PATStateError(
+                "calibrate: the mask is already hard (training is past the freeze point), so its channels are fixed. "
+                "Calibrate a fresh adapter before its first optimizer step."
+            )
+        if int(mask.step) > 0:
+            raise PATStateError(
+                f"calibrate: training has started (the mask schedule is at step {int(mask.step)}); the importance-"
+                "aware start would overwrite the trained mask logits and change the model's outputs. Call "
+                "calibrate(batches) before the first optimizer step (PATCallback does it at the start of training), "
+                "or keep training without it."
+            )
+        check_calibration_source(batches)
         limit = config.calibration_batches or None
         chosen = list(itertools.islice(batches, limit))
         if not chosen:
             raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
+        check_calibration_batches(chosen)
         with self.teacher_pass():
             stats = channel_statistics(self.model, chosen, self.family)
         score, energy = _all_reduce_mean(stats.score, self.model), _all_reduce_mean(stats.energy, self.model)
@@ -529,10 +543,12 @@ class PATModel(BaseTuner):
         return summary
 
     def needs_calibration(self, adapter_name: str | None = None) -> bool:
-        """True while the adapter asks for an importance-aware start that has not run (and the mask is soft)."""
+        """True while the adapter asks for an importance-aware start that has not run, the mask is soft and
+        training has not started (the schedule is at step 0: later, calibrating would discard trained logits)."""
         name = self._single_adapter(adapter_name)
         mask = self.pat_mask[name]
-        return self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated) and not mask.hardened
+        waiting = self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated)
+        return waiting and not mask.hardened and int(mask.step) == 0
 
     def _distillation_settings(self) -> tuple[float, float] | None:
         """(weight, temperature) of the active adapter when this forward should distil, else None."""

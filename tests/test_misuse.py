@@ -715,3 +715,62 @@ def test_low_cpu_mem_usage_adapter_used_before_loading():
     model = get_peft_model(tiny_model("llama"), PATConfig(hsm_rank=8, r=4), low_cpu_mem_usage=True)
     with pytest.raises(PATStateError, match="create an adapter to train without low_cpu_mem_usage"):
         model(input_ids=tiny_inputs())
+
+
+@pytest.mark.parametrize(
+    ("batches", "error", "match"),
+    [
+        ({"input_ids": "ids"}, PATTypeError, r"got a single batch .* calibrate\(\[batch\]\)"),
+        ("tensor", PATTypeError, r"wrap the token ids: calibrate\(\[\{'input_ids': ids\}\]\)"),
+        ([{"labels": "ids"}], PATConfigError, r"batch 0 has no 'input_ids' \(keys: \['labels'\]\)"),
+        (["ids"], PATTypeError, "batch 0 is a Tensor, not a dict"),
+        ([{"input_ids": "list"}], PATTypeError, "has 'input_ids' as list"),
+        ([{"input_ids": "row"}], PATTypeError, r"has 'input_ids' as a \(7,\) torch.int64 tensor"),
+        ([{"input_ids": "ids", "attention_mask": "row"}], PATTypeError, r"'attention_mask' of shape \(7,\)"),
+        ([{"input_ids": "ids", "attention_mask": "zeros"}], PATConfigError, "the batches hold no token"),
+    ],
+)
+def test_calibrate_with_malformed_batches(batches, error, match):
+    ids = tiny_inputs()
+    values = {"ids": ids, "list": ids.tolist(), "row": ids[0], "zeros": torch.zeros_like(ids), "tensor": ids}
+
+    def resolve(item):
+        if isinstance(item, str):
+            return values[item]
+        if isinstance(item, dict):
+            return {k: resolve(v) for k, v in item.items()}
+        return [resolve(v) for v in item]
+
+    model = wrap(tiny_model("llama"), calibration_batches=2)
+    mask = model.base_model.pat_mask["default"]
+    with pytest.raises(error, match=match):
+        model.calibrate(resolve(batches))
+    assert not bool(mask.calibrated) and torch.equal(mask.logits, torch.zeros_like(mask.logits))
+
+
+def test_calibrate_after_training_started():
+    model = wrap(tiny_model("llama"), calibration_batches=2, init_weights=False)
+    ids = tiny_inputs()
+    _train_one_step(model, ids)
+    before = logits(model, ids)
+    assert not model.base_model.needs_calibration()  # PATCallback does not calibrate a resumed, started run either
+    with pytest.raises(PATStateError, match=r"Call calibrate\(batches\) before the first optimizer step"):
+        model.calibrate([{"input_ids": ids}])
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_calibrate_after_hardening():
+    model = hardened(wrap(tiny_model("llama"), calibration_batches=2))
+    with pytest.raises(PATStateError, match="Calibrate a fresh adapter before its first optimizer step"):
+        model.calibrate([{"input_ids": tiny_inputs()}])
+
+
+def test_calibrate_twice_before_training():
+    """Decision: allowed before the first step; the second call re-ranks and the model still computes the same."""
+    model = wrap(tiny_model("llama"), calibration_batches=2)
+    ids = tiny_inputs()
+    before = logits(model, ids)
+    model.calibrate([{"input_ids": ids}])
+    model.calibrate([{"input_ids": ids[:, :4]}])
+    assert bool(model.base_model.pat_mask["default"].calibrated)
+    assert_logits_close(logits(model, ids), before)
