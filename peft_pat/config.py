@@ -187,6 +187,19 @@ class PATConfig(PeftConfig):
     )
     kept_width: int | None = field(default=None, metadata={"help": "Resolved N, filled in automatically."})
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> PATConfig:
+        """PEFT's loader, which builds the config class the file's ``peft_type`` names: refuse a non-PAT one."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, cls):
+            kind = getattr(config.peft_type, "value", config.peft_type)
+            raise PATConfigError(
+                f"{pretrained_model_name_or_path!r} holds a {kind} adapter ({type(config).__name__}), not "
+                "a PAT adapter. Load it with peft.PeftConfig.from_pretrained / PeftModel.from_pretrained, or point "
+                "PATConfig.from_pretrained at a folder saved from a PAT model."
+            )
+        return config
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PatPeftType.PAT

@@ -206,7 +206,9 @@ class PATMask(nn.Module):
         The logits w = kappa * theta keep their values (theta is rescaled), so this can be called again,
         e.g. when resuming; calling it with the same arguments changes nothing. Returns kappa.
         """
-        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        if isinstance(learning_rate, bool) or not (
+            isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0
+        ):
             raise PATConfigError(f"learning_rate must be a positive number, got {learning_rate!r}.")
         target = self.mask_lr or MASK_TRAVEL / milestone_step(total_steps, self.milestone_fraction)
         kappa = target / learning_rate

@@ -419,7 +419,7 @@ def test_set_step_without_a_run_length():
         wrap(tiny_model("llama")).set_step(0, 0)
 
 
-@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan")])
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), True])
 def test_set_step_with_a_bad_learning_rate(lr):
     with pytest.raises(PATConfigError, match="learning_rate must be a positive number"):
         wrap(tiny_model("llama")).set_step(0, 10, learning_rate=lr)
@@ -715,6 +715,21 @@ def test_low_cpu_mem_usage_adapter_used_before_loading():
     model = get_peft_model(tiny_model("llama"), PATConfig(hsm_rank=8, r=4), low_cpu_mem_usage=True)
     with pytest.raises(PATStateError, match="create an adapter to train without low_cpu_mem_usage"):
         model(input_ids=tiny_inputs())
+
+
+def test_pat_config_from_a_lora_folder(tmp_path):
+    get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(PATConfigError, match="holds a LORA adapter .*, not a PAT adapter"):
+        PATConfig.from_pretrained(tmp_path)
+
+
+def test_optimizer_groups_of_an_adapter_loaded_for_inference(tmp_path):
+    wrap(tiny_model("llama")).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)  # is_trainable=False: everything frozen
+    with pytest.raises(PATStateError, match=r"PeftModel.from_pretrained\(base, folder, is_trainable=True\)"):
+        peft_pat.optimizer_param_groups(loaded)
 
 
 @pytest.mark.parametrize(
