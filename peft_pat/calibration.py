@@ -24,6 +24,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .errors import PATConfigError
 from .families import FamilySpec, family_for_model
 
 MASSIVE_ENERGY_RATIO = 100.0  # a channel whose residual mean square exceeds 100x the median is "massive"
@@ -108,7 +109,10 @@ def channel_statistics(
             handle.remove()
         model.train(was_training)
     if tokens == 0:
-        raise ValueError("channel_statistics: the calibration batches hold no (non-padding) token.")
+        raise PATConfigError(
+            "channel_statistics: the calibration batches hold no (non-padding) token; pass batches whose "
+            "attention_mask marks real tokens."
+        )
     score = sum(torch.sqrt(s / tokens) for s in y_sums)
     energy = torch.stack([s / tokens for s in h_sums]).max(dim=0).values
     return ChannelStatistics(score=score, energy=energy, tokens=tokens)

@@ -10,6 +10,7 @@ its ``inject_adapter``, and :func:`check_not_quantized` while preparing the adap
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -53,23 +54,28 @@ def check_adapter_matches_base(
     adapter: str,
     base: str,
     action: str,
+    num_hidden_layers: int | None = None,
+    note: str = "",
 ) -> None:
-    """Refuse an adapter whose recorded base (family, ``hidden_size``, ``vocab_size``) is not this base.
+    """Refuse an adapter whose recorded base (family, ``hidden_size``, ``vocab_size``, number of decoder
+    layers) is not this base.
 
     ``adapter`` names the adapter, ``base`` the base it meets and ``action`` what to do with it instead
-    ("Load it onto", "Merge it into"); values not recorded (older adapters) are not compared.
+    ("Load it onto", "Merge it into"); ``note`` is appended to the message. Values not recorded (older
+    adapters lack ``base_num_hidden_layers``) or not given are not compared.
     """
     recorded = (
         ("model family", pat_config.base_model_type, model_type),
         ("hidden_size", pat_config.base_hidden_size, hidden_size),
         ("vocab_size", pat_config.base_vocab_size, vocab_size),
+        ("num_hidden_layers", getattr(pat_config, "base_num_hidden_layers", None), num_hidden_layers),
     )
     for what, saved, actual in recorded:
         if saved is not None and actual is not None and saved != actual:
             raise AdapterMismatchError(
                 f"{adapter} was trained on a base model with {what}={saved!r}, but {base} has {what}={actual!r}. "
                 f"{action} the model it was trained from "
-                f"(adapter_config.json: base_model_name_or_path={pat_config.base_model_name_or_path!r})."
+                f"(adapter_config.json: base_model_name_or_path={pat_config.base_model_name_or_path!r}).{note}"
             )
 
 
@@ -214,3 +220,59 @@ def check_injection_targets(model: nn.Module, config: Any, family: FamilySpec, e
                 f"update B A cannot have rank above min(in_features, out_features). Use r <= {limit}, or exclude "
                 "the narrow layers with exclude_modules."
             )
+
+
+CALIBRATION_BATCH_FORM = (
+    "calibrate takes an iterable of batches, each a dict {'input_ids': LongTensor (batch, tokens), 'attention_mask': "
+    "optional tensor of the same shape}, e.g. the training DataLoader or [tokenizer(texts, return_tensors='pt', "
+    "padding=True)]"
+)
+
+
+def check_calibration_source(batches: Any) -> None:
+    """``calibrate(batches)``: refuse one batch passed where an iterable of batches is expected."""
+    if isinstance(batches, Mapping):
+        raise PATTypeError(
+            f"calibrate got a single batch (a {type(batches).__name__}); pass a list of batches, "
+            f"e.g. calibrate([batch]). {CALIBRATION_BATCH_FORM}."
+        )
+    if isinstance(batches, torch.Tensor):
+        raise PATTypeError(
+            f"calibrate got a tensor; wrap the token ids: calibrate([{{'input_ids': ids}}]). {CALIBRATION_BATCH_FORM}."
+        )
+
+
+def check_calibration_batches(batches: list) -> None:
+    """Every batch ``calibrate`` will run: a mapping with 2-D integer ``input_ids`` (and an ``attention_mask``
+    of the same shape, if any), and at least one non-padding token in all of them. Runs before any forward."""
+    tokens = 0
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise PATTypeError(
+                f"calibrate: batch {index} is a {type(batch).__name__}, not a dict. {CALIBRATION_BATCH_FORM}."
+            )
+        ids = batch.get("input_ids")
+        if ids is None:
+            raise PATConfigError(
+                f"calibrate: batch {index} has no 'input_ids' (keys: {sorted(map(str, batch))}). "
+                f"{CALIBRATION_BATCH_FORM}."
+            )
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
+            form = f"a {tuple(ids.shape)} {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise PATTypeError(f"calibrate: batch {index} has 'input_ids' as {form}. {CALIBRATION_BATCH_FORM}.")
+        attention = batch.get("attention_mask")
+        if attention is None:
+            tokens += ids.numel()
+            continue
+        if not isinstance(attention, torch.Tensor) or attention.shape != ids.shape:
+            form = tuple(attention.shape) if isinstance(attention, torch.Tensor) else type(attention).__name__
+            raise PATTypeError(
+                f"calibrate: batch {index} has an 'attention_mask' of shape {form}, input_ids "
+                f"{tuple(ids.shape)}. {CALIBRATION_BATCH_FORM}."
+            )
+        tokens += int(attention.bool().sum())
+    if tokens == 0:
+        raise PATConfigError(
+            "calibrate: the batches hold no token (every attention_mask is all zeros); pass the "
+            "first batches of the training data."
+        )

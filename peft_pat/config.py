@@ -182,7 +182,23 @@ class PATConfig(PeftConfig):
     base_model_type: str | None = field(default=None, metadata={"help": "Filled in automatically."})
     base_hidden_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
     base_vocab_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
+    base_num_hidden_layers: int | None = field(
+        default=None, metadata={"help": "Filled in automatically (adapters saved by peft-pat 0.4.0 and older lack it)."}
+    )
     kept_width: int | None = field(default=None, metadata={"help": "Resolved N, filled in automatically."})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> PATConfig:
+        """PEFT's loader, which builds the config class the file's ``peft_type`` names: refuse a non-PAT one."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, cls):
+            kind = getattr(config.peft_type, "value", config.peft_type)
+            raise PATConfigError(
+                f"{pretrained_model_name_or_path!r} holds a {kind} adapter ({type(config).__name__}), not "
+                "a PAT adapter. Load it with peft.PeftConfig.from_pretrained / PeftModel.from_pretrained, or point "
+                "PATConfig.from_pretrained at a folder saved from a PAT model."
+            )
+        return config
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,7 +245,7 @@ class PATConfig(PeftConfig):
                     f"target_sparsity={self.target_sparsity} is impossible: it is the fraction of hidden channels "
                     "removed and must lie strictly between 0 and 1 (e.g. 0.25)."
                 )
-        for name in ("target_width", "width_multiple", "hsm_rank", "kept_width"):
+        for name in ("target_width", "width_multiple", "hsm_rank", "kept_width", "base_num_hidden_layers"):
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, (int,))

@@ -20,7 +20,8 @@ work unchanged. kappa = mask_lr / lr is set by :meth:`PATMask.configure_learning
 passes the Trainer's learning rate); the automatic mask_lr = 2 / s0 lets the logits travel to the
 polarisation targets +-0.5 in the first half of the soft phase, so the gate is nearly binary when it
 freezes, whatever the run length. The same backward zeroes non-finite gradients, so a NaN loss
-cannot turn the logits into NaN.
+cannot turn the logits into NaN; every use of the logits that carries a gradient (the soft gate,
+the auxiliary losses, and the zero that keeps a hard mask's logits in the graph) goes through it.
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ class PATMask(nn.Module):
         The logits w = kappa * theta keep their values (theta is rescaled), so this can be called again,
         e.g. when resuming; calling it with the same arguments changes nothing. Returns kappa.
         """
-        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        if isinstance(learning_rate, bool) or not (
+            isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0
+        ):
             raise PATConfigError(f"learning_rate must be a positive number, got {learning_rate!r}.")
         target = self.mask_lr or MASK_TRAVEL / milestone_step(total_steps, self.milestone_fraction)
         kappa = target / learning_rate
@@ -401,8 +404,9 @@ class PATMask(nn.Module):
         """Active-channel loss |#{w >= 0} - N| / N (Eq. 11, straight-through count) and polarisation."""
         self._auxiliary_loss_seen = True
         if self._hard:
-            # Keep the logits in the graph with zero gradient so DDP sees every parameter used.
-            zero = self.logits.sum() * 0.0 + 0.0  # + 0.0: a log shows 0, never -0
+            # Keep the logits in the graph with zero gradient so DDP sees every parameter used. Through
+            # effective_logits, like every other path: a NaN loss times 0 is NaN, and its backward zeroes it.
+            zero = self.effective_logits().sum() * 0.0 + 0.0  # + 0.0: a log shows 0, never -0
             return {"active": zero, "polarization": zero}
         w = self.effective_logits().float()
         binary = ((w >= 0) | self.protected).float()  # protected channels count as kept whatever their logit

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
@@ -20,13 +21,15 @@ from .calibration import channel_statistics, massive_channels
 from .checks import (
     check_adapter_matches_base,
     check_adapter_name,
+    check_calibration_batches,
+    check_calibration_source,
     check_causal_lm_layout,
     check_injection_targets,
     check_not_quantized,
     plain_float_layer_error,
 )
 from .config import PATConfig
-from .errors import PATConfigError, PATStateError
+from .errors import PATConfigError, PATStateError, PATTypeError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask, resolve_schedule
@@ -41,6 +44,10 @@ from .width import kept_width_for
 logger = logging.getLogger("peft_pat")
 
 PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
+REUSED_CONFIG_NOTE = (  # the same refusal meets a PATConfig object reused for a second, different base
+    " (A PATConfig you built and already passed to get_peft_model recorded that first base: build a new "
+    "PATConfig(...) for each base.)"
+)
 
 
 def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
@@ -56,6 +63,30 @@ def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
 def _refuse_state_dict_after_pruning(module: nn.Module, prefix: str, keep_vars: bool) -> None:
     """Saving the consumed PEFT model would write an adapter without its layers: refuse (state_dict pre-hook)."""
     module._check_not_pruned()
+
+
+def _move_mask(mask: PATMask, device: torch.device) -> None:
+    """Put ``mask`` on ``device``, except while its logits are empty meta tensors.
+
+    PEFT's ``low_cpu_mem_usage=True`` builds the tuner under ``init_empty_weights``: the logits are
+    created on the meta device (buffers are not) and replaced by the saved tensor later
+    (``load_state_dict(assign=True)``), after which :func:`_masks_to_embedding_device` moves the mask.
+    """
+    if device.type == "meta" or any(p.is_meta for p in mask.parameters()):
+        return
+    mask.to(device)
+
+
+def _masks_to_embedding_device(tuner: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post-hook: a mask loaded with ``assign=True`` sits where the file was read to
+    (PEFT reads adapter files to its inferred device); move it next to the embedding, where
+    ``_ensure_mask`` puts a new one. A no-op after an ordinary (copying) load."""
+    if "pat_mask" not in tuner._modules:
+        return
+    device = tuner.model.get_input_embeddings().weight.device
+    for mask in tuner.pat_mask.values():
+        if any(t.device != device for t in itertools.chain(mask.parameters(), mask.buffers())):
+            _move_mask(mask, device)
 
 
 class PATModel(BaseTuner):
@@ -81,6 +112,7 @@ class PATModel(BaseTuner):
             self._pruned = False
             self._pending_merge: InMemoryMerge | None = None
             self._pat_adapters_disabled = False
+            self.register_load_state_dict_post_hook(_masks_to_embedding_device)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection, after every check that can refuse the adapter while ``model`` is unchanged.
@@ -88,8 +120,34 @@ class PATModel(BaseTuner):
         BaseTuner calls :meth:`_prepare_adapter_config` (once) and then :meth:`_prepare_model`, which runs
         the checks, before it replaces any module."""
         check_adapter_name(adapter_name)
+        self._check_no_foreign_pat_layers(model)
         self._explicit_targets = getattr(self.peft_config[adapter_name], "target_modules", None) is not None
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _check_no_foreign_pat_layers(self, model: nn.Module) -> None:
+        """Refuse a model that is a PEFT model, or whose modules are PAT layers of another PATModel.
+
+        A second ``get_peft_model(base, cfg)`` on the same ``base`` (a notebook cell run twice) would
+        otherwise re-initialise the first PeftModel's adapter in its layers and point them at a new
+        mask, changing the first model's outputs. ``add_adapter`` / ``load_adapter`` inject into
+        layers of this tuner, which hold a reference to this tuner's ``pat_mask``, and pass.
+        """
+        if isinstance(model, (PeftModel, BaseTuner)):
+            raise PATTypeError(
+                f"get_peft_model got a {type(model).__name__}, which is already a PEFT model; PAT wraps the base "
+                "transformers model. For a second PAT adapter use peft_model.add_adapter(name, PATConfig(...)); to "
+                "start over, load the base model again (or take peft_model.unload(), the base without adapters)."
+            )
+        own = self._modules.get("pat_mask")
+        for key, module in model.named_modules():
+            if isinstance(module, PATLayer) and module._pat_masks is not own:
+                raise PATStateError(
+                    f"This base model already holds the PAT layers of an existing PeftModel (e.g. '{key}'): "
+                    "get_peft_model was called on it before, and wrapping it again would re-initialise that "
+                    "PeftModel's adapter in place. Keep using the existing PeftModel (peft_model.add_adapter(name, "
+                    "PATConfig(...)) adds a second adapter), or load the base model again to start over "
+                    "(peft_model.unload() returns the base without PAT layers)."
+                )
 
     def _prepare_model(self, peft_config: PATConfig, model: nn.Module) -> None:
         family = family_for_model_type(peft_config.base_model_type)
@@ -109,15 +167,19 @@ class PATModel(BaseTuner):
         hidden = int(model_config["hidden_size"])
         vocab = model_config.get("vocab_size")
         heads = int(model_config["num_attention_heads"])
+        layers = model_config.get("num_hidden_layers")
+        layers = int(layers) if layers is not None else None
         check_adapter_matches_base(
             peft_config, model_type, hidden, vocab,
             adapter="This PAT adapter", base="the base model it is being applied to", action="Load it onto",
+            num_hidden_layers=layers, note=REUSED_CONFIG_NOTE,
         )  # fmt: skip
         peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
             model_type,
             hidden,
             vocab,
         )
+        peft_config.base_num_hidden_layers = layers
         peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
         if peft_config.hsm_rank is None:
             peft_config.hsm_rank = default_hsm_rank(hidden, peft_config.kept_width)
@@ -157,9 +219,7 @@ class PATModel(BaseTuner):
             self.pat_mask = nn.ModuleDict()
         if adapter_name not in self.pat_mask:
             mask = PATMask.from_config(config, random_init=not config.init_weights)
-            device = self.model.get_input_embeddings().weight.device
-            if device.type != "meta":
-                mask.to(device)
+            _move_mask(mask, self.model.get_input_embeddings().weight.device)
             mask.requires_grad_(not config.inference_mode)
             self.pat_mask[adapter_name] = mask
         return self.pat_mask
@@ -250,6 +310,19 @@ class PATModel(BaseTuner):
                 logits.data = logits.data.float()
 
     # ------------------------------------------------------------------ training (peft_pat.training)
+    def _check_materialised(self) -> None:
+        """Refuse to run an adapter whose weights are still empty meta tensors (low_cpu_mem_usage=True)."""
+        if "pat_mask" not in self._modules:
+            return
+        empty = [name for name, mask in self.pat_mask.items() if mask.logits.is_meta]
+        if empty:
+            raise PATStateError(
+                f"PAT adapter(s) {empty} have no weights yet: they were created with low_cpu_mem_usage=True, which "
+                "makes empty (meta-device) adapter weights for loading. Load saved weights into them "
+                "(PeftModel.from_pretrained(base, folder, low_cpu_mem_usage=True) does), or create an adapter "
+                "to train without low_cpu_mem_usage."
+            )
+
     def set_step(self, step: int, total_steps: int, learning_rate: float | None = None) -> None:
         """Drive the mask schedule: call once per optimizer step (the callback does this for Trainer).
 
@@ -257,6 +330,7 @@ class PATModel(BaseTuner):
         get their own learning rate ``PATConfig.mask_lr`` (default 2 / s0).
         """
         self._check_not_pruned()
+        self._check_materialised()
         drive_schedule(self, step, total_steps, learning_rate)
 
     def harden_mask(self, adapter_name: str | None = None) -> None:
@@ -306,11 +380,23 @@ class PATModel(BaseTuner):
         config: PATConfig = self.peft_config[name]
         mask = self.pat_mask[name]
         if mask.hardened:
-            raise PATStateError("calibrate: the mask is already hard (training is past the freeze point).")
+            raise PATStateError(
+                "calibrate: the mask is already hard (training is past the freeze point), so its channels are fixed. "
+                "Calibrate a fresh adapter before its first optimizer step."
+            )
+        if int(mask.step) > 0:
+            raise PATStateError(
+                f"calibrate: training has started (the mask schedule is at step {int(mask.step)}); the importance-"
+                "aware start would overwrite the trained mask logits and change the model's outputs. Call "
+                "calibrate(batches) before the first optimizer step (PATCallback does it at the start of training), "
+                "or keep training without it."
+            )
+        check_calibration_source(batches)
         limit = config.calibration_batches or None
         chosen = list(itertools.islice(batches, limit))
         if not chosen:
             raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
+        check_calibration_batches(chosen)
         with self.teacher_pass():
             stats = channel_statistics(self.model, chosen, self.family)
         score, energy = _all_reduce_mean(stats.score, self.model), _all_reduce_mean(stats.energy, self.model)
@@ -343,15 +429,18 @@ class PATModel(BaseTuner):
         return summary
 
     def needs_calibration(self, adapter_name: str | None = None) -> bool:
-        """True while the adapter asks for an importance-aware start that has not run (and the mask is soft)."""
+        """True while the adapter asks for an importance-aware start that has not run, the mask is soft and
+        training has not started (the schedule is at step 0: later, calibrating would discard trained logits)."""
         name = self._single_adapter(adapter_name)
         mask = self.pat_mask[name]
-        return self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated) and not mask.hardened
+        waiting = self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated)
+        return waiting and not mask.hardened and int(mask.step) == 0
 
     def forward(self, *args: Any, **kwargs: Any):
         """The base model's forward through the PAT layers; in training, ``loss`` is the training objective
         (distillation and the auxiliary losses, :mod:`peft_pat.training.objective`)."""
         self._check_not_pruned()
+        self._check_materialised()
         return training_forward(self, args, kwargs)
 
     # ------------------------------------------------------------------ merging

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PATConfigError, PATTypeError
+from .errors import PATConfigError, PATStateError, PATTypeError
 from .model import find_pat_tuner
 
 
@@ -44,6 +44,13 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[
     for param in model.parameters():  # de-duplicated by identity
         if param.requires_grad:
             (no_decay if id(param) in mask_ids else decay).append(param)
+    if not decay and not no_decay:
+        raise PATStateError(
+            f"optimizer_param_groups: {type(model).__name__} has no trainable parameter, so an optimizer would "
+            "change nothing. An adapter loaded with PeftModel.from_pretrained is frozen for inference: load it "
+            "with PeftModel.from_pretrained(base, folder, is_trainable=True) to train it (or make an inactive "
+            "adapter the trained one with model.set_adapter(name))."
+        )
     return [
         {"params": decay, "weight_decay": float(weight_decay)},
         {"params": no_decay, "weight_decay": 0.0},

@@ -237,7 +237,7 @@ def test_lora_adapter_is_not_a_pat_adapter(tmp_path):
         ({"family": "mistral"}, "model family='llama'"),
         ({"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2}, "hidden_size=64"),
         ({"vocab_size": 120}, "vocab_size=97"),
-        ({"num_hidden_layers": 3}, "the base has 3 decoder layers"),
+        ({"num_hidden_layers": 3}, "num_hidden_layers=2, but the base checkpoint has num_hidden_layers=3"),
     ],
     ids=["family", "width", "vocab", "depth"],
 )

@@ -254,6 +254,7 @@ def test_lora_rank_above_the_layer_width():
         ({"target_modules": 5}, r"target_modules must be a str \(regex\), a list of str or None"),
         ({"modules_to_save": "lm_head"}, r"modules_to_save must be a list of str or None, e.g. \['lm_head'\]"),
         ({"layers_to_transform": "0"}, "layers_to_transform must be an int, a list of int or None"),
+        ({"base_num_hidden_layers": "2"}, "base_num_hidden_layers must be int"),
     ],
 )
 def test_wrong_types(kwargs, match):
@@ -418,7 +419,7 @@ def test_set_step_without_a_run_length():
         wrap(tiny_model("llama")).set_step(0, 0)
 
 
-@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan")])
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), True])
 def test_set_step_with_a_bad_learning_rate(lr):
     with pytest.raises(PATConfigError, match="learning_rate must be a positive number"):
         wrap(tiny_model("llama")).set_step(0, 10, learning_rate=lr)
@@ -588,3 +589,203 @@ def test_save_pruned_of_an_unmerged_model(tmp_path):
     with pytest.raises(PATTypeError, match=r"Call merge_and_prune\(\) and save what it returns"):
         save_pruned(wrap(tiny_model("llama")), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- issue 22: more misuse
+def _train_one_step(model, ids):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*without the importance-aware mask start")
+        model.set_step(1, 30)  # still soft
+    model.eval()
+
+
+@pytest.mark.parametrize("layers", [3, 1])
+def test_adapter_onto_a_base_with_another_depth(tmp_path, layers):
+    """More layers: an untrained layer would run under the trained mask; fewer: trained layers dropped silently."""
+    wrap(tiny_model("llama")).save_pretrained(tmp_path)
+    base = tiny_model("llama", num_hidden_layers=layers)
+    with pytest.raises(AdapterMismatchError, match="num_hidden_layers=2.*Load it onto the model it was trained from"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not has_pat_layers(base)
+
+
+def test_adapter_saved_without_the_layer_count_loads_as_before(tmp_path):
+    model = wrap(tiny_model("llama"), init_weights=False)
+    assert model.peft_config["default"].base_num_hidden_layers == 2
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["base_num_hidden_layers"]  # as peft-pat 0.4.0 wrote it
+    config_file.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert loaded.peft_config["default"].base_num_hidden_layers == 2  # recorded again at injection
+    ids = tiny_inputs()
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    # the disk merge's call passes no layer count: nothing is compared then
+    peft_pat.checks.check_adapter_matches_base(
+        loaded.peft_config["default"], "llama", 64, 97, adapter="a", base="b", action="c"
+    )
+
+
+def test_get_peft_model_twice_on_the_same_base(tmp_path):
+    """A notebook cell run twice: the second call must not re-initialise the first PeftModel's layers."""
+    base = tiny_model("llama")
+    first = wrap(base, init_weights=False)
+    ids = tiny_inputs()
+    _train_one_step(first, ids)
+    before_logits = logits(first, ids)
+    before_state = {k: v.clone() for k, v in first.state_dict().items()}
+    with pytest.raises(PATStateError, match=r"Keep using the existing PeftModel \(peft_model.add_adapter"):
+        wrap(base)
+    assert torch.equal(logits(first, ids), before_logits)
+    assert before_state.keys() == first.state_dict().keys()
+    assert all(torch.equal(before_state[k], v) for k, v in first.state_dict().items())
+    # PEFT's own ways to put a second adapter on the same base still work
+    first.add_adapter("second", PATConfig(hsm_rank=8, r=4))
+    wrap(tiny_model("llama")).save_pretrained(tmp_path)
+    first.load_adapter(tmp_path, "loaded")
+    assert set(first.base_model.pat_mask) == {"default", "second", "loaded"}
+    assert torch.equal(logits(first, ids), before_logits)
+
+
+@pytest.mark.parametrize("kind", ["pat", "lora"])
+def test_get_peft_model_on_a_peft_model(kind):
+    if kind == "pat":
+        peft_model = wrap(tiny_model("llama"))
+    else:
+        peft_model = get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    with pytest.raises(PATTypeError, match=r"For a second PAT adapter use peft_model.add_adapter\(name, PATConfig"):
+        wrap(peft_model)
+
+
+def test_one_config_object_for_two_bases():
+    config = PATConfig(hsm_rank=8, r=4, calibration_batches=0)
+    get_peft_model(tiny_model("llama"), config)
+    narrow = tiny_model("llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
+    with pytest.raises(AdapterMismatchError, match=r"build a new PATConfig\(\.\.\.\) for each base"):
+        get_peft_model(narrow, config)
+    assert not has_pat_layers(narrow)
+
+
+def test_non_finite_loss_after_the_mask_hardened():
+    """The zero that keeps a hard mask's logits in the graph goes through the same NaN guard as the soft gate."""
+    model = hardened(wrap(tiny_model("llama")))
+    mask = model.base_model.pat_mask["default"]
+    kept = mask.kept_indices().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tiny_inputs()
+    model.train()
+    (model(input_ids=ids, labels=ids).loss * float("nan")).backward()
+    assert torch.equal(mask.logits.grad, torch.zeros_like(mask.logits))
+    optimizer.step()
+    optimizer.zero_grad()
+    assert torch.isfinite(mask.logits).all()
+    with pytest.warns(RuntimeWarning, match="non-finite gradients"):
+        model.set_step(5, 10)
+    assert torch.isfinite(mask.logits).all()
+    assert torch.equal(mask.kept_indices(), kept)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loading_with_low_cpu_mem_usage(tmp_path, is_trainable):
+    """PEFT builds the adapter on the meta device, then loads it with assign=True: the same model as without."""
+    model = wrap(tiny_model("llama"), init_weights=False)
+    ids = tiny_inputs()
+    _train_one_step(model, ids)
+    model.base_model.harden_mask()
+    model.save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=is_trainable)
+    light = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=is_trainable, low_cpu_mem_usage=True)
+    assert torch.equal(logits(light, ids), logits(plain, ids))
+    mask, reference = light.base_model.pat_mask["default"], plain.base_model.pat_mask["default"]
+    assert all(not t.is_meta for t in [*mask.parameters(), *mask.buffers()])
+    assert mask.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in mask.state_dict().items())
+    assert mask.hardened and torch.equal(mask.kept_indices(), reference.kept_indices())
+    assert mask.logits.requires_grad is is_trainable
+    assert not any(p.is_meta for p in light.parameters())
+
+
+def test_low_cpu_mem_usage_adapter_used_before_loading():
+    model = get_peft_model(tiny_model("llama"), PATConfig(hsm_rank=8, r=4), low_cpu_mem_usage=True)
+    with pytest.raises(PATStateError, match="create an adapter to train without low_cpu_mem_usage"):
+        model(input_ids=tiny_inputs())
+
+
+def test_pat_config_from_a_lora_folder(tmp_path):
+    get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(PATConfigError, match="holds a LORA adapter .*, not a PAT adapter"):
+        PATConfig.from_pretrained(tmp_path)
+
+
+def test_optimizer_groups_of_an_adapter_loaded_for_inference(tmp_path):
+    wrap(tiny_model("llama")).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)  # is_trainable=False: everything frozen
+    with pytest.raises(PATStateError, match=r"PeftModel.from_pretrained\(base, folder, is_trainable=True\)"):
+        peft_pat.optimizer_param_groups(loaded)
+
+
+@pytest.mark.parametrize(
+    ("batches", "error", "match"),
+    [
+        ({"input_ids": "ids"}, PATTypeError, r"got a single batch .* calibrate\(\[batch\]\)"),
+        ("tensor", PATTypeError, r"wrap the token ids: calibrate\(\[\{'input_ids': ids\}\]\)"),
+        ([{"labels": "ids"}], PATConfigError, r"batch 0 has no 'input_ids' \(keys: \['labels'\]\)"),
+        (["ids"], PATTypeError, "batch 0 is a Tensor, not a dict"),
+        ([{"input_ids": "list"}], PATTypeError, "has 'input_ids' as list"),
+        ([{"input_ids": "row"}], PATTypeError, r"has 'input_ids' as a \(7,\) torch.int64 tensor"),
+        ([{"input_ids": "ids", "attention_mask": "row"}], PATTypeError, r"'attention_mask' of shape \(7,\)"),
+        ([{"input_ids": "ids", "attention_mask": "zeros"}], PATConfigError, "the batches hold no token"),
+    ],
+)
+def test_calibrate_with_malformed_batches(batches, error, match):
+    ids = tiny_inputs()
+    values = {"ids": ids, "list": ids.tolist(), "row": ids[0], "zeros": torch.zeros_like(ids), "tensor": ids}
+
+    def resolve(item):
+        if isinstance(item, str):
+            return values[item]
+        if isinstance(item, dict):
+            return {k: resolve(v) for k, v in item.items()}
+        return [resolve(v) for v in item]
+
+    model = wrap(tiny_model("llama"), calibration_batches=2)
+    mask = model.base_model.pat_mask["default"]
+    with pytest.raises(error, match=match):
+        model.calibrate(resolve(batches))
+    assert not bool(mask.calibrated) and torch.equal(mask.logits, torch.zeros_like(mask.logits))
+
+
+def test_calibrate_after_training_started():
+    model = wrap(tiny_model("llama"), calibration_batches=2, init_weights=False)
+    ids = tiny_inputs()
+    _train_one_step(model, ids)
+    before = logits(model, ids)
+    assert not model.base_model.needs_calibration()  # PATCallback does not calibrate a resumed, started run either
+    with pytest.raises(PATStateError, match=r"Call calibrate\(batches\) before the first optimizer step"):
+        model.calibrate([{"input_ids": ids}])
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_calibrate_after_hardening():
+    model = hardened(wrap(tiny_model("llama"), calibration_batches=2))
+    with pytest.raises(PATStateError, match="Calibrate a fresh adapter before its first optimizer step"):
+        model.calibrate([{"input_ids": tiny_inputs()}])
+
+
+def test_calibrate_twice_before_training():
+    """Decision: allowed before the first step; the second call re-ranks and the model still computes the same."""
+    model = wrap(tiny_model("llama"), calibration_batches=2)
+    ids = tiny_inputs()
+    before = logits(model, ids)
+    model.calibrate([{"input_ids": ids}])
+    model.calibrate([{"input_ids": ids[:, :4]}])
+    assert bool(model.base_model.pat_mask["default"].calibrated)
+    assert_logits_close(logits(model, ids), before)
