@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ._registry import PREFIX
-from .errors import AdapterMismatchError, PATConfigError, PATTypeError, UnsupportedModelError
+from .errors import AdapterMismatchError, PATConfigError, PATStateError, PATTypeError, UnsupportedModelError
 from .families import FamilySpec
 from .layer import PATLayer
 
@@ -276,3 +277,28 @@ def check_calibration_batches(batches: list) -> None:
             "calibrate: the batches hold no token (every attention_mask is all zeros); pass the "
             "first batches of the training data."
         )
+
+
+def check_no_foreign_pat_layers(model: nn.Module, own_masks: nn.Module | None) -> None:
+    """Refuse a model that is a PEFT model, or whose modules are PAT layers of another PATModel.
+
+    A second ``get_peft_model(base, cfg)`` on the same ``base`` (a notebook cell run twice) would
+    otherwise re-initialise the first PeftModel's adapter in its layers and point them at a new
+    mask, changing the first model's outputs. ``add_adapter`` / ``load_adapter`` inject into
+    layers of this tuner, which hold a reference to this tuner's ``pat_mask``, and pass.
+    """
+    if isinstance(model, (PeftModel, BaseTuner)):
+        raise PATTypeError(
+            f"get_peft_model got a {type(model).__name__}, which is already a PEFT model; PAT wraps the base "
+            "transformers model. For a second PAT adapter use peft_model.add_adapter(name, PATConfig(...)); to "
+            "start over, load the base model again (or take peft_model.unload(), the base without adapters)."
+        )
+    for key, module in model.named_modules():
+        if isinstance(module, PATLayer) and module._pat_masks is not own_masks:
+            raise PATStateError(
+                f"This base model already holds the PAT layers of an existing PeftModel (e.g. '{key}'): "
+                "get_peft_model was called on it before, and wrapping it again would re-initialise that "
+                "PeftModel's adapter in place. Keep using the existing PeftModel (peft_model.add_adapter(name, "
+                "PATConfig(...)) adds a second adapter), or load the base model again to start over "
+                "(peft_model.unload() returns the base without PAT layers)."
+            )

@@ -6,58 +6,37 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
-from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .calibration import channel_statistics, massive_channels
 from .checks import (
-    check_adapter_matches_base,
     check_adapter_name,
-    check_calibration_batches,
-    check_calibration_source,
     check_causal_lm_layout,
     check_injection_targets,
-    check_not_quantized,
+    check_no_foreign_pat_layers,
     plain_float_layer_error,
 )
 from .config import PATConfig
-from .errors import PATConfigError, PATStateError, PATTypeError
+from .errors import PATConfigError, PATStateError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
-from .mask import PATMask, resolve_schedule
+from .mask import PATMask
 from .merge.adapter import AdapterWeights
 from .merge.in_memory import InMemoryMerge, embedding_scale, stock_layout
 from .merge.plan import build_plan, harden_for_merge
+from .resolution import resolve_for_base
 from .saving import make_save_pretrained_atomic
+from .training.mask_start import calibrate, needs_calibration
 from .training.objective import auxiliary_loss, teacher_pass, training_forward
 from .training.schedule import TrainingTelemetry, drive_schedule
-from .width import kept_width_for
 
 logger = logging.getLogger("peft_pat")
-
-PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
-REUSED_CONFIG_NOTE = (  # the same refusal meets a PATConfig object reused for a second, different base
-    " (A PATConfig you built and already passed to get_peft_model recorded that first base: build a new "
-    "PATConfig(...) for each base.)"
-)
-
-
-def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
-    """The number of pruned channels d - N (at least the paper's ~5% of d), rounded up to a multiple of 8, below d.
-
-    With rank d - N the operator I + L1 L0 can write the content of every channel the mask removes into
-    the kept ones; on SmolLM2-135M it beat the paper's rank at 25% and 50% (docs/quality.md, Levers).
-    """
-    rank = 8 * math.ceil(max(hidden_size - kept_width, PAPER_HSM_RANK_FRACTION * hidden_size) / 8)
-    return max(1, min(rank, hidden_size - 1))
 
 
 def _refuse_state_dict_after_pruning(module: nn.Module, prefix: str, keep_vars: bool) -> None:
@@ -120,34 +99,9 @@ class PATModel(BaseTuner):
         BaseTuner calls :meth:`_prepare_adapter_config` (once) and then :meth:`_prepare_model`, which runs
         the checks, before it replaces any module."""
         check_adapter_name(adapter_name)
-        self._check_no_foreign_pat_layers(model)
+        check_no_foreign_pat_layers(model, self._modules.get("pat_mask"))
         self._explicit_targets = getattr(self.peft_config[adapter_name], "target_modules", None) is not None
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-
-    def _check_no_foreign_pat_layers(self, model: nn.Module) -> None:
-        """Refuse a model that is a PEFT model, or whose modules are PAT layers of another PATModel.
-
-        A second ``get_peft_model(base, cfg)`` on the same ``base`` (a notebook cell run twice) would
-        otherwise re-initialise the first PeftModel's adapter in its layers and point them at a new
-        mask, changing the first model's outputs. ``add_adapter`` / ``load_adapter`` inject into
-        layers of this tuner, which hold a reference to this tuner's ``pat_mask``, and pass.
-        """
-        if isinstance(model, (PeftModel, BaseTuner)):
-            raise PATTypeError(
-                f"get_peft_model got a {type(model).__name__}, which is already a PEFT model; PAT wraps the base "
-                "transformers model. For a second PAT adapter use peft_model.add_adapter(name, PATConfig(...)); to "
-                "start over, load the base model again (or take peft_model.unload(), the base without adapters)."
-            )
-        own = self._modules.get("pat_mask")
-        for key, module in model.named_modules():
-            if isinstance(module, PATLayer) and module._pat_masks is not own:
-                raise PATStateError(
-                    f"This base model already holds the PAT layers of an existing PeftModel (e.g. '{key}'): "
-                    "get_peft_model was called on it before, and wrapping it again would re-initialise that "
-                    "PeftModel's adapter in place. Keep using the existing PeftModel (peft_model.add_adapter(name, "
-                    "PATConfig(...)) adds a second adapter), or load the base model again to start over "
-                    "(peft_model.unload() returns the base without PAT layers)."
-                )
 
     def _prepare_model(self, peft_config: PATConfig, model: nn.Module) -> None:
         family = family_for_model_type(peft_config.base_model_type)
@@ -159,51 +113,7 @@ class PATModel(BaseTuner):
         return family_for_model_type(getattr(self.model.config, "model_type", None))
 
     def _prepare_adapter_config(self, peft_config: PATConfig, model_config: dict) -> PATConfig:
-        if not isinstance(peft_config, PATConfig):
-            raise PATConfigError(f"PATModel needs a PATConfig, got {type(peft_config).__name__}.")
-        model_type = model_config.get("model_type")
-        family = family_for_model_type(model_type)
-        check_not_quantized(model_config)
-        hidden = int(model_config["hidden_size"])
-        vocab = model_config.get("vocab_size")
-        heads = int(model_config["num_attention_heads"])
-        layers = model_config.get("num_hidden_layers")
-        layers = int(layers) if layers is not None else None
-        check_adapter_matches_base(
-            peft_config, model_type, hidden, vocab,
-            adapter="This PAT adapter", base="the base model it is being applied to", action="Load it onto",
-            num_hidden_layers=layers, note=REUSED_CONFIG_NOTE,
-        )  # fmt: skip
-        peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
-            model_type,
-            hidden,
-            vocab,
-        )
-        peft_config.base_num_hidden_layers = layers
-        peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
-        if peft_config.hsm_rank is None:
-            peft_config.hsm_rank = default_hsm_rank(hidden, peft_config.kept_width)
-        elif peft_config.hsm_rank >= hidden:
-            raise PATConfigError(
-                f"hsm_rank={peft_config.hsm_rank} must be smaller than the hidden size ({hidden}); the HSM operator "
-                f"is identity plus a low-rank term. The default is the number of pruned channels (here "
-                f"{default_hsm_rank(hidden, peft_config.kept_width)}); the paper uses about 5% of hidden_size."
-            )
-        peft_config.mask_milestone, peft_config.mask_freeze = resolve_schedule(
-            peft_config.mask_milestone, peft_config.mask_freeze, (hidden - peft_config.kept_width) / hidden
-        )
-        if peft_config.embedding_hsm == "auto":
-            tied = bool(model_config.get("tie_word_embeddings", False))
-            peft_config.embedding_hsm = "diagonal" if tied else "full"
-        for name in peft_config.modules_to_save or []:
-            if any(name == p.rsplit(".", 1)[-1] for p in (family.embedding, *family.producers)):
-                raise PATConfigError(
-                    f"modules_to_save contains {name!r}, a producer of the residual stream that PAT already adapts "
-                    "with an HSM; remove it from modules_to_save."
-                )
-        if peft_config.target_modules is None:
-            peft_config.target_modules = list(family.lora_targets)
-        return peft_config
+        return resolve_for_base(peft_config, model_config)
 
     @staticmethod
     def _check_target_module_exists(peft_config: PATConfig, key: str):
@@ -362,79 +272,20 @@ class PATModel(BaseTuner):
         """Context manager: run the base model with every PAT piece bypassed (the distillation teacher)."""
         return teacher_pass(self)
 
-    # ------------------------------------------------------------------ calibration
-    @torch.no_grad()
+    # ------------------------------------------------------------------ calibration (peft_pat.training.mask_start)
     def calibrate(self, batches: Iterable[Mapping[str, torch.Tensor]], adapter_name: str | None = None) -> dict:
-        """Importance-aware mask start from ``batches`` (dicts with ``input_ids``, optional ``attention_mask``).
-
-        Ranks hidden channels by the activation criterion of :mod:`peft_pat.calibration` on the base
-        model (PAT bypassed), protects massive-activation channels (``protect_massive_activations``),
-        orders the mask logits by rank within +-``calibration_margin`` (the mask starts at the activation
-        top-N) and divides the change of the step-0 gate out of every HSM scale, so the network still
-        computes exactly what it computed before (the base model, for a fresh adapter). Uses the first
-        ``calibration_batches`` batches. Call before the first optimizer step; PATCallback does it.
-        Returns a summary (tokens, protected channels and their energy ratio to the median).
-        """
+        """Importance-aware mask start from the first training ``batches`` (dicts with ``input_ids``, optional
+        ``attention_mask``); the network still computes what it did. Call before the first optimizer step
+        (PATCallback does it). Returns a summary (tokens, protected channels and their energy ratio)."""
         self._check_not_pruned()
-        name = self._single_adapter(adapter_name)
-        config: PATConfig = self.peft_config[name]
-        mask = self.pat_mask[name]
-        if mask.hardened:
-            raise PATStateError(
-                "calibrate: the mask is already hard (training is past the freeze point), so its channels are fixed. "
-                "Calibrate a fresh adapter before its first optimizer step."
-            )
-        if int(mask.step) > 0:
-            raise PATStateError(
-                f"calibrate: training has started (the mask schedule is at step {int(mask.step)}); the importance-"
-                "aware start would overwrite the trained mask logits and change the model's outputs. Call "
-                "calibrate(batches) before the first optimizer step (PATCallback does it at the start of training), "
-                "or keep training without it."
-            )
-        check_calibration_source(batches)
-        limit = config.calibration_batches or None
-        chosen = list(itertools.islice(batches, limit))
-        if not chosen:
-            raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
-        check_calibration_batches(chosen)
-        with self.teacher_pass():
-            stats = channel_statistics(self.model, chosen, self.family)
-        score, energy = _all_reduce_mean(stats.score, self.model), _all_reduce_mean(stats.energy, self.model)
-        protected = torch.zeros(mask.hidden_size, dtype=torch.bool)
-        if config.protect_massive_activations:
-            protected[massive_channels(energy, config.massive_activation_ratio)] = True
-        gate_before = mask.gate().detach().float().cpu()
-        gate_after = mask.start_from_importance(score, protected, config.calibration_margin)
-        ratio = gate_before / gate_after
-        for layer in (m for m in self.model.modules() if isinstance(m, PATLayer)):
-            if layer.has_hsm(name):
-                scale = layer.pat_hsm_scale[name]
-                scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
-        median = float(energy.median())
-        summary = {
-            "tokens": stats.tokens,
-            "batches": len(chosen),
-            "protected_channels": protected.nonzero().flatten().tolist(),
-            "protected_energy_ratio": [round(float(energy[i]) / median, 1) for i in protected.nonzero().flatten()],
-        }
-        if summary["protected_channels"]:
-            logger.warning(
-                "PAT: protected massive-activation channel(s) %s (residual energy %s x the median) from pruning; "
-                "set protect_massive_activations=False to allow it.",
-                summary["protected_channels"],
-                summary["protected_energy_ratio"],
-            )
-        logger.info("PAT: mask start ranked %d channels on %d calibration tokens.", mask.hidden_size, stats.tokens)
+        summary = calibrate(self, self._single_adapter(adapter_name), batches)
         self.telemetry.calibration_summary = summary
         return summary
 
     def needs_calibration(self, adapter_name: str | None = None) -> bool:
         """True while the adapter asks for an importance-aware start that has not run, the mask is soft and
         training has not started (the schedule is at step 0: later, calibrating would discard trained logits)."""
-        name = self._single_adapter(adapter_name)
-        mask = self.pat_mask[name]
-        waiting = self.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated)
-        return waiting and not mask.hardened and int(mask.step) == 0
+        return needs_calibration(self, self._single_adapter(adapter_name))
 
     def forward(self, *args: Any, **kwargs: Any):
         """The base model's forward through the PAT layers; in training, ``loss`` is the training objective
@@ -571,18 +422,6 @@ class PATModel(BaseTuner):
         self._pruned = True
         self.register_state_dict_pre_hook(_refuse_state_dict_after_pruning)
         return make_save_pretrained_atomic(model)
-
-
-def _all_reduce_mean(tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Mean of ``tensor`` over the processes of a running torch.distributed job (itself otherwise)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    device = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
-    reduced = tensor.to(device, torch.float64)
-    dist.all_reduce(reduced)
-    return (reduced / dist.get_world_size()).cpu()
 
 
 def find_pat_tuner(model: Any):

@@ -207,7 +207,7 @@ def test_rank_not_below_hidden_size():
 
 def test_default_hsm_rank_is_the_pruned_channel_count():
     """hsm_rank=None: d - N rounded up to a multiple of 8, at least the paper's ~5% of d, below d."""
-    from peft_pat.model import default_hsm_rank
+    from peft_pat.resolution import default_hsm_rank
 
     assert default_hsm_rank(576, 432) == 144 and default_hsm_rank(576, 288) == 288  # SmolLM2 at 25% / 50%
     assert default_hsm_rank(4096, 3072) == 1024 and default_hsm_rank(4096, 4032) == 208  # 5% floor (paper: 200)

@@ -1,0 +1,84 @@
+"""What a ``PATConfig`` leaves to the base model, filled in once at injection (PEFT's ``_prepare_adapter_config``).
+
+:func:`resolve_for_base` checks the config against the base (family, quantization, the base an adapter was
+trained on) and records the base it is applied to, then resolves the kept width, the HSM rank, the mask
+schedule, the embedding HSM kind and the LoRA targets. A saved adapter carries the resolved values, so
+loading it resolves to the same ones (or is refused).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .checks import check_adapter_matches_base, check_not_quantized
+from .config import PATConfig
+from .errors import PATConfigError
+from .families import family_for_model_type
+from .mask import resolve_schedule
+from .width import kept_width_for
+
+PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
+REUSED_CONFIG_NOTE = (  # the same refusal meets a PATConfig object reused for a second, different base
+    " (A PATConfig you built and already passed to get_peft_model recorded that first base: build a new "
+    "PATConfig(...) for each base.)"
+)
+
+
+def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
+    """The number of pruned channels d - N (at least the paper's ~5% of d), rounded up to a multiple of 8, below d.
+
+    With rank d - N the operator I + L1 L0 can write the content of every channel the mask removes into
+    the kept ones; on SmolLM2-135M it beat the paper's rank at 25% and 50% (docs/quality.md, Levers).
+    """
+    rank = 8 * math.ceil(max(hidden_size - kept_width, PAPER_HSM_RANK_FRACTION * hidden_size) / 8)
+    return max(1, min(rank, hidden_size - 1))
+
+
+def resolve_for_base(peft_config: PATConfig, model_config: dict) -> PATConfig:
+    """``peft_config`` with every value the base decides filled in (module docstring); refuses a base it does
+    not fit before the model is touched."""
+    if not isinstance(peft_config, PATConfig):
+        raise PATConfigError(f"PATModel needs a PATConfig, got {type(peft_config).__name__}.")
+    model_type = model_config.get("model_type")
+    family = family_for_model_type(model_type)
+    check_not_quantized(model_config)
+    hidden = int(model_config["hidden_size"])
+    vocab = model_config.get("vocab_size")
+    heads = int(model_config["num_attention_heads"])
+    layers = model_config.get("num_hidden_layers")
+    layers = int(layers) if layers is not None else None
+    check_adapter_matches_base(
+        peft_config, model_type, hidden, vocab,
+        adapter="This PAT adapter", base="the base model it is being applied to", action="Load it onto",
+        num_hidden_layers=layers, note=REUSED_CONFIG_NOTE,
+    )  # fmt: skip
+    peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
+        model_type,
+        hidden,
+        vocab,
+    )
+    peft_config.base_num_hidden_layers = layers
+    peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
+    if peft_config.hsm_rank is None:
+        peft_config.hsm_rank = default_hsm_rank(hidden, peft_config.kept_width)
+    elif peft_config.hsm_rank >= hidden:
+        raise PATConfigError(
+            f"hsm_rank={peft_config.hsm_rank} must be smaller than the hidden size ({hidden}); the HSM operator "
+            f"is identity plus a low-rank term. The default is the number of pruned channels (here "
+            f"{default_hsm_rank(hidden, peft_config.kept_width)}); the paper uses about 5% of hidden_size."
+        )
+    peft_config.mask_milestone, peft_config.mask_freeze = resolve_schedule(
+        peft_config.mask_milestone, peft_config.mask_freeze, (hidden - peft_config.kept_width) / hidden
+    )
+    if peft_config.embedding_hsm == "auto":
+        tied = bool(model_config.get("tie_word_embeddings", False))
+        peft_config.embedding_hsm = "diagonal" if tied else "full"
+    for name in peft_config.modules_to_save or []:
+        if any(name == p.rsplit(".", 1)[-1] for p in (family.embedding, *family.producers)):
+            raise PATConfigError(
+                f"modules_to_save contains {name!r}, a producer of the residual stream that PAT already adapts "
+                "with an HSM; remove it from modules_to_save."
+            )
+    if peft_config.target_modules is None:
+        peft_config.target_modules = list(family.lora_targets)
+    return peft_config
