@@ -1,4 +1,5 @@
-"""Invariants 2 and 3: merge_and_prune is exact on every family, and its output is a stock model."""
+"""merge_and_prune is exact on every family (the merged model computes what the hardened PAT model does)
+and its output is a stock model (saves, reloads with AutoModelForCausalLM, generates)."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Invariant 4: adapters round-trip exactly, schedule state included; mismatched bases are refused."""
+"""Adapters round-trip exactly through save_pretrained / from_pretrained, schedule state included;
+mismatched bases are refused."""
 
 import json
 
