@@ -19,7 +19,7 @@ from .families import FAMILIES, FamilySpec, family_for_model, supported_model_ty
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
 from .merge.checkpoint import merge_checkpoint
-from .merge.in_memory import prune_hidden_channels
+from .merge.in_memory import prune_hidden_channels, prune_model
 from .model import PATModel, find_pat_tuner
 from .optim import optimizer_param_groups
 from .saving import save_pruned
@@ -50,6 +50,7 @@ __all__ = [
     "merge_checkpoint",
     "optimizer_param_groups",
     "prune_hidden_channels",
+    "prune_model",
     "save_pruned",
     "supported_model_types",
 ]

@@ -50,6 +50,10 @@ class FamilySpec:
     norm_offset: float = 0.0
     embedding_scale_attr: str | None = None
     lora_targets: tuple[str, ...] = _LLAMA_LORA
+    # The MLP intermediate width (the "mlp" axis): its input linears keep rows, its output linear columns.
+    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_input_blocks: int = 1  # row blocks of I channels each input stacks (Phi-3's gate_up_proj: 2)
+    mlp_output: str = "mlp.down_proj"
 
     def layer_module_names(self, num_layers: int, relative: tuple[str, ...]) -> list[str]:
         """Full module names of ``relative`` paths in every decoder layer."""
@@ -67,6 +71,21 @@ class FamilySpec:
     def _layer_relative(self, module_name: str) -> str | None:
         match = re.search(re.escape(self.layers) + r"\.(\d+)\.(.+)$", module_name)
         return match.group(2) if match else None
+
+    def layer_index(self, module_name: str) -> int | None:
+        """The decoder layer a module belongs to (None outside the layers)."""
+        match = re.search(re.escape(self.layers) + r"\.(\d+)\.", module_name + ".")
+        return int(match.group(1)) if match else None
+
+    def unit_cuts(self, module_name: str, param: str) -> list[tuple[str, int, int]]:
+        """(axis, dimension, blocks) for each per-layer axis that cuts this parameter: an MLP input keeps rows
+        (weight and bias; ``blocks`` stacked blocks of the intermediate width), the MLP output keeps columns."""
+        relative = self._layer_relative(module_name)
+        if relative in self.mlp_inputs and param in ("weight", "bias"):
+            return [("mlp", 0, self.mlp_input_blocks)]
+        if relative == self.mlp_output and param == "weight":
+            return [("mlp", 1, 1)]
+        return []
 
     def module_roles(self, num_layers: int, tied: bool) -> dict[str, str]:
         """Every module that touches the residual stream, by full path, with its role: ``embedding``,
@@ -110,6 +129,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("phi3",),
         consumers=("self_attn.qkv_proj", "mlp.gate_up_proj"),
         lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        mlp_inputs=("mlp.gate_up_proj",),
+        mlp_input_blocks=2,
     ),
 )
 

@@ -5,7 +5,8 @@ model (the PAT layers already unloaded): each op reads its source parameter, com
 the same code ``peft-pat merge`` runs over shards, and the module gets the result as a new parameter; the
 old one is released once no later op reads it, so the extra memory is about one weight matrix. Every step
 is idempotent and remembered, so a run interrupted at any moment (Ctrl-C) finishes when run again, with
-the same bits as an uninterrupted run. :func:`prune_hidden_channels` is the plan without an adapter.
+the same bits as an uninterrupted run. :func:`prune_model` (and :func:`prune_hidden_channels`) is the plan
+without an adapter.
 """
 
 from __future__ import annotations
@@ -143,14 +144,29 @@ class InMemoryMerge:
 
 
 @torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    family: FamilySpec,
+    *,
+    hidden: torch.Tensor | None = None,
+    mlp: torch.Tensor | None = None,
+    progressbar: bool = False,
+) -> nn.Module:
+    """Cut ``model`` (a stock ``*ForCausalLM``) in place to the kept hidden channels ``hidden`` (N,) and/or
+    the kept MLP intermediate channels ``mlp`` (layers, I': the same count in every layer); returns ``model``.
+
+    Exact when what is removed carries nothing (a folded, hardened PAT adapter: the residual stream is zero
+    outside ``hidden``, a hard MLP mask zeroes the other intermediate channels); on any other model it is
+    plain post-hoc pruning. The model gets its own copy of its config (:func:`own_config`): the config
+    object it was built from is left as it was."""
+    units = {} if mlp is None else {"mlp": mlp}
+    plan = build_plan(family, model.config, stock_layout(model), None, keep=hidden, unit_keeps=units,
+                      embedding_scale=embedding_scale(model, family))  # fmt: skip
+    return InMemoryMerge([(plan, {})]).run(model, progressbar=progressbar)
+
+
 def prune_hidden_channels(
     model: nn.Module, family: FamilySpec, keep: torch.Tensor, progressbar: bool = False
 ) -> nn.Module:
-    """Keep hidden channels ``keep`` of ``model`` (a stock ``*ForCausalLM``), in place; returns ``model``.
-
-    Exact when the residual stream is zero outside ``keep`` (a folded, hardened PAT adapter); on any other
-    model it is plain post-hoc channel pruning. The model gets its own copy of its config
-    (:func:`own_config`): the config object it was built from is left as it was."""
-    plan = build_plan(family, model.config, stock_layout(model), None, keep=keep,
-                      embedding_scale=embedding_scale(model, family))  # fmt: skip
-    return InMemoryMerge([(plan, {})]).run(model, progressbar=progressbar)
+    """Keep hidden channels ``keep`` of ``model`` in place (:func:`prune_model` with the hidden axis only)."""
+    return prune_model(model, family, hidden=keep, progressbar=progressbar)

@@ -76,6 +76,32 @@ class TensorSource:
         return tensor if self.dtype is None else tensor.to(self.dtype)
 
 
+class SelectedSource:
+    """A source restricted to kept indices along some of its dimensions (a per-layer axis cut made before the
+    fold: the fold mixes neither an MLP input's rows nor an MLP output's columns)."""
+
+    def __init__(self, source: Source, cuts: tuple[tuple[int, torch.Tensor], ...]) -> None:
+        self.source, self.cuts = source, cuts
+        shape = list(source.shape)
+        for dim, index in cuts:
+            shape[dim] = int(index.numel())
+        self.shape = tuple(shape)
+        self._rows_cut = any(dim == 0 for dim, _ in cuts)
+        self._selected: torch.Tensor | None = None  # a row cut reads the tensor once, whole
+
+    def _select(self, tensor: torch.Tensor) -> torch.Tensor:
+        for dim, index in self.cuts:
+            tensor = tensor.index_select(dim, index.to(tensor.device))
+        return tensor
+
+    def rows(self, rows: slice | None) -> torch.Tensor:
+        if not self._rows_cut:
+            return self._select(self.source.rows(rows))
+        if self._selected is None:
+            self._selected = self._select(self.source.rows(None))
+        return self._selected if rows is None else self._selected[rows]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Name, shape and dtype of one tensor of the base checkpoint (the plan needs nothing else of it)."""
@@ -101,17 +127,20 @@ class TensorOp:
     factor: float = 1.0
     norm_divisor: torch.Tensor | None = None  # a tied diagonal embedding HSM g divided out of the final norm
     norm_offset: float = 0.0
+    unit_cuts: tuple[tuple[int, torch.Tensor], ...] = ()  # per-layer axes: (dim, kept indices) cut before the fold
 
     @property
     def changes(self) -> bool:
         """False for a tensor the merge copies unchanged."""
         folded = self.lora is not None or self.hsm is not None or self.norm_divisor is not None
-        return folded or self.cut_dim is not None
+        return folded or self.cut_dim is not None or bool(self.unit_cuts)
 
     def compute(self, source: Source, keep: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """The output tensor, as consecutive blocks of rows (one block for tensors folded whole)."""
         keep = keep if self.cut_dim is not None else None
         role, lora = self.role, self.lora
+        if self.unit_cuts:
+            source = SelectedSource(source, self.unit_cuts)
         if role == "embedding" and self.hsm is not None:
             down, up, g = self.hsm
             for rows in fold.row_chunks(source.shape[0], _row_size(source.shape)):
@@ -154,6 +183,7 @@ class MergePlan:
     tied_in: bool  # the base ties lm_head to the embedding
     tied_out: bool  # ... and the merged model does too
     ops: dict[str, list[TensorOp]] = field(default_factory=dict)  # base tensor -> the outputs made from it
+    unit_keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # per-layer axes: (layers, kept) indices
 
     @property
     def kept(self) -> int:
@@ -172,6 +202,8 @@ class MergePlan:
         if self.keep is not None:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             updates.update(hidden_size=self.kept, head_dim=int(head_dim))
+        if "mlp" in self.unit_keeps:
+            updates["intermediate_size"] = int(self.unit_keeps["mlp"].shape[1])
         return updates
 
 
@@ -204,12 +236,14 @@ def build_plan(
     keep: torch.Tensor | None,
     dtype: torch.dtype | None = None,
     embedding_scale: float | None = None,
+    unit_keeps: Mapping[str, torch.Tensor] | None = None,
     where: str = "the base model",
 ) -> MergePlan:
     """The plan that merges ``adapter`` (None: no adapter, a plain cut) into the base of ``layout`` and cuts
     the hidden width to ``keep`` (None: fold at full width). ``dtype``: cast floating base tensors to it.
     ``embedding_scale``: the sqrt(hidden_size) a loaded Gemma-style model really multiplies by (a bfloat16
     buffer stays rounded after ``.float()``); default: sqrt(d) as a model loaded in the embedding's dtype has it.
+    ``unit_keeps``: per-layer axes cut too, {"mlp": (layers, I') kept intermediate channels of each layer}.
 
     Refuses, before anything is written, a base that is not the adapter's (another depth, producers the
     adapter has no HSM for, LoRA or saved copies of tensors the base lacks) or a ``keep`` that a stock
@@ -225,6 +259,7 @@ def build_plan(
     specs = {s.name: s for s in layout}
     tied_in = bool(getattr(config, "tie_word_embeddings", False))
     num_layers = int(config.num_hidden_layers)
+    units = _checked_unit_keeps(unit_keeps or {}, config, num_layers, where)
     roles = family.module_roles(num_layers, tied=tied_in)
     missing = [m for m in roles if f"{m}.weight" not in specs]
     if missing:
@@ -257,7 +292,7 @@ def build_plan(
     else:
         factors = dict.fromkeys(("producer", "embedding", *_NORMS), 1.0)
 
-    plan = MergePlan(family, d, keep, tied_in, tied_out)
+    plan = MergePlan(family, d, keep, tied_in, tied_out, unit_keeps=units)
     for spec in layout:
         module, param = _module_and_param(spec.name)
         role = roles.get(module)
@@ -265,6 +300,7 @@ def build_plan(
             continue  # a tied lm_head has no tensor of its own; written below if it gets one
         out_dtype = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
         op = _op(family, spec, role, param, out_dtype, adapter, keep, factors)
+        _add_unit_cuts(op, family, units)
         if role == "final_norm" and tied_out and g_embedding is not None:
             op.norm_divisor = g_embedding
         plan.ops[spec.name] = [op]
@@ -296,6 +332,53 @@ def _op(family, spec: TensorInfo, role, param, dtype, adapter, keep, factors) ->
         hsm = adapter.hsm[module]
         op.hsm = (hsm.get("down"), hsm.get("up"), adapter.gate_scale(module))
     return op
+
+
+UNIT_AXES = {"mlp": "intermediate_size"}  # per-layer axis -> the config field holding its width
+
+
+def _checked_unit_keeps(unit_keeps: Mapping[str, torch.Tensor], config, num_layers: int, where: str) -> dict:
+    """Each per-layer axis' kept indices as a sorted (layers, kept) long tensor; a clear error for a shape a
+    stock config cannot hold (every layer keeps the same count, between 1 and the width minus 1)."""
+    checked = {}
+    for axis, keep in unit_keeps.items():
+        if axis not in UNIT_AXES:
+            raise PATConfigError(f"Unknown per-layer axis {axis!r}; known: {sorted(UNIT_AXES)}.")
+        width = int(getattr(config, UNIT_AXES[axis]))
+        keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+        if keep.dim() != 2 or keep.shape[0] != num_layers:
+            raise PATConfigError(
+                f"The kept {axis} units must be one row per decoder layer ({num_layers} rows, the same count in each: "
+                f"a stock config holds one {UNIT_AXES[axis]}), got shape {tuple(keep.shape)}."
+            )
+        keep = keep.sort(dim=1).values
+        if not 0 < keep.shape[1] < width:
+            raise PATConfigError(f"Cannot keep {keep.shape[1]} of {width} {axis} units per layer in {where}.")
+        if int(keep.min()) < 0 or int(keep.max()) >= width or bool((keep[:, 1:] == keep[:, :-1]).any()):
+            raise PATConfigError(f"Kept {axis} unit indices must be distinct and in [0, {width}) in every layer.")
+        checked[axis] = keep
+    return checked
+
+
+def _add_unit_cuts(op: TensorOp, family: FamilySpec, units: dict[str, torch.Tensor]) -> None:
+    """Restrict ``op`` to each per-layer axis' kept units of its layer: its source and its LoRA factors."""
+    module = op.name.rpartition(".")[0]
+    for axis, dim, blocks in family.unit_cuts(module, op.param):
+        if axis not in units:
+            continue
+        layer_keep = units[axis][family.layer_index(module)]
+        width = op.shape[dim] // blocks
+        index = torch.cat([layer_keep + b * width for b in range(blocks)])
+        op.unit_cuts = (*op.unit_cuts, (dim, index))
+        shape = list(op.shape)
+        shape[dim] = int(index.numel())
+        op.shape = tuple(shape)
+        if op.lora is not None:  # dW = s B A: rows of dW are rows of B, columns are columns of A
+            a, b = op.lora.lora_a, op.lora.lora_b
+            a, b = (
+                (a, b.index_select(0, index.to(b.device))) if dim == 0 else (a.index_select(1, index.to(a.device)), b)
+            )
+            op.lora = fold.LoRAUpdate(a, b, op.lora.scaling)
 
 
 def _check_adapter_fits(family, roles, specs, adapter: AdapterWeights, replacements, tied_in, num_layers, where):
