@@ -11,6 +11,7 @@ from ._registry import PatPeftType
 from .errors import PATConfigError, PATTypeError
 
 DEFAULT_TARGET_SPARSITY = 0.25  # used when neither target_sparsity nor target_width is given
+DEFAULT_CALIBRATION_BATCHES = 8  # batches of the importance-aware start (also when calibrate() is called by hand)
 IDENTITY_LOSS_FORMS = ("l0_gram", "none")
 EMBEDDING_HSM_FORMS = ("auto", "full", "diagonal")
 
@@ -147,7 +148,7 @@ class PATConfig(PeftConfig):
     identity_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the identity loss."})
     # --- importance-aware start (docs/quality.md: the largest single lever measured) ---
     calibration_batches: int = field(
-        default=8,
+        default=DEFAULT_CALIBRATION_BATCHES,
         metadata={
             "help": "Training batches run forward (no gradient) at the start of training to rank hidden channels by "
             "activation (norm outputs summed over layers); the mask logits start ordered by that rank, so the "

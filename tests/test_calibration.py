@@ -87,3 +87,22 @@ def test_empty_calibration_is_refused():
     ids = tiny_inputs(batch=1, length=4)
     with pytest.raises(ValueError, match="no \\(non-padding\\) token"):
         channel_statistics(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
+
+
+def test_calibrate_by_hand_with_calibration_batches_0_reads_a_bounded_number_of_batches():
+    """calibration_batches=0 (no automatic start) and an endless batch iterator used to hang calibrate()."""
+    import itertools
+
+    from helpers import wrap
+    from tiny_models import tiny_inputs, tiny_model
+
+    model = wrap(tiny_model("llama"), calibration_batches=0)
+    seen = []
+
+    def endless():
+        for i in itertools.count():
+            seen.append(i)
+            yield {"input_ids": tiny_inputs(length=6)}
+
+    summary = model.base_model.calibrate(endless())
+    assert summary["batches"] == 8 and len(seen) == 8

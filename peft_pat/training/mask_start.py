@@ -19,6 +19,7 @@ from torch import nn
 
 from ..calibration import channel_statistics, massive_channels
 from ..checks import check_calibration_batches, check_calibration_source
+from ..config import DEFAULT_CALIBRATION_BATCHES
 from ..errors import PATConfigError, PATStateError
 from ..layer import PATLayer
 from .objective import teacher_pass
@@ -63,7 +64,9 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
             "or keep training without it."
         )
     check_calibration_source(batches)
-    limit = config.calibration_batches or None
+    # calibration_batches=0 means no automatic start; called by hand anyway, it still reads a bounded number
+    # of batches (an endless iterator must not hang it)
+    limit = config.calibration_batches or DEFAULT_CALIBRATION_BATCHES
     chosen = list(itertools.islice(batches, limit))
     if not chosen:
         raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
