@@ -264,10 +264,16 @@ def test_layernorm_base_is_refused(tmp_path):
 
 def test_missing_files_are_named(tmp_path):
     base, adapter, _ = _checkpoint(tmp_path, "llama")
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match="nothing does not exist; BASE must be a transformers model folder"):
         merge_checkpoint(tmp_path / "nothing", adapter, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="adapter has no config.json"):
+        merge_checkpoint(adapter, adapter, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        merge_checkpoint(base / "config.json", adapter, tmp_path / "out")
     with pytest.raises(CheckpointError, match="does not exist"):
         merge_checkpoint(base, tmp_path / "nothing", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        merge_checkpoint(base, adapter / "adapter_config.json", tmp_path / "out")
     shard = sorted(base.glob("*.safetensors"))[-1]
     shard.rename(tmp_path / "moved.safetensors")
     with pytest.raises(CheckpointError, match="lists shards that are not in"):

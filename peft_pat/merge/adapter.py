@@ -78,7 +78,8 @@ class AdapterWeights:
 
 def _adapter_folder(adapter: Path, adapter_name: str | None) -> Path:
     if not adapter.is_dir():
-        raise CheckpointError(f"Adapter folder {adapter} does not exist.")
+        what = "is a file, not a folder" if adapter.exists() else "does not exist"
+        raise CheckpointError(f"Adapter folder {adapter} {what}; ADAPTER is the folder save_pretrained() wrote.")
     if adapter_name in (None, "default"):
         if (adapter / ADAPTER_CONFIG_NAME).is_file():
             return adapter

@@ -90,7 +90,8 @@ def merge_checkpoint(
     """
     base, out = Path(base), Path(out)
     if not (base / "config.json").is_file():
-        raise CheckpointError(f"{base} has no config.json; BASE must be a transformers model folder.")
+        what = "does not exist" if not base.exists() else "is not a folder" if not base.is_dir() else "has no config.json"
+        raise CheckpointError(f"{base} {what}; BASE must be a transformers model folder (config.json + weights).")
     check_output_apart(out, {"BASE": base, "ADAPTER": Path(adapter)})
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite (overwrite=True).")
