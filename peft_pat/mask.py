@@ -105,15 +105,14 @@ def offset(step: int, s0: int) -> float:
 
 
 def top_n_indicator(logits: torch.Tensor, n: int, protected: torch.Tensor | None = None) -> torch.Tensor:
-    """0/1 float vector marking the ``n`` largest logits, ``protected`` channels (bool) first; ties go to
-    the lower channel index."""
+    """0/1 float tensor marking the ``n`` largest logits of each row (the last dimension), ``protected``
+    units (bool) first; ties go to the lower unit index."""
     ranking = logits.detach().float()
     if protected is not None:
         ranking = torch.where(protected.to(ranking.device), torch.inf, ranking)
-    order = torch.sort(ranking, descending=True, stable=True).indices
+    order = torch.sort(ranking, dim=-1, descending=True, stable=True).indices
     indicator = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-    indicator[order[:n]] = 1.0
-    return indicator
+    return indicator.scatter_(-1, order[..., :n], 1.0)
 
 
 class PATMask(nn.Module):
@@ -124,6 +123,7 @@ class PATMask(nn.Module):
         hidden_size: int,
         kept_width: int,
         *,
+        groups: int | None = None,
         milestone: float,
         freeze: float,
         mask_lr: float | None = None,
@@ -131,28 +131,30 @@ class PATMask(nn.Module):
         fade_to_hard: bool = False,
     ) -> None:
         super().__init__()
-        self.hidden_size = int(hidden_size)
-        self.kept_width = int(kept_width)
+        self.hidden_size = int(hidden_size)  # units per group (the hidden width for the hidden axis)
+        self.kept_width = int(kept_width)  # units each group keeps
+        self.groups = None if groups is None else int(groups)  # None: one vector (the hidden axis); else per layer
+        shape = (hidden_size,) if groups is None else (int(groups), hidden_size)
         self.milestone_fraction = float(milestone)
         self.freeze_fraction = float(freeze)
         self.mask_lr = mask_lr
         self.fade_to_hard = bool(fade_to_hard)
-        self.logits = nn.Parameter(torch.randn(hidden_size) if random_init else torch.zeros(hidden_size))
+        self.logits = nn.Parameter(torch.randn(shape) if random_init else torch.zeros(shape))
         self.register_buffer("lr_ratio", torch.ones((), dtype=torch.float64))  # kappa
         self.register_buffer("base_lr", torch.zeros((), dtype=torch.float64))  # optimizer lr kappa was set for
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("is_hard", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("hard_mask", torch.ones(hidden_size))
+        self.register_buffer("hard_mask", torch.ones(shape))
         self.register_buffer("bad_grad_events", torch.zeros((), dtype=torch.long))
         # Importance-aware start (calibrate): done once, saved with the adapter so a resumed run skips it.
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("protected", torch.zeros(hidden_size, dtype=torch.bool))  # never pruned
+        self.register_buffer("protected", torch.zeros(shape, dtype=torch.bool))  # never pruned
         self.register_buffer("tau", torch.ones(()), persistent=False)
         self.register_buffer("beta", torch.full((), 0.5), persistent=False)
         self.register_buffer("fade", torch.zeros(()), persistent=False)  # f(s) of fade_to_hard
         # The 0/1 set fade_to_hard fades to: the set calibrate chose (saved, so a resumed run fades to the same set).
-        self.register_buffer("fade_target", torch.ones(hidden_size))
+        self.register_buffer("fade_target", torch.ones(shape))
         self._hard = False
         self._fading = False  # fade_to_hard and calibrated and still soft (a Python flag: gate() must not sync)
         self._kappa = 1.0
@@ -354,16 +356,17 @@ class PATMask(nn.Module):
         if self._hard:
             raise PATStateError("start_from_importance: the mask is already hard; calibrate before training.")
         protected = protected.to(self.protected.device, torch.bool)
-        if int(protected.sum()) > self.kept_width:
+        most = int(protected.sum(-1).max()) if protected.numel() else 0
+        if most > self.kept_width:
             raise PATConfigError(
-                f"{int(protected.sum())} channels are protected as massive activations but only {self.kept_width} are "
+                f"{most} channels are protected as massive activations but only {self.kept_width} are "
                 "kept; lower target_sparsity, or raise massive_activation_ratio / set protect_massive_activations="
                 "False to allow pruning them."
             )
-        ranking = torch.where(protected.cpu(), torch.inf, scores.detach().double().cpu())
-        order = torch.sort(ranking, descending=True, stable=True).indices
+        ranking = torch.where(protected.cpu(), torch.inf, scores.detach().double().cpu().reshape(protected.shape))
+        order = torch.sort(ranking, dim=-1, descending=True, stable=True).indices
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
+        rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
         w = margin * (self.kept_width - 0.5 - rank.double()) / self.hidden_size
         self.logits.copy_((w / self._kappa).to(self.logits.dtype).to(self.logits.device))
         self.protected.copy_(protected)
@@ -394,10 +397,13 @@ class PATMask(nn.Module):
         return top_n_indicator(self.logits, self.kept_width, self.protected) > 0.5
 
     def kept_indices(self) -> torch.Tensor:
-        """Sorted indices of the kept channels (the mask must be hard)."""
+        """Sorted indices of the kept units (the mask must be hard): shape (N,), or (groups, N) per layer."""
         if not self._hard:
             raise PATStateError("The mask is still soft; call harden() (or train past the freeze step) first.")
-        return torch.nonzero(self.hard_mask > 0.5, as_tuple=False).flatten()
+        kept = torch.nonzero(self.hard_mask > 0.5, as_tuple=False)
+        if self.groups is None:
+            return kept.flatten()
+        return kept[:, 1].reshape(self.groups, -1)  # nonzero walks row by row, each row holds N
 
     # ------------------------------------------------------------------ losses
     def mask_losses(self) -> dict[str, torch.Tensor]:
@@ -410,8 +416,8 @@ class PATMask(nn.Module):
             return {"active": zero, "polarization": zero}
         w = self.effective_logits().float()
         binary = ((w >= 0) | self.protected).float()  # protected channels count as kept whatever their logit
-        count = (binary + w - w.detach()).sum()  # forward: #kept; backward: d count / d w_i = 1
-        active = (count - self.kept_width).abs() / self.kept_width
+        count = (binary + w - w.detach()).sum(-1)  # forward: #kept per group; backward: d count / d w_i = 1
+        active = ((count - self.kept_width).abs() / self.kept_width).mean()
         pos = (w > 0).float()
         neg = 1.0 - pos
         polar = ((w - POLAR_TARGET) ** 2 * pos).sum() / pos.sum().clamp(min=1.0)
@@ -422,6 +428,7 @@ class PATMask(nn.Module):
     def stats(self) -> dict[str, float]:
         """Numbers for logs: kept channels (hard count, or #{w >= 0} while soft), temperature, offset."""
         kept = float(self.hard_mask.sum()) if self._hard else float(((self.logits >= 0) | self.protected).sum())
+        kept /= self.groups or 1  # per group
         return {
             "kept_channels": kept,
             "gate_mean": float(self.gate().mean()),
@@ -434,4 +441,5 @@ class PATMask(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, kept_width={self.kept_width}, hard={self._hard}"
+        groups = "" if self.groups is None else f"groups={self.groups}, "
+        return f"{groups}hidden_size={self.hidden_size}, kept_width={self.kept_width}, hard={self._hard}"

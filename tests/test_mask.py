@@ -159,3 +159,33 @@ def test_state_survives_state_dict_roundtrip():
     copy.load_state_dict(mask.state_dict())
     assert copy.hardened == mask.hardened and torch.equal(copy.gate(), mask.gate())
     assert float(copy.tau) == float(mask.tau) and int(copy.step) == 9
+
+
+# ---------------------------------------------------------------------------------------------- per-layer masks
+def test_grouped_mask_keeps_exactly_n_in_every_group():
+    """One mask mechanism for per-layer axes: logits (groups, units), top-N per row, losses per row."""
+    torch.manual_seed(0)
+    mask = PATMask(10, 4, groups=3, milestone=1 / 3, freeze=0.8 / 3, random_init=True)
+    mask.set_step(0, 30)
+    assert mask.gate().shape == (3, 10)
+    losses = mask.mask_losses()
+    w = mask.effective_logits().detach()
+    per_row = ((w >= 0).sum(-1).float() - 4).abs() / 4
+    assert float(losses["active"]) == pytest.approx(float(per_row.mean()))
+    mask.harden()
+    assert mask.hard_mask.sum(-1).tolist() == [4.0, 4.0, 4.0]
+    kept = mask.kept_indices()
+    assert kept.shape == (3, 4)
+    for row in range(3):
+        assert kept[row].tolist() == sorted(torch.topk(w[row], 4).indices.tolist())
+    assert mask.stats()["kept_channels"] == 4.0
+
+
+def test_grouped_importance_start_ranks_within_each_group():
+    mask = PATMask(6, 2, groups=2, milestone=1 / 3, freeze=0.8 / 3)
+    scores = torch.tensor([[0.0, 5, 1, 2, 9, 3], [9.0, 8, 7, 6, 5, 4]])
+    gate = mask.start_from_importance(scores, torch.zeros(2, 6, dtype=torch.bool), margin=1.0)
+    assert gate.shape == (2, 6)
+    assert mask.fade_target.tolist() == [[0, 1, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0]]
+    mask.harden()
+    assert mask.kept_indices().tolist() == [[1, 4], [0, 1]]
