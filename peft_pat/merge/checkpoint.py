@@ -90,7 +90,7 @@ def merge_checkpoint(
     """
     base, out = Path(base), Path(out)
     if not (base / "config.json").is_file():
-        what = "does not exist" if not base.exists() else "is not a folder" if not base.is_dir() else "has no config.json"
+        what = "has no config.json" if base.is_dir() else "is not a folder" if base.exists() else "does not exist"
         raise CheckpointError(f"{base} {what}; BASE must be a transformers model folder (config.json + weights).")
     check_output_apart(out, {"BASE": base, "ADAPTER": Path(adapter)})
     if out.exists() and not overwrite:
