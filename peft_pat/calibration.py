@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .errors import PATConfigError
@@ -37,6 +37,7 @@ class ChannelStatistics:
     score: torch.Tensor
     energy: torch.Tensor
     tokens: int
+    mlp_score: torch.Tensor | None = None  # (layers, intermediate): RMS of each MLP output linear's input channel
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -56,6 +57,13 @@ def residual_norms(model: nn.Module, family: FamilySpec) -> list[nn.Module]:
     return [*norms, lm.get_submodule(family.final_norm)]
 
 
+def mlp_output_linears(model: nn.Module, family: FamilySpec) -> list[nn.Linear]:
+    """Each layer's MLP output linear (``down_proj``), unwrapped from an adapter layer."""
+    layers = causal_lm(model).get_submodule(family.layers)
+    linears = [layer.get_submodule(family.mlp_output) for layer in layers]
+    return [m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for m in linears]
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -67,8 +75,11 @@ def channel_statistics(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     family: FamilySpec | None = None,
+    mlp: bool = False,
 ) -> ChannelStatistics:
-    """``score`` and ``energy`` of the module docstring, from a forward pass over ``batches``.
+    """``score`` and ``energy`` of the module docstring, from a forward pass over ``batches``; with ``mlp``
+    also ``mlp_score``: per layer, the RMS over tokens of each input channel of the MLP's output linear
+    (``down_proj``: act(gate) * up), Minitron's MLP-neuron importance.
 
     Each batch needs ``input_ids`` and may have ``attention_mask`` (padding is excluded); other keys
     (``labels``, ...) are ignored. The model runs in eval mode and is put back in its previous mode.
@@ -78,21 +89,33 @@ def channel_statistics(
     hidden = causal_lm(model).config.hidden_size
     y_sums = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
     h_sums = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
+    mlp_outputs = mlp_output_linears(model, family) if mlp else []
+    m_sums = [torch.zeros(linear.in_features, dtype=torch.float64) for linear in mlp_outputs]
     tokens = 0
     keep: list[torch.Tensor | None] = [None]
 
+    def squares(source: torch.Tensor) -> torch.Tensor:
+        rows = keep[0]
+        values = source.detach().double().cpu()
+        values = values[rows] if rows is not None else values.reshape(-1, values.shape[-1])
+        return (values * values).sum(dim=0)
+
     def hook(index: int):
         def fn(_module, inputs, output):
-            rows = keep[0]
-            for source, sums in ((output, y_sums), (inputs[0], h_sums)):
-                values = source.detach().double().cpu()
-                values = values[rows] if rows is not None else values.reshape(-1, values.shape[-1])
-                sums[index] += (values * values).sum(dim=0)
+            y_sums[index] += squares(output)
+            h_sums[index] += squares(inputs[0])
+
+        return fn
+
+    def mlp_hook(index: int):
+        def fn(_module, inputs):
+            m_sums[index] += squares(inputs[0])
 
         return fn
 
     device = _model_device(model)
     handles = [norm.register_forward_hook(hook(i)) for i, norm in enumerate(norms)]
+    handles += [linear.register_forward_pre_hook(mlp_hook(i)) for i, linear in enumerate(mlp_outputs)]
     was_training = model.training
     model.eval()
     try:
@@ -115,7 +138,8 @@ def channel_statistics(
         )
     score = sum(torch.sqrt(s / tokens) for s in y_sums)
     energy = torch.stack([s / tokens for s in h_sums]).max(dim=0).values
-    return ChannelStatistics(score=score, energy=energy, tokens=tokens)
+    mlp_score = torch.stack([torch.sqrt(s / tokens) for s in m_sums]) if mlp else None
+    return ChannelStatistics(score=score, energy=energy, tokens=tokens, mlp_score=mlp_score)
 
 
 def activation_channel_scores(

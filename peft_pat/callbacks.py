@@ -116,7 +116,7 @@ class PATCallback(TrainerCallback):
         tuner = find_pat_tuner(model)
         if tuner is None:
             return
-        soft = [name for name, mask in tuner.pat_mask.items() if not mask.hardened]
+        soft = [name for name in tuner.pat_mask if not all(m.hardened for m in tuner.masks_of(name).values())]
         if soft:
             warnings.warn(
                 f"PAT: training ended before the mask froze for adapter(s) {soft}; merge_and_prune() will harden it "
@@ -131,13 +131,14 @@ class PATCallback(TrainerCallback):
         self._decay_undo = []
         if tuner is None:
             return
-        logits = [m.logits for m in tuner.pat_mask.values() if m.logits.requires_grad]
+        masks = tuner.all_masks()
+        logits = [m.logits for m in masks if m.logits.requires_grad]
         for p in logits:
             if p.grad is not None:
                 finite = torch.isfinite(p.grad)
                 if not bool(finite.all()):
                     p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
-                    for mask in tuner.pat_mask.values():
+                    for mask in masks:
                         if mask.logits is p:
                             mask.bad_grad_events.add_(1)
         inner = _inner_optimizer(optimizer)
@@ -178,11 +179,13 @@ class PATCallback(TrainerCallback):
         if tuner is None:
             return
         entries: dict[str, float] = {}
-        for name, mask in tuner.pat_mask.items():
+        for name in tuner.pat_mask:
             suffix = "" if len(tuner.pat_mask) == 1 else f"/{name}"
-            for key, value in mask.stats().items():
-                if key != "step":
-                    entries[f"{LOG_PREFIX}{key}{suffix}"] = value
+            for axis, mask in tuner.masks_of(name).items():
+                prefix = "" if axis == "hidden" else f"{axis}_"
+                for key, value in mask.stats().items():
+                    if key != "step":
+                        entries[f"{LOG_PREFIX}{prefix}{key}{suffix}"] = value
         for key, value in tuner.last_auxiliary_losses.items():
             entries[f"{LOG_PREFIX}{key}"] = value
         logs.update(entries)

@@ -11,6 +11,8 @@ from ._registry import PatPeftType
 from .errors import PATConfigError, PATTypeError
 
 DEFAULT_TARGET_SPARSITY = 0.25  # used when neither target_sparsity nor target_width is given
+PRUNE_AXES = ("hidden", "mlp")  # what this version prunes
+PLANNED_AXES = ("heads", "kv_heads")  # named by the API, not yet supported
 DEFAULT_CALIBRATION_BATCHES = 8  # batches of the importance-aware start (also when calibrate() is called by hand)
 IDENTITY_LOSS_FORMS = ("l0_gram", "none")
 EMBEDDING_HSM_FORMS = ("auto", "full", "diagonal")
@@ -63,6 +65,19 @@ class PATConfig(PeftConfig):
     width_multiple: int | None = field(
         default=None,
         metadata={"help": "Kept width is a multiple of lcm(num_attention_heads, width_multiple). None: auto."},
+    )
+    prune_axes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "What the masks prune: a subset of ('hidden', 'mlp'); 'mlp' is the MLP intermediate width "
+            "(every layer keeps the same count of its own choice). None: 'hidden', plus 'mlp' when "
+            "target_intermediate_size is given. With 'mlp', target_sparsity is the fraction of the base's "
+            "parameters removed (tied embeddings counted once)."
+        },
+    )
+    target_intermediate_size: int | None = field(
+        default=None,
+        metadata={"help": "MLP intermediate channels each layer keeps: the pruned config's intermediate_size."},
     )
     # --- HSM ---
     hsm_rank: int | None = field(
@@ -187,6 +202,10 @@ class PATConfig(PeftConfig):
         default=None, metadata={"help": "Filled in automatically (adapters saved by peft-pat 0.4.0 and older lack it)."}
     )
     kept_width: int | None = field(default=None, metadata={"help": "Resolved N, filled in automatically."})
+    base_intermediate_size: int | None = field(default=None, metadata={"help": "Filled in automatically."})
+    kept_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Resolved MLP width when 'mlp' is pruned, filled in automatically."}
+    )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> PATConfig:
@@ -211,6 +230,45 @@ class PATConfig(PeftConfig):
                 setattr(self, name, sorted(getattr(self, name)))
         self._validate()
 
+    @property
+    def pruned_axes(self) -> tuple[str, ...]:
+        """The axes this adapter prunes, in the order of :data:`PRUNE_AXES` (module docstring of the field)."""
+        if self.prune_axes is not None:
+            return tuple(a for a in PRUNE_AXES if a in self.prune_axes)
+        return ("hidden", "mlp") if self.target_intermediate_size is not None else ("hidden",)
+
+    def _validate_axes(self) -> None:
+        axes = self.prune_axes
+        if axes is None:
+            return
+        if isinstance(axes, str) or not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
+            raise PATTypeError(
+                f"PATConfig.prune_axes must be a list of axis names such as ['hidden', 'mlp'], got {axes!r}."
+            )
+        later = [a for a in axes if a in PLANNED_AXES]
+        if later:
+            raise PATConfigError(
+                f"PATConfig.prune_axes={list(axes)}: pruning {later} is not supported by this version yet; it prunes "
+                f"{list(PRUNE_AXES)}. Remove {later} from prune_axes."
+            )
+        unknown = [a for a in axes if a not in PRUNE_AXES]
+        if unknown or not axes:
+            raise PATConfigError(
+                f"PATConfig.prune_axes={list(axes)}: {'unknown axes ' + str(unknown) if unknown else 'no axis'}; "
+                f"choose a non-empty subset of {list(PRUNE_AXES)}."
+            )
+        self.prune_axes = list(self.pruned_axes)
+        if self.target_intermediate_size is not None and "mlp" not in axes:
+            raise PATConfigError(
+                f"target_intermediate_size={self.target_intermediate_size} cuts the MLP width, but prune_axes="
+                f"{list(axes)} leaves it: add 'mlp' to prune_axes (or drop target_intermediate_size)."
+            )
+        if self.target_width is not None and "hidden" not in axes:
+            raise PATConfigError(
+                f"target_width={self.target_width} cuts the hidden width, but prune_axes={list(axes)} leaves it: add "
+                "'hidden' to prune_axes (or drop target_width)."
+            )
+
     def _validate(self) -> None:
         if self.task_type != "CAUSAL_LM":
             raise PATConfigError(
@@ -234,7 +292,8 @@ class PATConfig(PeftConfig):
                 f"PATConfig.layers_to_transform must be an int, a list of int or None, got {type(layers).__name__} "
                 f"({layers!r})."
             )
-        if self.target_sparsity is not None and self.target_width is not None:
+        self._validate_axes()
+        if self.target_sparsity is not None and self.target_width is not None and self.pruned_axes == ("hidden",):
             raise PATConfigError(
                 f"Give either target_sparsity ({self.target_sparsity}) or target_width ({self.target_width}), "
                 "not both: target_width fixes the kept channel count, target_sparsity derives it."
@@ -246,7 +305,10 @@ class PATConfig(PeftConfig):
                     f"target_sparsity={self.target_sparsity} is impossible: it is the fraction of hidden channels "
                     "removed and must lie strictly between 0 and 1 (e.g. 0.25)."
                 )
-        for name in ("target_width", "width_multiple", "hsm_rank", "kept_width", "base_num_hidden_layers"):
+        for name in (
+            "target_width", "width_multiple", "hsm_rank", "kept_width", "base_num_hidden_layers",
+            "target_intermediate_size", "kept_intermediate_size",
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, (int,))

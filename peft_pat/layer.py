@@ -29,8 +29,8 @@ from .merge.adapter import gate_scale, lora_scaling
 class PATLayer(BaseTunerLayer):
     """Per-adapter containers shared by :class:`PATLinear` and :class:`PATEmbedding`."""
 
-    adapter_layer_names = ("pat_lora_A", "pat_lora_B", "pat_hsm_down", "pat_hsm_up", "pat_hsm_scale")
-    other_param_names = ("pat_r", "pat_scaling", "pat_lora_dropout")
+    adapter_layer_names = ("pat_lora_A", "pat_lora_B", "pat_hsm_down", "pat_hsm_up", "pat_hsm_scale", "pat_unit_scale")
+    other_param_names = ("pat_r", "pat_scaling", "pat_lora_dropout", "pat_unit_gate")
 
     def __init__(self, base_layer: nn.Module, hsm_width: int) -> None:
         self.base_layer = base_layer
@@ -41,13 +41,18 @@ class PATLayer(BaseTunerLayer):
         self.pat_hsm_down = nn.ModuleDict()
         self.pat_hsm_up = nn.ModuleDict()
         self.pat_hsm_scale = nn.ParameterDict()
+        # A per-layer axis gating this layer's input units (the MLP output linear): s ⊙ M[layer] on the input.
+        self.pat_unit_scale = nn.ParameterDict()
+        self.pat_unit_gate: dict[str, tuple[str, int]] = {}  # adapter -> (axis, layer index)
         self.pat_r: dict[str, int] = {}
         self.pat_scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._unmerge_backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        # Plain (unregistered) reference to the tuner's ModuleDict of PATMask, one per adapter.
+        # Plain (unregistered) references to the tuner's ModuleDicts of PATMask: one per adapter (the hidden
+        # axis), and one ModuleDict of per-layer axis masks per adapter.
         object.__setattr__(self, "_pat_masks", None)
+        object.__setattr__(self, "_pat_unit_masks", None)
 
     # ------------------------------------------------------------------ construction
     def update_layer(
@@ -62,9 +67,19 @@ class PATLayer(BaseTunerLayer):
         with_hsm: bool,
         init_weights: bool,
         inference_mode: bool = False,
+        unit_gate: tuple[str, int] | None = None,
+        unit_masks: nn.ModuleDict | None = None,
     ) -> None:
-        """Add ``adapter_name``: LoRA if ``lora_rank`` > 0, an HSM if ``with_hsm`` (low-rank if ``hsm_rank``)."""
+        """Add ``adapter_name``: LoRA if ``lora_rank`` > 0, an HSM if ``with_hsm`` (low-rank if ``hsm_rank``), and
+        a gate s ⊙ M on the input units if ``unit_gate`` = (axis, layer) names a per-layer axis mask."""
         object.__setattr__(self, "_pat_masks", masks)
+        if unit_gate is not None:
+            object.__setattr__(self, "_pat_unit_masks", unit_masks)
+            self.pat_unit_gate[adapter_name] = unit_gate
+            width = self._lora_shape()[0]
+            self.pat_unit_scale[adapter_name] = nn.Parameter(
+                torch.ones(width) if init_weights else 1.0 + 0.1 * torch.randn(width)
+            )
         if lora_rank > 0:
             in_features, out_features = self._lora_shape()
             self.pat_r[adapter_name] = lora_rank
@@ -119,6 +134,12 @@ class PATLayer(BaseTunerLayer):
     def hsm_gate_scale(self, adapter_name: str) -> torch.Tensor:
         """g = s ⊙ M, float32, shape (d,)."""
         return gate_scale(self.pat_hsm_scale[adapter_name], self._pat_masks[adapter_name].gate())
+
+    def unit_gate_scale(self, adapter_name: str) -> torch.Tensor:
+        """c = s ⊙ M[layer] on the input units (the per-layer axis mask's row of this layer), float32."""
+        axis, layer = self.pat_unit_gate[adapter_name]
+        gate = self._pat_unit_masks[adapter_name][axis].gate()[layer]
+        return gate_scale(self.pat_unit_scale[adapter_name], gate)
 
     def _apply_hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s ⊙ M ⊙ (y + L1 L0 y), computed in the activation dtype (weights are cast, not activations).
@@ -231,6 +252,9 @@ class PATLinear(nn.Module, PATLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.pat_unit_gate:  # units the mask drops reach neither W nor LoRA
+                x = x * self.unit_gate_scale(adapter_name).to(x.device, x.dtype)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for adapter_name in self.active_adapters:
@@ -251,14 +275,21 @@ class PATLinear(nn.Module, PATLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.get_base_layer()
         delta = self._lora_update(adapter_name)
+        if adapter_name in self.pat_unit_gate:  # (W + dW) diag(c): scale the columns of W and of A
+            c = self.unit_gate_scale(adapter_name).detach()
+            weight = fold.scale_columns(base.weight, c)
+            if delta is not None:
+                delta = fold.LoRAUpdate(delta.lora_a.float() * c.to(delta.lora_a.device), delta.lora_b, delta.scaling)
+        else:
+            weight = base.weight
         if not self.has_hsm(adapter_name):
             if delta is None:
-                return (base.weight.detach().clone() if out is None else out), base.bias
-            return fold.merge_lora(base.weight, delta, out=out), base.bias
+                return (weight.detach().clone() if out is None else out.copy_(weight)), base.bias
+            return fold.merge_lora(weight, delta, out=out), base.bias
         down, up = self.hsm_factors(adapter_name)
         gate_scale = self.hsm_gate_scale(adapter_name)
         bias = None if base.bias is None else fold.fold_bias(base.bias, down, up, gate_scale)
-        return fold.fold_producer(base.weight, delta, down, up, gate_scale, out=out), bias
+        return fold.fold_producer(weight, delta, down, up, gate_scale, out=out), bias
 
     def __repr__(self) -> str:
         return "pat." + super().__repr__()

@@ -115,6 +115,16 @@ def top_n_indicator(logits: torch.Tensor, n: int, protected: torch.Tensor | None
     return indicator.scatter_(-1, order[..., :n], 1.0)
 
 
+def _schedule_kwargs(config, random_init: bool) -> dict:
+    return {
+        "milestone": config.mask_milestone,
+        "freeze": config.mask_freeze,
+        "mask_lr": config.mask_lr,
+        "random_init": random_init,
+        "fade_to_hard": getattr(config, "mask_fade_to_hard", False),
+    }
+
+
 class PATMask(nn.Module):
     """Mask logits and schedule of one adapter; every HSM of that adapter reads :meth:`gate`."""
 
@@ -164,6 +174,8 @@ class PATMask(nn.Module):
         self._auxiliary_loss_seen = False  # ... and whether mask_losses() ran among them
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
+        if self.kept_width >= self.hidden_size:  # an axis that is not pruned: the all-ones hard mask from the start
+            self.harden()
 
     OPTIONAL_STATE = ("calibrated", "protected", "fade_target")  # added in 0.2: 0.1 adapters load without them
 
@@ -174,16 +186,20 @@ class PATMask(nn.Module):
 
     @classmethod
     def from_config(cls, config, random_init: bool = False) -> PATMask:
-        """The mask a resolved ``PATConfig`` describes (``base_hidden_size`` and ``kept_width`` filled in)."""
-        return cls(
-            config.base_hidden_size,
-            config.kept_width,
-            milestone=config.mask_milestone,
-            freeze=config.mask_freeze,
-            mask_lr=config.mask_lr,
-            random_init=random_init,
-            fade_to_hard=getattr(config, "mask_fade_to_hard", False),
-        )
+        """The hidden mask a resolved ``PATConfig`` describes (``base_hidden_size`` and ``kept_width`` filled in;
+        keeping every channel when the hidden axis is not pruned)."""
+        return cls(config.base_hidden_size, config.kept_width, **_schedule_kwargs(config, random_init))
+
+    @classmethod
+    def unit_masks_from_config(cls, config, random_init: bool = False) -> dict[str, PATMask]:
+        """The per-layer axis masks a resolved ``PATConfig`` prunes: {"mlp": (layers, intermediate) mask}."""
+        masks = {}
+        if "mlp" in config.pruned_axes:
+            masks["mlp"] = cls(
+                config.base_intermediate_size, config.kept_intermediate_size, groups=config.base_num_hidden_layers,
+                **_schedule_kwargs(config, random_init),
+            )  # fmt: skip
+        return masks
 
     # ------------------------------------------------------------------ schedule
     def _refresh(self) -> None:

@@ -63,7 +63,7 @@ def _masks_to_embedding_device(tuner: nn.Module, incompatible_keys: Any) -> None
     if "pat_mask" not in tuner._modules:
         return
     device = tuner.model.get_input_embeddings().weight.device
-    for mask in tuner.pat_mask.values():
+    for mask in tuner.all_masks():
         if any(t.device != device for t in itertools.chain(mask.parameters(), mask.buffers())):
             _move_mask(mask, device)
 
@@ -86,7 +86,8 @@ class PATModel(BaseTuner):
     # ------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: PATConfig, adapter_name: str) -> None:
         if "pat_mask" not in self._modules:  # the first adapter: the tuner's own state, once
-            self.pat_mask = nn.ModuleDict()
+            self.pat_mask = nn.ModuleDict()  # adapter -> the hidden-axis PATMask
+            self.pat_unit_masks = nn.ModuleDict()  # adapter -> {axis: PATMask} of the per-layer axes (MLP)
             self.telemetry = TrainingTelemetry()
             self._pruned = False
             self._pending_merge: InMemoryMerge | None = None
@@ -113,13 +114,16 @@ class PATModel(BaseTuner):
         return family_for_model_type(getattr(self.model.config, "model_type", None))
 
     def _prepare_adapter_config(self, peft_config: PATConfig, model_config: dict) -> PATConfig:
-        return resolve_for_base(peft_config, model_config)
+        return resolve_for_base(peft_config, model_config, stock_layout(self.model))
 
     @staticmethod
     def _check_target_module_exists(peft_config: PATConfig, key: str):
         family = family_for_model_type(peft_config.base_model_type)
-        if family.is_producer(key):
-            return True
+        axes = peft_config.pruned_axes
+        if family.is_producer(key) and "hidden" in axes:
+            return True  # an HSM
+        if "mlp" in axes and family.unit_cuts(key, "weight") == [("mlp", 1, 1)]:
+            return True  # the gate on the MLP output linear's input units
         if peft_config.r == 0:
             return False
         return check_target_module_exists(peft_config, key)
@@ -132,7 +136,22 @@ class PATModel(BaseTuner):
             _move_mask(mask, self.model.get_input_embeddings().weight.device)
             mask.requires_grad_(not config.inference_mode)
             self.pat_mask[adapter_name] = mask
+            units = nn.ModuleDict(PATMask.unit_masks_from_config(config, random_init=not config.init_weights))
+            for unit_mask in units.values():
+                _move_mask(unit_mask, self.model.get_input_embeddings().weight.device)
+                unit_mask.requires_grad_(not config.inference_mode)
+            self.pat_unit_masks[adapter_name] = units
         return self.pat_mask
+
+    def masks_of(self, adapter_name: str) -> dict[str, PATMask]:
+        """Every mask of one adapter by axis: "hidden" (all-ones and hard when that axis is not pruned), then the
+        per-layer axes it prunes."""
+        units = self.pat_unit_masks[adapter_name] if adapter_name in self.pat_unit_masks else {}
+        return {"hidden": self.pat_mask[adapter_name], **units}
+
+    def all_masks(self) -> list[PATMask]:
+        """Every mask of every adapter (for the optimizer groups and the device moves)."""
+        return [mask for name in self.pat_mask for mask in self.masks_of(name).values()]
 
     def _create_and_replace(
         self,
@@ -147,7 +166,8 @@ class PATModel(BaseTuner):
         family = family_for_model_type(peft_config.base_model_type)
         masks = self._ensure_mask(peft_config, adapter_name)
         is_embedding = family.is_embedding(current_key)
-        with_hsm = family.is_producer(current_key)
+        with_hsm = family.is_producer(current_key) and "hidden" in peft_config.pruned_axes
+        gates_units = "mlp" in peft_config.pruned_axes and family.unit_cuts(current_key, "weight") == [("mlp", 1, 1)]
         wants_lora = peft_config.r > 0 and bool(check_target_module_exists(peft_config, current_key))
         diagonal = is_embedding and peft_config.embedding_hsm == "diagonal"
         kwargs: dict[str, Any] = {
@@ -158,6 +178,8 @@ class PATModel(BaseTuner):
             "with_hsm": with_hsm,
             "init_weights": peft_config.init_weights,
             "inference_mode": peft_config.inference_mode,
+            "unit_gate": ("mlp", family.layer_index(current_key)) if gates_units else None,
+            "unit_masks": self.pat_unit_masks,
         }
         if isinstance(target, PATLayer):
             target.update_layer(adapter_name, masks, **kwargs)
@@ -172,15 +194,25 @@ class PATModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key (PEFT uses it both ways): the per-layer axis masks are keyed adapter
+        then axis, so ``pat_unit_masks.<adapter>.mlp.logits`` is saved as ``pat_unit_masks.mlp.logits``."""
+        marker = f".pat_unit_masks.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, ".pat_unit_masks.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
     # ------------------------------------------------------------------ trainability of the shared mask
     def _sync_mask_requires_grad(self) -> None:
         if "pat_mask" not in self._modules:
             return
         enabled = not self._pat_adapters_disabled
-        for name, mask in self.pat_mask.items():
+        for name in self.pat_mask:
             config = self.peft_config.get(name)
             trainable = enabled and name in self.active_adapters and not (config and config.inference_mode)
-            mask.logits.requires_grad_(trainable)
+            for mask in self.masks_of(name).values():
+                mask.logits.requires_grad_(trainable)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -193,7 +225,8 @@ class PATModel(BaseTuner):
             names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
             for name in names:
                 if name in self.pat_mask:
-                    self.pat_mask[name].logits.requires_grad_(False)
+                    for mask in self.masks_of(name).values():
+                        mask.logits.requires_grad_(False)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
@@ -204,27 +237,30 @@ class PATModel(BaseTuner):
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for name in names & set(self.pat_mask.keys()):
-            self.pat_mask[name].logits.requires_grad_(requires_grad)
+            for mask in self.masks_of(name).values():
+                mask.logits.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         if adapter_name in self.pat_mask:
             del self.pat_mask[adapter_name]
+        if adapter_name in self.pat_unit_masks:
+            del self.pat_unit_masks[adapter_name]
         self._sync_mask_requires_grad()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if autocast_adapter_dtype and adapter_name in self.pat_mask:
-            logits = self.pat_mask[adapter_name].logits
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits.data = logits.data.float()
+            for mask in self.masks_of(adapter_name).values():
+                if mask.logits.dtype in (torch.float16, torch.bfloat16):
+                    mask.logits.data = mask.logits.data.float()
 
     # ------------------------------------------------------------------ training (peft_pat.training)
     def _check_materialised(self) -> None:
         """Refuse to run an adapter whose weights are still empty meta tensors (low_cpu_mem_usage=True)."""
         if "pat_mask" not in self._modules:
             return
-        empty = [name for name, mask in self.pat_mask.items() if mask.logits.is_meta]
+        empty = [name for name in self.pat_mask if any(m.logits.is_meta for m in self.masks_of(name).values())]
         if empty:
             raise PATStateError(
                 f"PAT adapter(s) {empty} have no weights yet: they were created with low_cpu_mem_usage=True, which "
@@ -244,8 +280,9 @@ class PATModel(BaseTuner):
         drive_schedule(self, step, total_steps, learning_rate)
 
     def harden_mask(self, adapter_name: str | None = None) -> None:
-        """Turn the mask of ``adapter_name`` (default: the active one) into the exact top-N 0/1 mask now."""
-        self.pat_mask[self._single_adapter(adapter_name)].harden()
+        """Turn the masks of ``adapter_name`` (default: the active one) into their exact top-N 0/1 masks now."""
+        for mask in self.masks_of(self._single_adapter(adapter_name)).values():
+            mask.harden()
 
     @property
     def last_auxiliary_losses(self) -> dict[str, float]:
@@ -260,7 +297,10 @@ class PATModel(BaseTuner):
 
     def pat_stats(self, adapter_name: str | None = None) -> dict[str, float]:
         """Schedule state and the last auxiliary losses, for logging."""
-        stats = self.pat_mask[self._single_adapter(adapter_name)].stats()
+        masks = self.masks_of(self._single_adapter(adapter_name))
+        stats = masks.pop("hidden").stats()
+        for axis, mask in masks.items():
+            stats.update({f"{axis}_{key}": value for key, value in mask.stats().items() if key != "step"})
         stats.update(self.last_auxiliary_losses)
         return stats
 
@@ -324,6 +364,7 @@ class PATModel(BaseTuner):
         gives the same through :func:`peft_pat.merge.adapter.load_pat_adapter`)."""
         weights = AdapterWeights(self.peft_config[adapter_name], self.pat_mask[adapter_name],
                                  where=f"PAT adapter '{adapter_name}'")  # fmt: skip
+        weights.unit_masks = dict(self.pat_unit_masks[adapter_name]) if adapter_name in self.pat_unit_masks else {}
         for key, module in self.model.named_modules():
             if isinstance(module, PATLayer):
                 if adapter_name in module.pat_lora_A:
@@ -333,6 +374,8 @@ class PATModel(BaseTuner):
                     down, up = module.hsm_factors(adapter_name)
                     parts = {"down": down, "up": up} if down is not None else {}
                     weights.hsm[key] = {"scale": module.pat_hsm_scale[adapter_name], **parts}
+                if adapter_name in module.pat_unit_gate:
+                    weights.unit_scales[key] = module.pat_unit_scale[adapter_name]
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for name, param in module.modules_to_save[adapter_name].named_parameters():
                     weights.replacements[f"{key}.{name}"] = param
@@ -359,13 +402,16 @@ class PATModel(BaseTuner):
             plans = []
             for name in adapter_names:
                 weights = self.adapter_weights(name)
-                keep = None
+                keep, units = None, {}
                 if cut:
-                    harden_for_merge(weights.mask, f"PAT adapter '{name}'", stacklevel=3)
-                    keep = weights.mask.kept_indices()
+                    for mask in weights.all_masks():
+                        harden_for_merge(mask, f"PAT adapter '{name}'", stacklevel=3)
+                    keep = weights.mask.kept_indices() if weights.prunes_hidden else None
+                    units = weights.unit_keeps()
                 layout = stock_layout(self.model)
                 scale = embedding_scale(self.model, self.family)
-                plan = build_plan(self.family, self.model.config, layout, weights, keep=keep, embedding_scale=scale)
+                plan = build_plan(self.family, self.model.config, layout, weights, keep=keep, embedding_scale=scale,
+                                  unit_keeps=units)  # fmt: skip
                 plans.append((plan, weights.replacements))
             pending = InMemoryMerge(plans)
             pending.cut = cut

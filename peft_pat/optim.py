@@ -39,7 +39,7 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[
             f"optimizer_param_groups: {type(model).__name__} has no PAT adapter. Wrap the base model first: "
             "model = get_peft_model(base, PATConfig(task_type='CAUSAL_LM'))."
         )
-    mask_ids = {id(mask.logits) for mask in tuner.pat_mask.values()}
+    mask_ids = {id(mask.logits) for mask in tuner.all_masks()}
     decay, no_decay = [], []
     for param in model.parameters():  # de-duplicated by identity
         if param.requires_grad:

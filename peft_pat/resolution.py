@@ -9,13 +9,15 @@ loading it resolves to the same ones (or is refused).
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+from .budget import resolve_widths
 from .checks import check_adapter_matches_base, check_not_quantized
 from .config import PATConfig
 from .errors import PATConfigError
 from .families import family_for_model_type
 from .mask import resolve_schedule
-from .width import kept_width_for
+from .merge.plan import TensorInfo, cut_parameter_count
 
 PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 REUSED_CONFIG_NOTE = (  # the same refusal meets a PATConfig object reused for a second, different base
@@ -34,9 +36,20 @@ def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
     return max(1, min(rank, hidden_size - 1))
 
 
-def resolve_for_base(peft_config: PATConfig, model_config: dict) -> PATConfig:
+def pruned_fraction(cfg: PATConfig, family, model_config: dict, layout: list[TensorInfo]) -> float:
+    """What the cut removes, which sets the length of the soft phase: the fraction of hidden channels for a
+    hidden cut alone (as before the MLP axis), else the fraction of parameters."""
+    d = int(model_config["hidden_size"])
+    if cfg.kept_intermediate_size is None:
+        return (d - cfg.kept_width) / d
+    config = SimpleNamespace(**model_config)
+    full = cut_parameter_count(family, config, layout, d, {})
+    return 1.0 - cut_parameter_count(family, config, layout, cfg.kept_width, {"mlp": cfg.kept_intermediate_size}) / full
+
+
+def resolve_for_base(peft_config: PATConfig, model_config: dict, layout: list[TensorInfo]) -> PATConfig:
     """``peft_config`` with every value the base decides filled in (module docstring); refuses a base it does
-    not fit before the model is touched."""
+    not fit before the model is touched. ``layout``: the base's tensors (names, shapes), for the budget."""
     if not isinstance(peft_config, PATConfig):
         raise PATConfigError(f"PATModel needs a PATConfig, got {type(peft_config).__name__}.")
     model_type = model_config.get("model_type")
@@ -44,7 +57,6 @@ def resolve_for_base(peft_config: PATConfig, model_config: dict) -> PATConfig:
     check_not_quantized(model_config)
     hidden = int(model_config["hidden_size"])
     vocab = model_config.get("vocab_size")
-    heads = int(model_config["num_attention_heads"])
     layers = model_config.get("num_hidden_layers")
     layers = int(layers) if layers is not None else None
     check_adapter_matches_base(
@@ -58,8 +70,14 @@ def resolve_for_base(peft_config: PATConfig, model_config: dict) -> PATConfig:
         vocab,
     )
     peft_config.base_num_hidden_layers = layers
-    peft_config.kept_width = kept_width_for(peft_config, hidden, heads)
-    if peft_config.hsm_rank is None:
+    peft_config.kept_width, peft_config.kept_intermediate_size = resolve_widths(
+        peft_config, family, model_config, layout
+    )
+    if "mlp" in peft_config.pruned_axes:
+        peft_config.base_intermediate_size = int(model_config["intermediate_size"])
+    if "hidden" not in peft_config.pruned_axes:  # no hidden cut, no HSMs: the rank is unused
+        peft_config.hsm_rank = None
+    elif peft_config.hsm_rank is None:
         peft_config.hsm_rank = default_hsm_rank(hidden, peft_config.kept_width)
     elif peft_config.hsm_rank >= hidden:
         raise PATConfigError(
@@ -68,7 +86,7 @@ def resolve_for_base(peft_config: PATConfig, model_config: dict) -> PATConfig:
             f"{default_hsm_rank(hidden, peft_config.kept_width)}); the paper uses about 5% of hidden_size."
         )
     peft_config.mask_milestone, peft_config.mask_freeze = resolve_schedule(
-        peft_config.mask_milestone, peft_config.mask_freeze, (hidden - peft_config.kept_width) / hidden
+        peft_config.mask_milestone, peft_config.mask_freeze, pruned_fraction(peft_config, family, model_config, layout)
     )
     if peft_config.embedding_hsm == "auto":
         tied = bool(model_config.get("tie_word_embeddings", False))

@@ -24,9 +24,10 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _MODEL_PREFIX = "base_model.model."
 _MASK_PREFIX = "base_model.pat_mask."
+_UNIT_MASK_PREFIX = "base_model.pat_unit_masks."
 _ADAPTER_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<part>pat_lora_A\.weight|pat_lora_B\.weight|pat_hsm_down\.weight|"
-    r"pat_hsm_up\.weight|pat_hsm_scale)$"
+    r"pat_hsm_up\.weight|pat_hsm_scale|pat_unit_scale)$"
 )
 _HSM_PARTS = {"pat_hsm_down.weight": "down", "pat_hsm_up.weight": "up", "pat_hsm_scale": "scale"}
 
@@ -51,6 +52,23 @@ class AdapterWeights:
     hsm: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> {down, up, scale}
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: tensor name -> tensor
     where: str = "the PAT adapter"  # names it in errors and warnings
+    unit_masks: dict[str, PATMask] = field(default_factory=dict)  # per-layer axis -> its (layers, units) mask
+    unit_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # gated module -> s of its input units
+
+    @property
+    def prunes_hidden(self) -> bool:
+        return "hidden" in self.config.pruned_axes
+
+    def all_masks(self) -> list[PATMask]:
+        return [self.mask, *self.unit_masks.values()]
+
+    def unit_keeps(self) -> dict[str, torch.Tensor]:
+        """Each per-layer axis' kept units, (layers, kept) (the masks must be hard)."""
+        return {axis: mask.kept_indices() for axis, mask in self.unit_masks.items()}
+
+    def unit_column_scale(self, module: str, layer: int) -> torch.Tensor:
+        """c = s ⊙ M[layer] on the input units of a gated module, float32 (as PATLayer.unit_gate_scale)."""
+        return gate_scale(self.unit_scales[module], self.unit_masks["mlp"].gate()[layer])
 
     def lora_update(self, module: str) -> fold.LoRAUpdate | None:
         if module not in self.lora:
@@ -67,7 +85,8 @@ class AdapterWeights:
         parts = [(f"{m} LoRA", t) for m, ab in self.lora.items() for t in ab]
         parts += [(f"{m} HSM {k}", t) for m, hsm in self.hsm.items() for k, t in hsm.items()]
         parts += [(f"saved copy {n}", t) for n, t in self.replacements.items()]
-        parts.append(("mask gate", self.mask.gate()))
+        parts += [(f"{m} input-unit scale", t) for m, t in self.unit_scales.items()]
+        parts += [(f"{axis} mask gate", m.gate()) for axis, m in {"hidden": self.mask, **self.unit_masks}.items()]
         bad = [name for name, t in parts if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
         if bad:
             raise PATStateError(
@@ -133,12 +152,21 @@ def load_pat_adapter(adapter: str | Path, adapter_name: str | None = None) -> Ad
     except RuntimeError as exc:
         raise AdapterMismatchError(f"{weights_file}: the PAT mask does not load ({exc}).") from exc
     weights = AdapterWeights(config, mask, where=f"The PAT adapter in {folder}")
+    weights.unit_masks = PATMask.unit_masks_from_config(config)
+    for axis, unit_mask in weights.unit_masks.items():
+        prefix = f"{_UNIT_MASK_PREFIX}{axis}."
+        try:
+            unit_mask.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as exc:
+            raise AdapterMismatchError(f"{weights_file}: the PAT {axis} mask does not load ({exc}).") from exc
     lora_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if key.startswith(_MASK_PREFIX):
+        if key.startswith((_MASK_PREFIX, _UNIT_MASK_PREFIX)):
             continue
         match = _ADAPTER_KEY.match(key)
-        if match and match["part"].startswith("pat_lora"):
+        if match and match["part"] == "pat_unit_scale":
+            weights.unit_scales[match["module"]] = tensor
+        elif match and match["part"].startswith("pat_lora"):
             lora_parts.setdefault(match["module"], {})[match["part"][len("pat_lora_")]] = tensor
         elif match:
             weights.hsm.setdefault(match["module"], {})[_HSM_PARTS[match["part"]]] = tensor

@@ -112,11 +112,13 @@ def merge_checkpoint(
     shards = checkpoint_shards(base)
     specs_by_shard = {shard: read_specs(shard) for shard in shards}
     all_specs = [s for specs in specs_by_shard.values() for s in specs]
-    harden_for_merge(adapter_weights.mask, adapter_weights.where, stacklevel=2)
+    for mask in adapter_weights.all_masks():
+        harden_for_merge(mask, adapter_weights.where, stacklevel=2)
     try:
-        keep = adapter_weights.mask.kept_indices()
-        where = "the base checkpoint"
-        plan = build_plan(family, config, all_specs, adapter_weights, keep=keep, dtype=dtype, where=where)
+        keep = adapter_weights.mask.kept_indices() if adapter_weights.prunes_hidden else None
+        where, units = "the base checkpoint", adapter_weights.unit_keeps()
+        plan = build_plan(family, config, all_specs, adapter_weights, keep=keep, dtype=dtype, where=where,
+                          unit_keeps=units)  # fmt: skip
     except PATConfigError as exc:
         raise AdapterMismatchError(f"The adapter does not fit the base checkpoint: {exc}") from exc
     out_dtype = dtype or next(s.dtype for s in all_specs if s.name == f"{family.embedding}.weight")

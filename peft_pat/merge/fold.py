@@ -216,6 +216,15 @@ def fold_embedding(
     return result
 
 
+def scale_columns(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W diag(scale) in the weight's dtype, float32 math in row chunks (a gate on a linear's input units)."""
+    result = torch.empty_like(weight)
+    s = _f32(scale).to(weight.device)
+    for rows in _chunks(weight.shape[0], weight.shape[1]):
+        result[rows] = _f32(weight[rows]) * s
+    return result
+
+
 def can_divide_out(gate_scale: torch.Tensor) -> bool:
     """Whether a diagonal embedding HSM g may be moved into the final norm as gain / g (tied embeddings).
 

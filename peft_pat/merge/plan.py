@@ -78,10 +78,12 @@ class TensorSource:
 
 class SelectedSource:
     """A source restricted to kept indices along some of its dimensions (a per-layer axis cut made before the
-    fold: the fold mixes neither an MLP input's rows nor an MLP output's columns)."""
+    fold: the fold mixes neither an MLP input's rows nor an MLP output's columns), its columns times a gate."""
 
-    def __init__(self, source: Source, cuts: tuple[tuple[int, torch.Tensor], ...]) -> None:
-        self.source, self.cuts = source, cuts
+    def __init__(
+        self, source: Source, cuts: tuple[tuple[int, torch.Tensor], ...], column_scale: torch.Tensor | None = None
+    ) -> None:
+        self.source, self.cuts, self.column_scale = source, cuts, column_scale
         shape = list(source.shape)
         for dim, index in cuts:
             shape[dim] = int(index.numel())
@@ -92,6 +94,8 @@ class SelectedSource:
     def _select(self, tensor: torch.Tensor) -> torch.Tensor:
         for dim, index in self.cuts:
             tensor = tensor.index_select(dim, index.to(tensor.device))
+        if self.column_scale is not None:  # W diag(c), float32 math, back in the tensor's dtype
+            tensor = (tensor.float() * self.column_scale.to(tensor.device)).to(tensor.dtype)
         return tensor
 
     def rows(self, rows: slice | None) -> torch.Tensor:
@@ -128,19 +132,20 @@ class TensorOp:
     norm_divisor: torch.Tensor | None = None  # a tied diagonal embedding HSM g divided out of the final norm
     norm_offset: float = 0.0
     unit_cuts: tuple[tuple[int, torch.Tensor], ...] = ()  # per-layer axes: (dim, kept indices) cut before the fold
+    column_scale: torch.Tensor | None = None  # a gate s ⊙ M on the input units, folded into the columns
 
     @property
     def changes(self) -> bool:
         """False for a tensor the merge copies unchanged."""
         folded = self.lora is not None or self.hsm is not None or self.norm_divisor is not None
-        return folded or self.cut_dim is not None or bool(self.unit_cuts)
+        return folded or self.cut_dim is not None or bool(self.unit_cuts) or self.column_scale is not None
 
     def compute(self, source: Source, keep: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """The output tensor, as consecutive blocks of rows (one block for tensors folded whole)."""
         keep = keep if self.cut_dim is not None else None
         role, lora = self.role, self.lora
-        if self.unit_cuts:
-            source = SelectedSource(source, self.unit_cuts)
+        if self.unit_cuts or self.column_scale is not None:
+            source = SelectedSource(source, self.unit_cuts, self.column_scale)
         if role == "embedding" and self.hsm is not None:
             down, up, g = self.hsm
             for rows in fold.row_chunks(source.shape[0], _row_size(source.shape)):
@@ -300,7 +305,7 @@ def build_plan(
             continue  # a tied lm_head has no tensor of its own; written below if it gets one
         out_dtype = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
         op = _op(family, spec, role, param, out_dtype, adapter, keep, factors)
-        _add_unit_cuts(op, family, units)
+        _add_unit_gates(op, family, units, adapter)
         if role == "final_norm" and tied_out and g_embedding is not None:
             op.norm_divisor = g_embedding
         plan.ops[spec.name] = [op]
@@ -328,7 +333,7 @@ def _op(family, spec: TensorInfo, role, param, dtype, adapter, keep, factors) ->
         return op
     if param == "weight":
         op.lora = adapter.lora_update(module)
-    if role in ("embedding", "producer"):
+    if role in ("embedding", "producer") and module in adapter.hsm:  # no HSMs when the hidden axis is not pruned
         hsm = adapter.hsm[module]
         op.hsm = (hsm.get("down"), hsm.get("up"), adapter.gate_scale(module))
     return op
@@ -360,9 +365,15 @@ def _checked_unit_keeps(unit_keeps: Mapping[str, torch.Tensor], config, num_laye
     return checked
 
 
-def _add_unit_cuts(op: TensorOp, family: FamilySpec, units: dict[str, torch.Tensor]) -> None:
-    """Restrict ``op`` to each per-layer axis' kept units of its layer: its source and its LoRA factors."""
+def _add_unit_gates(op: TensorOp, family: FamilySpec, units: dict[str, torch.Tensor], adapter) -> None:
+    """Restrict ``op`` to each per-layer axis' kept units of its layer (its source and its LoRA factors), and
+    fold the gate c = s ⊙ M[layer] on a gated module's input units: (W + dW) diag(c), i.e. W's and A's columns
+    times c (restricted to the kept units when cutting)."""
     module = op.name.rpartition(".")[0]
+    scale = None
+    if adapter is not None and op.param == "weight" and module in adapter.unit_scales:
+        scale = adapter.unit_column_scale(module, family.layer_index(module))
+    lora_a, lora_b = (op.lora.lora_a, op.lora.lora_b) if op.lora is not None else (None, None)
     for axis, dim, blocks in family.unit_cuts(module, op.param):
         if axis not in units:
             continue
@@ -373,16 +384,22 @@ def _add_unit_cuts(op: TensorOp, family: FamilySpec, units: dict[str, torch.Tens
         shape = list(op.shape)
         shape[dim] = int(index.numel())
         op.shape = tuple(shape)
-        if op.lora is not None:  # dW = s B A: rows of dW are rows of B, columns are columns of A
-            a, b = op.lora.lora_a, op.lora.lora_b
-            a, b = (
-                (a, b.index_select(0, index.to(b.device))) if dim == 0 else (a.index_select(1, index.to(a.device)), b)
-            )
-            op.lora = fold.LoRAUpdate(a, b, op.lora.scaling)
+        if dim == 1 and scale is not None:
+            scale = scale.index_select(0, index.to(scale.device))
+        if lora_a is not None:  # dW = s B A: rows of dW are rows of B, columns are columns of A
+            if dim == 0:
+                lora_b = lora_b.index_select(0, index.to(lora_b.device))
+            else:
+                lora_a = lora_a.index_select(1, index.to(lora_a.device))
+    if scale is not None:
+        op.column_scale = scale
+        lora_a = None if lora_a is None else lora_a.float() * scale.to(lora_a.device)
+    if lora_a is not None:
+        op.lora = fold.LoRAUpdate(lora_a, lora_b, op.lora.scaling)
 
 
 def _check_adapter_fits(family, roles, specs, adapter: AdapterWeights, replacements, tied_in, num_layers, where):
-    producers = {m for m, r in roles.items() if r in ("embedding", "producer")}
+    producers = {m for m, r in roles.items() if r in ("embedding", "producer")} if adapter.prunes_hidden else set()
     if set(adapter.hsm) != producers:
         odd = sorted(set(adapter.hsm) ^ producers)[:3]
         raise AdapterMismatchError(
@@ -404,6 +421,30 @@ def _check_adapter_fits(family, roles, specs, adapter: AdapterWeights, replaceme
             raise AdapterMismatchError(
                 f"The adapter's saved copy of {name!r} has shape {tuple(tensor.shape)}, {where} {tuple(expected)}."
             )
+
+
+def cut_parameter_count(
+    family: FamilySpec, config, layout: list[TensorInfo], kept_width: int, unit_widths: Mapping[str, int]
+) -> int:
+    """Parameters (unique: a tied lm_head counted once) of the model ``layout`` describes after a cut to
+    ``kept_width`` hidden channels and the per-layer widths ``unit_widths`` ({"mlp": I'}); the same shape rules
+    the plan applies (:data:`CUT_DIMS`, ``FamilySpec.unit_cuts``)."""
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    roles = family.module_roles(int(config.num_hidden_layers), tied=tied)
+    total = 0
+    for spec in layout:
+        module, param = _module_and_param(spec.name)
+        if tied and module == family.lm_head:
+            continue
+        shape = list(spec.shape)
+        dim = CUT_DIMS.get((roles.get(module), param))
+        if dim is not None:
+            shape[dim] = kept_width
+        for axis, dim, blocks in family.unit_cuts(module, param):
+            if axis in unit_widths:
+                shape[dim] = unit_widths[axis] * blocks
+        total += int(torch.Size(shape).numel())
+    return total
 
 
 def layout_of(state: Mapping[str, torch.Tensor]) -> list[TensorInfo]:

@@ -37,12 +37,30 @@ def all_reduce_mean(tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return (reduced / dist.get_world_size()).cpu()
 
 
+def _pruned_masks(tuner, name: str) -> dict:
+    """The masks of adapter ``name`` that prune something (the hidden mask of an unpruned hidden axis does not)."""
+    axes = tuner.peft_config[name].pruned_axes
+    return {axis: mask for axis, mask in tuner.masks_of(name).items() if axis in axes}
+
+
 def needs_calibration(tuner, name: str) -> bool:
-    """True while adapter ``name`` asks for the start, has not had it, its mask is soft and training has not
+    """True while adapter ``name`` asks for the start, has not had it, its masks are soft and training has not
     started (the schedule is at step 0: later, calibrating would discard trained logits)."""
-    mask = tuner.pat_mask[name]
-    waiting = tuner.peft_config[name].calibration_batches > 0 and not bool(mask.calibrated)
-    return waiting and not mask.hardened and int(mask.step) == 0
+    if tuner.peft_config[name].calibration_batches <= 0:
+        return False
+    masks = _pruned_masks(tuner, name).values()
+    return any(not bool(m.calibrated) and not m.hardened and int(m.step) == 0 for m in masks)
+
+
+def _start(mask, scores: torch.Tensor, protected: torch.Tensor, margin: float) -> torch.Tensor:
+    """Start ``mask`` from ``scores``; returns gate before / gate after, which the scales the gate multiplies are
+    multiplied by, so s ⊙ M (and the network) is unchanged."""
+    gate_before = mask.gate().detach().float().cpu()
+    return gate_before / mask.start_from_importance(scores, protected, margin)
+
+
+def _rescale(scale: torch.nn.Parameter, ratio: torch.Tensor) -> None:
+    scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
 
 
 @torch.no_grad()
@@ -50,7 +68,8 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
     """The importance-aware start of adapter ``name`` from the first ``calibration_batches`` of ``batches``
     (module docstring). Returns a summary (tokens, protected channels and their energy ratio to the median)."""
     config = tuner.peft_config[name]
-    mask = tuner.pat_mask[name]
+    masks = _pruned_masks(tuner, name)
+    mask = masks["hidden"] if "hidden" in masks else next(iter(masks.values()))
     if mask.hardened:
         raise PATStateError(
             "calibrate: the mask is already hard (training is past the freeze point), so its channels are fixed. "
@@ -72,18 +91,23 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
         raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
     check_calibration_batches(chosen)
     with teacher_pass(tuner):
-        stats = channel_statistics(tuner.model, chosen, tuner.family)
+        stats = channel_statistics(tuner.model, chosen, tuner.family, mlp="mlp" in masks)
     score, energy = all_reduce_mean(stats.score, tuner.model), all_reduce_mean(stats.energy, tuner.model)
-    protected = torch.zeros(mask.hidden_size, dtype=torch.bool)
-    if config.protect_massive_activations:
-        protected[massive_channels(energy, config.massive_activation_ratio)] = True
-    gate_before = mask.gate().detach().float().cpu()
-    gate_after = mask.start_from_importance(score, protected, config.calibration_margin)
-    ratio = gate_before / gate_after
-    for layer in (m for m in tuner.model.modules() if isinstance(m, PATLayer)):
-        if layer.has_hsm(name):
-            scale = layer.pat_hsm_scale[name]
-            scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
+    protected = torch.zeros(tuner.pat_mask[name].hidden_size, dtype=torch.bool)
+    layers = [m for m in tuner.model.modules() if isinstance(m, PATLayer)]
+    if "hidden" in masks:
+        if config.protect_massive_activations:
+            protected[massive_channels(energy, config.massive_activation_ratio)] = True
+        ratio = _start(mask, score, protected, config.calibration_margin)
+        for layer in layers:
+            if layer.has_hsm(name):
+                _rescale(layer.pat_hsm_scale[name], ratio)
+    if "mlp" in masks:  # per layer; the gate s ⊙ M[layer] sits on the MLP output linear's input
+        mlp_score = all_reduce_mean(stats.mlp_score, tuner.model)
+        ratio = _start(masks["mlp"], mlp_score, torch.zeros_like(masks["mlp"].protected), config.calibration_margin)
+        for layer in layers:
+            if name in layer.pat_unit_gate:
+                _rescale(layer.pat_unit_scale[name], ratio[layer.pat_unit_gate[name][1]])
     median = float(energy.median())
     summary = {
         "tokens": stats.tokens,

@@ -51,11 +51,12 @@ def auxiliary_loss(tuner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if name not in tuner.pat_mask:
             continue
         config = tuner.peft_config[name]
-        mask_losses = tuner.pat_mask[name].mask_losses()
-        terms = {
-            "active_loss": mask_losses["active"] * config.active_loss_weight,
-            "polarization_loss": mask_losses["polarization"] * config.polarization_weight,
-        }
+        terms = {}
+        for axis, mask in tuner.masks_of(name).items():
+            mask_losses = mask.mask_losses()
+            prefix = "" if axis == "hidden" else f"{axis}_"
+            terms[f"{prefix}active_loss"] = mask_losses["active"] * config.active_loss_weight
+            terms[f"{prefix}polarization_loss"] = mask_losses["polarization"] * config.polarization_weight
         if config.identity_loss == "l0_gram" and config.identity_loss_weight > 0:
             layers = [m for m in tuner.model.modules() if isinstance(m, PATLayer)] if layers is None else layers
             identity = [m.identity_loss(name) for m in layers if m.has_hsm(name)]  # no walrus: compiles

@@ -74,15 +74,16 @@ def drive_schedule(tuner, step: int, total_steps: int, learning_rate: float | No
     telemetry: TrainingTelemetry = tuner.telemetry
     telemetry.trace_hardening_loss(step)
     _warn_if_uncalibrated(tuner, telemetry, step)
-    for name, mask in tuner.pat_mask.items():
-        if mask.set_step(step, total_steps, learning_rate=learning_rate):
-            kept = int(mask.hard_mask.sum())
-            telemetry.hardened_at = step
-            warnings.warn(
-                f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {kept} of "
-                f"{mask.hidden_size} hidden channels kept.",
-                stacklevel=3,
-            )
+    for name in tuner.pat_mask:
+        for axis, mask in tuner.masks_of(name).items():
+            if mask.set_step(step, total_steps, learning_rate=learning_rate):
+                telemetry.hardened_at = step
+                what = "hidden channels" if axis == "hidden" else f"{axis} channels in every layer"
+                warnings.warn(
+                    f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {mask.kept_width} of "
+                    f"{mask.hidden_size} {what} kept.",
+                    stacklevel=3,
+                )
 
 
 def _warn_if_uncalibrated(tuner, telemetry: TrainingTelemetry, step: int) -> None:

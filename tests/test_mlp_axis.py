@@ -1,0 +1,160 @@
+"""The MLP axis: a per-layer mask on each MLP output linear's input units, trained, saved and merged like the
+hidden mask, under one parameter budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from peft_pat import PATConfig, PATConfigError
+from peft_pat.merge import fold
+from peft_pat.merge.checkpoint import merge_checkpoint
+
+from helpers import assert_logits_close, logits, train_steps, wrap
+from tiny_models import ALL_FAMILIES, tiny_inputs, tiny_model
+
+IDS = tiny_inputs(length=9)
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _save_base(model, folder):
+    state = {name: t.contiguous() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("axes", [{"prune_axes": ["mlp"]}, {"prune_axes": ["hidden", "mlp"], "target_width": 48}])
+def test_identity_at_start_also_after_the_importance_start(axes):
+    base = tiny_model("llama", seed=1)
+    expected = logits(base, IDS)
+    model = wrap(base, target_sparsity=0.3, calibration_batches=2, **axes)
+    assert_logits_close(logits(model, IDS), expected)
+    model.base_model.calibrate([{"input_ids": IDS}, {"input_ids": IDS.flip(1)}])
+    assert_logits_close(logits(model, IDS), expected)  # the gate change is divided out of the unit scales
+    mlp = model.base_model.pat_unit_masks["default"]["mlp"]
+    assert bool(mlp.calibrated) and mlp.logits.shape == (base.config.num_hidden_layers, base.config.intermediate_size)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("axes", ["mlp", "hidden+mlp"])
+def test_trained_mlp_cut_merges_exactly_in_memory_and_from_disk(family, axes, tmp_path, monkeypatch):
+    monkeypatch.setattr(fold, "CHUNK_BYTES", 4096)
+    base = tiny_model(family, seed=3)
+    full = _params(base)
+    _save_base(base, tmp_path / "base")
+    pat = {"prune_axes": ["mlp"]} if axes == "mlp" else {"prune_axes": ["hidden", "mlp"], "target_width": 48}
+    torch.manual_seed(0)
+    model = wrap(base, init_weights=False, target_sparsity=0.3, **pat)
+    train_steps(model, IDS, steps=4, total=4)  # the masks harden at the freeze step
+    masks = model.base_model.masks_of("default")
+    assert all(m.hardened for m in masks.values())
+    kept_mlp = model.peft_config["default"].kept_intermediate_size
+    expected = logits(model, IDS)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model(family, seed=3), tmp_path / "adapter")
+    assert torch.equal(logits(reloaded, IDS), expected)
+
+    small = model.merge_and_prune()
+    assert small.config.intermediate_size == kept_mlp
+    assert small.config.hidden_size == (48 if axes != "mlp" else base.config.hidden_size)
+    assert_logits_close(logits(small, IDS), expected)
+    assert _params(small) / full == pytest.approx(0.7, abs=0.05)  # the budget: 30% of the parameters
+
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progressbar=False)
+    disk = load_file(tmp_path / "out" / "model.safetensors")
+    memory = dict(small.state_dict())
+    if small.config.tie_word_embeddings:
+        del memory["lm_head.weight"]
+    assert set(disk) == set(memory)
+    for name, tensor in memory.items():
+        assert torch.equal(disk[name], tensor), name
+
+
+def test_merge_and_unload_folds_the_soft_mlp_gate_at_full_width():
+    torch.manual_seed(0)
+    model = wrap(tiny_model("llama", seed=3), init_weights=False, prune_axes=["mlp"], target_sparsity=0.3)
+    train_steps(model, IDS, steps=1, total=20)  # still soft
+    expected = logits(model, IDS)
+    merged = model.merge_and_unload()
+    assert merged.config.intermediate_size == tiny_model("llama").config.intermediate_size
+    assert_logits_close(logits(merged, IDS), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prune_axes": ["heads"]}, "not supported by this version yet"),
+        ({"prune_axes": ["width"]}, "unknown axes"),
+        ({"prune_axes": "mlp"}, "must be a list of axis names"),
+        ({"prune_axes": ["hidden"], "target_intermediate_size": 64}, "add 'mlp' to prune_axes"),
+        ({"prune_axes": ["mlp"], "target_width": 48}, "add 'hidden' to prune_axes"),
+    ],
+)
+def test_impossible_axis_requests_are_refused_at_the_config(kwargs, match):
+    with pytest.raises(PATConfigError if "list" not in match else TypeError, match=match):
+        PATConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prune_axes": ["hidden", "mlp"], "target_sparsity": 0.3}, "say how the budget is split"),
+        ({"prune_axes": ["mlp"], "target_intermediate_size": 10_000}, "strictly between 0"),
+        ({"prune_axes": ["mlp"], "target_sparsity": 0.9}, "cannot be reached by cutting the MLP width"),
+    ],
+)
+def test_budgets_the_axes_cannot_reach_are_refused_before_the_model_changes(kwargs, match):
+    base = tiny_model("llama", seed=1)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(PATConfigError, match=match):
+        wrap(base, **kwargs)
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
+
+
+def test_adapter_saved_and_loaded_under_another_name_keeps_its_mlp_mask(tmp_path):
+    torch.manual_seed(0)
+    model = wrap(tiny_model("qwen2", seed=3), init_weights=False, prune_axes=["mlp"], target_sparsity=0.3)
+    train_steps(model, IDS, steps=2, total=10)  # soft: the logits matter
+    expected = logits(model, IDS)
+    model.save_pretrained(tmp_path / "adapter")
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert "base_model.pat_unit_masks.mlp.logits" in keys  # the checkpoint keys hold no adapter name
+    other = PeftModel.from_pretrained(tiny_model("qwen2", seed=3), tmp_path / "adapter", adapter_name="small")
+    assert torch.equal(other.base_model.pat_unit_masks["small"]["mlp"].logits, model.base_model.pat_unit_masks[
+        "default"]["mlp"].logits)  # fmt: skip
+    assert torch.equal(logits(other, IDS), expected)
+
+
+def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_the_mlp_axis(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from peft_pat import PATCallback
+
+    from helpers import TokenDataset
+
+    model = wrap(tiny_model("llama", seed=3), prune_axes=["mlp"], target_sparsity=0.3, calibration_batches=2,
+                 distillation_weight=1.0)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, weight_decay=0.1,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PATCallback()]).train()
+    mlp = model.base_model.pat_unit_masks["default"]["mlp"]
+    assert bool(mlp.calibrated) and mlp.hardened
+    kept = model.peft_config["default"].kept_intermediate_size
+    assert mlp.hard_mask.sum(-1).tolist() == [float(kept)] * mlp.groups
+    logged = [e for e in model.base_model.pat_stats().keys()]
+    assert "mlp_kept_channels" in logged and model.base_model.pat_stats()["mlp_kept_channels"] == kept
+    model.eval()
+    expected = logits(model, IDS)
+    small = model.merge_and_prune()
+    assert small.config.intermediate_size == kept
+    assert_logits_close(logits(small, IDS), expected)
