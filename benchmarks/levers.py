@@ -9,13 +9,16 @@ process, WikiText-2 perplexity on 40 windows of 512 tokens, one JSON line append
   mask calibrated exactly as PATCallback does (``set_step`` around every step, ``calibrate`` on the
   first 8 training batches), so the package defaults are what is measured.
 * ``--method posthoc``: the activation cut of the same 8 batches (massive-activation channels
-  protected, as PAT's start protects them), then LoRA r=20 on every decoder linear, distilled from a
-  frozen dense copy with ``peft_pat.training.distillation.distillation_loss`` (``--loss distill``) or trained
-  on cross-entropy (``--loss full``).
+  protected, as PAT's start protects them; with ``--opts prune_axes=[...]`` the shape PAT would prune
+  to, MLP units ranked per layer by their RMS input to ``down_proj``), then LoRA r=20 on every decoder
+  linear, distilled from a frozen dense copy with ``peft_pat.training.distillation.distillation_loss``
+  (``--loss distill``) or trained on cross-entropy (``--loss full``).
 
     python -m benchmarks.levers --method pat --sparsity 0.25
     python -m benchmarks.levers --method pat --sparsity 0.25 --opts mask_fade_to_hard=False
     python -m benchmarks.levers --method posthoc --sparsity 0.25 --loss distill
+    python -m benchmarks.levers --method pat --sparsity 0.25 --opts "prune_axes=['mlp']"
+    python -m benchmarks.levers --method posthoc --sparsity 0.25 --opts "prune_axes=['mlp']"
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from peft_pat.width import resolve_kept_width
 
 from .quality.commonsense import TaskMixture
 from .quality.evaluation import perplexity
-from .quality.posthoc import cut_by_activation
+from .quality.posthoc import cut_by_activation, cut_shape_by_activation
 from .quality.wikitext import perplexity_windows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,8 +158,17 @@ def main(argv: list[str] | None = None) -> dict:
         tuner = model.base_model
     else:
         teacher = copy.deepcopy(base).eval().requires_grad_(False) if args.loss == "distill" else None
-        stats = channel_statistics(base, batches[:CALIBRATION_BATCHES])
-        cut_by_activation(base, family_for_model(base), stats.score, massive_channels(stats.energy), kept)
+        family = family_for_model(base)
+        if "mlp" in PATConfig(target_sparsity=args.sparsity, **args.opts).pruned_axes:  # the same shape as PAT's
+            shape = get_peft_model(copy.deepcopy(base), PATConfig(target_sparsity=args.sparsity, **args.opts))
+            config = shape.peft_config["default"]
+            kept = config.kept_width if "hidden" in config.pruned_axes else None
+            stats = channel_statistics(base, batches[:CALIBRATION_BATCHES], mlp=True)
+            cut_shape_by_activation(base, family, stats, kept, config.kept_intermediate_size)
+            del shape
+        else:
+            stats = channel_statistics(base, batches[:CALIBRATION_BATCHES])
+            cut_by_activation(base, family, stats.score, massive_channels(stats.energy), kept)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         producers = {name: args.posthoc_producer_rank for name in ("o_proj", "down_proj")}
         lora = LoraConfig(

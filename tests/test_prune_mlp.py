@@ -81,3 +81,19 @@ def test_mlp_keep_a_stock_config_cannot_hold_is_refused_before_anything_changes(
     with pytest.raises(PATConfigError, match=match):
         prune_model(model, family_for_model(model), mlp=keep(model))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_posthoc_rival_of_a_multi_axis_shape_keeps_the_loudest_mlp_units_per_layer():
+    from benchmarks.quality.posthoc import cut_shape_by_activation
+    from peft_pat.calibration import channel_statistics
+
+    model = tiny_model("llama", seed=4)
+    stats = channel_statistics(model, [{"input_ids": IDS}], mlp=True)
+    layers, width = stats.mlp_score.shape
+    assert (layers, width) == (model.config.num_hidden_layers, model.config.intermediate_size)
+    down = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
+    small = cut_shape_by_activation(model, family_for_model(model), stats, None, 40)
+    assert small.config.intermediate_size == 40 and small.config.hidden_size == 64
+    for layer, (weight, scores) in enumerate(zip(down, stats.mlp_score)):
+        kept = torch.topk(scores, 40).indices.sort().values
+        assert torch.equal(small.model.layers[layer].mlp.down_proj.weight, weight[:, kept])

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peft_pat import FamilySpec, prune_hidden_channels
-from peft_pat.calibration import top_channels
+from peft_pat import FamilySpec, prune_hidden_channels, prune_model
+from peft_pat.calibration import ChannelStatistics, massive_channels, top_channels
 
 
 def cut_by_activation(
@@ -24,3 +24,16 @@ def cut_by_activation(
     """Keep the ``protected`` (massive-activation) channels and the highest ``scores`` up to ``kept``, as PAT's
     mask start does; in place, returns ``model``."""
     return prune_hidden_channels(model, family, top_channels(scores, kept, protected))
+
+
+def cut_shape_by_activation(
+    model: nn.Module, family: FamilySpec, stats: ChannelStatistics, kept_width: int | None, kept_mlp: int | None
+) -> nn.Module:
+    """The post-hoc rival of a multi-axis PAT shape: the hidden channels as :func:`cut_by_activation` keeps
+    them (``kept_width`` None: not cut) and, per layer, the ``kept_mlp`` MLP units with the largest RMS input
+    to ``down_proj`` (``stats.mlp_score``, Minitron's MLP-neuron importance); in place, returns ``model``."""
+    hidden = None if kept_width is None else top_channels(stats.score, kept_width, massive_channels(stats.energy))
+    mlp = None
+    if kept_mlp is not None:
+        mlp = torch.stack([torch.topk(row, kept_mlp).indices.sort().values for row in stats.mlp_score])
+    return prune_model(model, family, hidden=hidden, mlp=mlp)
