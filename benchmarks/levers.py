@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = {"distillation_weight": 0.0} if args.loss == "full" else {}
         model = get_peft_model(base, PATConfig(target_sparsity=args.sparsity, **overrides, **args.opts))
         tuner = model.base_model
+        config = model.peft_config["default"]
+        kept, kept_mlp = (config.kept_width if "hidden" in config.pruned_axes else None), config.kept_intermediate_size
     else:
         teacher = copy.deepcopy(base).eval().requires_grad_(False) if args.loss == "distill" else None
         family = family_for_model(base)
@@ -163,10 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
             shape = get_peft_model(copy.deepcopy(base), PATConfig(target_sparsity=args.sparsity, **args.opts))
             config = shape.peft_config["default"]
             kept = config.kept_width if "hidden" in config.pruned_axes else None
+            kept_mlp = config.kept_intermediate_size
             stats = channel_statistics(base, batches[:CALIBRATION_BATCHES], mlp=True)
-            cut_shape_by_activation(base, family, stats, kept, config.kept_intermediate_size)
+            cut_shape_by_activation(base, family, stats, kept, kept_mlp)
             del shape
         else:
+            kept_mlp = None
             stats = channel_statistics(base, batches[:CALIBRATION_BATCHES])
             cut_by_activation(base, family, stats.score, massive_channels(stats.energy), kept)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     if layerwise is not None:
         layerwise.remove()
     result = {"method": args.method, "sparsity": args.sparsity, "kept": kept, "loss": args.loss}
+    if kept_mlp is not None:
+        result["kept_intermediate"] = kept_mlp
     result["opts"] = {k: repr(v) for k, v in args.opts.items()}
     if args.layerwise:
         result["layerwise"] = args.layerwise
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         small = model.merge_and_unload()
     train_seconds = time.time() - start
+    result["params"] = sum(q.numel() for q in small.parameters())  # unique: a tied lm_head once
     result.update(ppl=perplexity(small, windows, progress=False)["perplexity"], train_s=round(train_seconds))
     result["curve"] = curve
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
