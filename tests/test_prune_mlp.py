@@ -44,6 +44,9 @@ def test_mlp_cut_is_exact_when_the_cut_channels_carry_nothing(family, tmp_path, 
     expected = logits(model, IDS)
     small = prune_model(model, family_for_model(model), mlp=keep)
     assert small.config.intermediate_size == width // 2
+    for module in small.modules():  # PEFT (LoRA on the pruned model) reads these, not the weights
+        if isinstance(module, torch.nn.Linear):
+            assert (module.out_features, module.in_features) == tuple(module.weight.shape)
     assert_logits_close(logits(small, IDS), expected)
     small.save_pretrained(tmp_path / "small")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small")

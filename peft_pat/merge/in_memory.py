@@ -89,14 +89,14 @@ def _finish(model: nn.Module, plan: MergePlan) -> None:
     lm_head = model.get_submodule(family.lm_head)
     if plan.tied_out:
         lm_head.weight = embedding.weight
-    if plan.keep is not None:
+    if plan.keep is not None or plan.unit_keeps:
         for op in plan.all_ops():
             module = model.get_submodule(op.name.rpartition(".")[0])
             if isinstance(module, nn.Linear) and op.param == "weight":
                 module.out_features, module.in_features = module.weight.shape
             elif isinstance(module, nn.Embedding):
                 module.embedding_dim = module.weight.shape[1]
-        if family.embedding_scale_attr:  # the scale a stock model of the kept width computes with
+        if family.embedding_scale_attr and plan.keep is not None:  # the scale a stock model of the kept width uses
             scale = math.sqrt(plan.kept)
             getattr(embedding, family.embedding_scale_attr).fill_(scale)
             if hasattr(embedding, "scalar_embed_scale"):
