@@ -8,16 +8,19 @@ loss) to the Trainer's logs so TensorBoard / W&B / the console show them.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .diagnostics import MaskHistory
 from .errors import PATTypeError
 from .model import find_pat_tuner  # re-exported: benchmarks and user code import it from here
+from .training.checkpoints import mark_complete, set_aside_incomplete
 
 LOG_PREFIX = "pat/"
 
@@ -68,6 +71,24 @@ class PATCallback(TrainerCallback):
                 callbacks.insert(0, self)
                 break
             frame = frame.f_back
+        self._set_aside_incomplete_checkpoints(args, state)
+
+    # -------------------------------------------------------------- checkpoints a kill cannot spoil
+    @staticmethod
+    def _set_aside_incomplete_checkpoints(args, state) -> None:
+        """Before ``train()`` resolves ``resume_from_checkpoint=True`` (it takes the highest checkpoint-N), move
+        aside the checkpoints a kill left half written (:mod:`peft_pat.training.checkpoints`); the main process
+        renames, the others wait for it."""
+        if state.is_world_process_zero:
+            set_aside_incomplete(args.output_dir)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def on_save(self, args, state, control, **kwargs):
+        """The Trainer has written the whole checkpoint: mark it complete (the marker is written last)."""
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            mark_complete(folder)
 
     # -------------------------------------------------------------- schedule
     def on_train_begin(self, args, state, control, model=None, **kwargs):
