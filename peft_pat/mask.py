@@ -182,7 +182,25 @@ class PATMask(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self.OPTIONAL_STATE:
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        self._check_saved_width(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_saved_width(self, state_dict, prefix: str) -> None:
+        """Refuse saved state that fixed another kept count than this mask's (a Trainer checkpoint resumed after
+        target_sparsity / target_width was edited): the restored hard mask or calibrated set would keep one
+        width while the config, the saved adapter and the merge expect another."""
+        for name, fixed in (("hard_mask", "is_hard"), ("fade_target", "calibrated")):
+            saved, flag = state_dict.get(prefix + name), state_dict.get(prefix + fixed)
+            if saved is None or flag is None or not bool(flag) or saved.shape != self.hard_mask.shape:
+                continue
+            counts = {int(c) for c in (saved > 0.5).sum(-1).flatten().tolist()}
+            if counts != {self.kept_width}:
+                raise PATConfigError(
+                    f"The saved PAT mask keeps {sorted(counts)} of {self.hidden_size} units, but this adapter's "
+                    f"config asks for {self.kept_width}: the checkpoint was trained with another target_sparsity / "
+                    "target_width (or target_intermediate_size). Resume with the settings the run started with, "
+                    "or start a new run in another output_dir."
+                )
 
     @classmethod
     def from_config(cls, config, random_init: bool = False) -> PATMask:

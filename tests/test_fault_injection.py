@@ -56,3 +56,23 @@ def test_killed_run_resumes_bit_identically(kill, tmp_path, uninterrupted):
         step = kill.split(":")[1]
         aside = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(f".checkpoint-{step}.incomplete")]
         assert len(aside) == 1 and "moved aside" in resumed.stderr
+
+
+def test_resume_after_target_sparsity_was_edited_is_refused(tmp_path, uninterrupted):
+    """The config and the saved adapter would say one width while the restored mask keeps another."""
+    from fault_train import PAT_SETTINGS
+    from transformers import Trainer, TrainingArguments
+
+    from peft_pat import PATCallback, PATConfigError
+
+    from helpers import TokenDataset, wrap
+    from tiny_models import tiny_model
+
+    model = wrap(tiny_model("llama"), **{**PAT_SETTINGS, "target_sparsity": 0.5})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, save_strategy="steps", save_steps=3,
+        report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PATCallback()])
+    with pytest.raises(PATConfigError, match=r"keeps \[48\] of 64 units, but this adapter's config asks for 32"):
+        trainer.train(resume_from_checkpoint=str(uninterrupted / "run" / "checkpoint-9"))
