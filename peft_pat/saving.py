@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import types
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,18 +26,52 @@ from .errors import CheckpointError, PATTypeError
 WEIGHT_FILE = re.compile(r"^(model|pytorch_model)([.-].*)?\.(safetensors|bin)(\.index\.json)?$")
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_killed_write(target: Path) -> None:
+    """Clean up after an :func:`atomic_directory` write whose process was killed (SIGKILL skips every
+    ``finally``): its temporary folder is removed, and a previous output it had moved aside for the final
+    rename is put back if the new one never arrived. Only leftovers of processes no longer alive are touched."""
+    if not target.parent.is_dir():
+        return
+    leftovers = re.compile(rf"^\.{re.escape(target.name)}\.(partial|old)-(\d+)-")
+    found = []
+    for entry in target.parent.iterdir():
+        match = leftovers.match(entry.name)
+        if match and not _process_alive(int(match[2])):
+            found.append((match[1], entry))
+    for kind, entry in sorted(found, key=lambda item: item[0] != "old"):  # put an old output back first
+        if kind == "old" and not target.exists():
+            os.replace(entry, target)
+            warnings.warn(f"{target}: restored the previous output that a killed write had moved aside.", stacklevel=4)
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` in one rename.
 
     On any exception (or Ctrl-C) the temporary folder is removed and ``path`` is left as it was:
-    the previous output, or nothing.
+    the previous output, or nothing. After a SIGKILL, the next write to ``path`` cleans up what the killed
+    process left (:func:`_recover_killed_write`).
     """
     target = Path(path)
+    _recover_killed_write(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; choose another folder or pass overwrite=True (--overwrite).")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the final folder the usual permissions

@@ -169,3 +169,44 @@ def test_merge_of_offloaded_weights_is_refused_before_anything_changes():
         model.merge_and_prune()
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_killed_cli_merge_leaves_nothing_the_next_run_trips_over(tmp_path, capsys):
+    """SIGKILL skips every clean-up: the next write to OUT removes the killed run's temporary folder."""
+    import signal
+    import subprocess
+    import sys
+
+    base = tiny_model("llama", seed=3)
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    wrap(base).save_pretrained(tmp_path / "adapter")
+    code = (
+        "import os, signal, sys\n"
+        "from peft_pat.merge import plan\n"
+        "compute = plan.TensorOp.compute\n"
+        "def killing(self, source, keep):\n"
+        "    if self.name.endswith('layers.1.mlp.down_proj.weight'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return compute(self, source, keep)\n"
+        "plan.TensorOp.compute = killing\n"
+        "from peft_pat.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--no-progress"]
+    killed = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert len(leftovers) == 1 and not (tmp_path / "out").exists()
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
+
+    # killed between the two renames of an overwrite: the previous output is put back, not lost
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    before = (tmp_path / "out" / "config.json").read_text()
+    (tmp_path / "out").rename(tmp_path / f".out.old-{dead.pid}-abcd")
+    capsys.readouterr()
+    assert main(argv) == 1  # OUT is back, so without --overwrite the merge refuses to replace it
+    assert "restored the previous output" in capsys.readouterr().err
+    assert (tmp_path / "out" / "config.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
