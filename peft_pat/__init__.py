@@ -5,7 +5,6 @@ and ``PeftModel.from_pretrained(base, "adapter")`` work like they do for LoRA.
 """
 
 from ._registry import PatPeftType, register
-from .callbacks import PATCallback
 from .config import PATConfig
 from .errors import (
     AdapterMismatchError,
@@ -21,8 +20,9 @@ from .mask import PATMask
 from .merge.checkpoint import merge_checkpoint
 from .merge.in_memory import prune_hidden_channels, prune_model
 from .model import PATModel, find_pat_tuner
-from .optim import optimizer_param_groups
 from .saving import save_pruned
+from .training.callback import PATCallback
+from .training.optimizer import optimizer_param_groups
 
 register(PATConfig, PATModel)
 

@@ -4,7 +4,7 @@ Every function returns a matplotlib ``Figure`` (shown inline in a notebook) and,
 writes it as a PNG. matplotlib is imported only when a plot is drawn (``pip install matplotlib``);
 pyplot is never used, so nothing here touches the global backend. The numbers come from
 :mod:`peft_pat.diagnostics` and from the Trainer's ``state.log_history`` (where
-:class:`~peft_pat.callbacks.PATCallback` puts the ``pat/*`` entries).
+:class:`~peft_pat.training.callback.PATCallback` puts the ``pat/*`` entries).
 """
 
 from __future__ import annotations

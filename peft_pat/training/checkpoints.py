@@ -4,7 +4,7 @@ and an incomplete one is moved aside before the Trainer looks for the newest.
 The Trainer writes ``checkpoint-N`` in place (model, optimizer, scheduler, RNG, ``trainer_state.json``, in
 that order) and ``resume_from_checkpoint=True`` takes the highest N, so a SIGKILL during a save leaves a
 half-written folder that the resumed run picks and crashes on (or resumes from a torn adapter file).
-:class:`~peft_pat.callbacks.PATCallback` calls :func:`mark_complete` from ``on_save`` (after the Trainer
+:class:`~peft_pat.training.callback.PATCallback` calls :func:`mark_complete` from ``on_save`` (after the Trainer
 wrote everything) and :func:`set_aside_incomplete` from ``on_init_end`` (when ``Trainer(...)`` is built,
 before ``train()`` resolves ``resume_from_checkpoint=True``). A folder without the marker counts as
 complete when its content is (checkpoints written without PATCallback, or by an older peft-pat): a

@@ -17,10 +17,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .diagnostics import MaskHistory
-from .errors import PATTypeError
-from .model import find_pat_tuner  # re-exported: benchmarks and user code import it from here
-from .training.checkpoints import mark_complete, set_aside_incomplete
+from ..diagnostics import MaskHistory
+from ..errors import PATTypeError
+from ..model import find_pat_tuner
+from .checkpoints import mark_complete, set_aside_incomplete
 
 LOG_PREFIX = "pat/"
 

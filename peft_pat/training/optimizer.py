@@ -7,7 +7,7 @@ boundary w = 0. :func:`optimizer_param_groups` therefore puts the logits in a gr
 
 The mask's own learning rate needs no group: it is a reparametrisation inside
 :class:`~peft_pat.mask.PATMask`, set by ``model.set_step(step, total, learning_rate=peak_lr)``.
-Inside transformers' Trainer, :class:`~peft_pat.callbacks.PATCallback` does both jobs instead
+Inside transformers' Trainer, :class:`~peft_pat.training.callback.PATCallback` does both jobs instead
 (the Trainer builds its own optimizer, so the callback undoes AdamW's decay on the logits).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PATConfigError, PATStateError, PATTypeError
-from .model import find_pat_tuner
+from ..errors import PATConfigError, PATStateError, PATTypeError
+from ..model import find_pat_tuner
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any]]:
