@@ -107,12 +107,10 @@ class LayerwiseDistillation:
 
 
 def parse_opts(text: str) -> dict:
-    """``key=value,...`` with Python literals (``mask_fade_to_hard=False,hsm_rank=64``)."""
-    opts = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        opts[key.strip()] = ast.literal_eval(value.strip())
-    return opts
+    """``key=value,...`` with Python literals (``mask_fade_to_hard=False,hsm_rank=64``,
+    ``prune_axes=['hidden','mlp'],target_width=504``)."""
+    call = ast.parse(f"f({text})", mode="eval").body  # keyword arguments, so a list value may hold commas
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
 
 
 def main(argv: list[str] | None = None) -> dict:
