@@ -31,7 +31,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import PATConfigError, PATStateError, PATTypeError
+from .errors import AdapterMismatchError, PATConfigError, PATStateError, PATTypeError
 
 MASK_TRAVEL = 2.0  # automatic mask_lr = MASK_TRAVEL / s0 (logit units per soft phase)
 HARD_TEMPERATURE = 1e4  # temperature after the milestone if the freeze is configured later than it
@@ -115,6 +115,15 @@ def top_n_indicator(logits: torch.Tensor, n: int, protected: torch.Tensor | None
     return indicator
 
 
+def _width_setting(config) -> str | None:
+    """'target_sparsity=0.5' or 'target_width=32': the PATConfig field the kept width N was resolved from."""
+    for name in ("target_width", "target_sparsity"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return f"{name}={value}"
+    return "the default target_sparsity" if hasattr(config, "target_sparsity") else None
+
+
 class PATMask(nn.Module):
     """Mask logits and schedule of one adapter; every HSM of that adapter reads :meth:`gate`."""
 
@@ -128,10 +137,12 @@ class PATMask(nn.Module):
         mask_lr: float | None = None,
         random_init: bool = False,
         fade_to_hard: bool = False,
+        width_setting: str | None = None,
     ) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.kept_width = int(kept_width)
+        self.width_setting = width_setting  # the PATConfig field N came from, for error messages
         self.milestone_fraction = float(milestone)
         self.freeze_fraction = float(freeze)
         self.mask_lr = mask_lr
@@ -152,6 +163,8 @@ class PATMask(nn.Module):
         self.register_buffer("fade", torch.zeros(()), persistent=False)  # f(s) of fade_to_hard
         # The 0/1 set fade_to_hard fades to: the set calibrate chose (saved, so a resumed run fades to the same set).
         self.register_buffer("fade_target", torch.ones(hidden_size))
+        # N itself, saved so that loading these weights into a mask built for another width is refused.
+        self.register_buffer("kept_target", torch.tensor(self.kept_width, dtype=torch.long))
         self._hard = False
         self._fading = False  # fade_to_hard and calibrated and still soft (a Python flag: gate() must not sync)
         self._kappa = 1.0
@@ -162,12 +175,47 @@ class PATMask(nn.Module):
         self._warned_no_auxiliary_loss = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
 
-    OPTIONAL_STATE = ("calibrated", "protected", "fade_target")  # added in 0.2: 0.1 adapters load without them
+    # added in 0.2 (calibrated, protected, fade_target) and 0.5 (kept_target): older adapters load without them
+    OPTIONAL_STATE = ("calibrated", "protected", "fade_target", "kept_target")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_saved_width(state_dict, prefix)
         for name in self.OPTIONAL_STATE:
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _saved_width(state_dict, prefix: str) -> int | None:
+        """The kept width N the weights about to be loaded were trained for: ``kept_target`` where saved, else
+        read from the hard mask (hard) or the calibrated fade target; None when nothing records it."""
+
+        def value(name):
+            tensor = state_dict.get(prefix + name)
+            return None if tensor is None or tensor.is_meta else tensor
+
+        if (saved := value("kept_target")) is not None:
+            return int(saved)
+        if (hard := value("is_hard")) is not None and bool(hard) and (mask := value("hard_mask")) is not None:
+            return int((mask > 0.5).sum())
+        calibrated, target = value("calibrated"), value("fade_target")
+        if calibrated is not None and bool(calibrated) and target is not None:
+            return int((target > 0.5).sum())
+        return None
+
+    def _check_saved_width(self, state_dict, prefix: str) -> None:
+        """Refuse mask state saved for another width than this mask's (e.g. target_sparsity edited before a resume)."""
+        saved = self._saved_width(state_dict, prefix)
+        if saved is None or saved == self.kept_width:
+            return
+        setting = f" ({self.width_setting})" if self.width_setting else ""
+        raise AdapterMismatchError(
+            f"The saved PAT mask being loaded keeps {saved} of {self.hidden_size} hidden channels (sparsity "
+            f"{1 - saved / self.hidden_size:.4g}), but this model's PATConfig{setting} keeps {self.kept_width}: the "
+            "width setting was changed after the checkpoint was written, and the restored mask would disagree with "
+            f"the config. To resume, restore the original setting (target_width={saved}, or the target_sparsity / "
+            "target_width in the checkpoint's adapter_config.json); to train the new width, start a new run in "
+            "another output_dir (without resume_from_checkpoint)."
+        )
 
     @classmethod
     def from_config(cls, config, random_init: bool = False) -> PATMask:
@@ -180,6 +228,7 @@ class PATMask(nn.Module):
             mask_lr=config.mask_lr,
             random_init=random_init,
             fade_to_hard=getattr(config, "mask_fade_to_hard", False),
+            width_setting=_width_setting(config),
         )
 
     # ------------------------------------------------------------------ schedule
