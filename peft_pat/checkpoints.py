@@ -98,6 +98,7 @@ def mark_complete(folder: str | os.PathLike) -> Path:
         _fsync_path(folder / relative)
     for sub in sorted({p for relative in files for p in (folder / relative).parents if folder in p.parents}):
         _fsync_path(sub)
+    _fsync_path(folder)  # the files' entries are on disk before the marker's
     step = CHECKPOINT_NAME.match(folder.name)
     manifest = {"format": MARKER_FORMAT, "step": int(step[1]) if step else None, "files": files}
     tmp = folder / f".{MARKER}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
