@@ -32,7 +32,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import PATConfigError, PATStateError, PATTypeError
+from .errors import AdapterMismatchError, PATConfigError, PATStateError, PATTypeError
 
 MASK_TRAVEL = 2.0  # automatic mask_lr = MASK_TRAVEL / s0 (logit units per soft phase)
 HARD_TEMPERATURE = 1e4  # temperature after the milestone if the freeze is configured later than it
@@ -125,6 +125,15 @@ def _schedule_kwargs(config, random_init: bool) -> dict:
     }
 
 
+def _width_setting(config) -> str | None:
+    """'target_sparsity=0.5' or 'target_width=32': the PATConfig field the kept width N was resolved from."""
+    for name in ("target_width", "target_sparsity"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return f"{name}={value}"
+    return "the default target_sparsity" if hasattr(config, "target_sparsity") else None
+
+
 class PATMask(nn.Module):
     """Mask logits and schedule of one adapter; every HSM of that adapter reads :meth:`gate`."""
 
@@ -139,11 +148,13 @@ class PATMask(nn.Module):
         mask_lr: float | None = None,
         random_init: bool = False,
         fade_to_hard: bool = False,
+        width_setting: str | None = None,
     ) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)  # units per group (the hidden width for the hidden axis)
         self.kept_width = int(kept_width)  # units each group keeps
         self.groups = None if groups is None else int(groups)  # None: one vector (the hidden axis); else per layer
+        self.width_setting = width_setting  # the PATConfig field N came from, for error messages
         shape = (hidden_size,) if groups is None else (int(groups), hidden_size)
         self.milestone_fraction = float(milestone)
         self.freeze_fraction = float(freeze)
@@ -165,6 +176,8 @@ class PATMask(nn.Module):
         self.register_buffer("fade", torch.zeros(()), persistent=False)  # f(s) of fade_to_hard
         # The 0/1 set fade_to_hard fades to: the set calibrate chose (saved, so a resumed run fades to the same set).
         self.register_buffer("fade_target", torch.ones(shape))
+        # N itself, saved so that loading these weights into a mask built for another width is refused.
+        self.register_buffer("kept_target", torch.tensor(self.kept_width, dtype=torch.long))
         self._hard = False
         self._fading = False  # fade_to_hard and calibrated and still soft (a Python flag: gate() must not sync)
         self._kappa = 1.0
@@ -177,45 +190,71 @@ class PATMask(nn.Module):
         if self.kept_width >= self.hidden_size:  # an axis that is not pruned: the all-ones hard mask from the start
             self.harden()
 
-    OPTIONAL_STATE = ("calibrated", "protected", "fade_target")  # added in 0.2: 0.1 adapters load without them
+    # added in 0.2 (calibrated, protected, fade_target) and 0.5 (kept_target): older adapters load without them
+    OPTIONAL_STATE = ("calibrated", "protected", "fade_target", "kept_target")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_saved_width(state_dict, prefix)
         for name in self.OPTIONAL_STATE:
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
-        self._check_saved_width(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @staticmethod
+    def _saved_width(state_dict, prefix: str) -> int | None:
+        """The kept count N the weights about to be loaded were trained for: ``kept_target`` where saved, else
+        read from the hard mask (hard) or the calibrated fade target (per row: -1 if the rows disagree); None when
+        nothing records it."""
+
+        def value(name):
+            tensor = state_dict.get(prefix + name)
+            return None if tensor is None or tensor.is_meta else tensor
+
+        def count(mask):
+            counts = {int(c) for c in (mask > 0.5).sum(-1).flatten().tolist()}
+            return counts.pop() if len(counts) == 1 else -1
+
+        if (saved := value("kept_target")) is not None:
+            return int(saved)
+        if (hard := value("is_hard")) is not None and bool(hard) and (mask := value("hard_mask")) is not None:
+            return count(mask)
+        calibrated, target = value("calibrated"), value("fade_target")
+        if calibrated is not None and bool(calibrated) and target is not None:
+            return count(target)
+        return None
+
     def _check_saved_width(self, state_dict, prefix: str) -> None:
-        """Refuse saved state that fixed another kept count than this mask's (a Trainer checkpoint resumed after
-        target_sparsity / target_width was edited): the restored hard mask or calibrated set would keep one
-        width while the config, the saved adapter and the merge expect another."""
-        for name, fixed in (("hard_mask", "is_hard"), ("fade_target", "calibrated")):
-            saved, flag = state_dict.get(prefix + name), state_dict.get(prefix + fixed)
-            if saved is None or flag is None or not bool(flag) or saved.shape != self.hard_mask.shape:
-                continue
-            counts = {int(c) for c in (saved > 0.5).sum(-1).flatten().tolist()}
-            if counts != {self.kept_width}:
-                raise PATConfigError(
-                    f"The saved PAT mask keeps {sorted(counts)} of {self.hidden_size} units, but this adapter's "
-                    f"config asks for {self.kept_width}: the checkpoint was trained with another target_sparsity / "
-                    "target_width (or target_intermediate_size). Resume with the settings the run started with, "
-                    "or start a new run in another output_dir."
-                )
+        """Refuse mask state saved for another width than this mask's (e.g. target_sparsity edited before a resume)."""
+        saved = self._saved_width(state_dict, prefix)
+        if saved is None or saved == self.kept_width:
+            return
+        setting = f" ({self.width_setting})" if self.width_setting else ""
+        units = "hidden channels" if self.groups is None else "units in each layer"
+        raise AdapterMismatchError(
+            f"The saved PAT mask being loaded keeps {saved} of {self.hidden_size} {units}, but this model's "
+            f"PATConfig{setting} keeps {self.kept_width}: the width setting was changed after the checkpoint was "
+            f"written, and the restored mask would disagree with the config. To resume, restore the original setting "
+            f"({'target_width' if self.groups is None else 'target_intermediate_size'}={saved}, or the settings in "
+            "the checkpoint's adapter_config.json); to train the new width, start a new run in another output_dir "
+            "(without resume_from_checkpoint)."
+        )
 
     @classmethod
     def from_config(cls, config, random_init: bool = False) -> PATMask:
         """The hidden mask a resolved ``PATConfig`` describes (``base_hidden_size`` and ``kept_width`` filled in;
         keeping every channel when the hidden axis is not pruned)."""
-        return cls(config.base_hidden_size, config.kept_width, **_schedule_kwargs(config, random_init))
+        return cls(config.base_hidden_size, config.kept_width, **_schedule_kwargs(config, random_init),
+                   width_setting=_width_setting(config))  # fmt: skip
 
     @classmethod
     def unit_masks_from_config(cls, config, random_init: bool = False) -> dict[str, PATMask]:
         """The per-layer axis masks a resolved ``PATConfig`` prunes: {"mlp": (layers, intermediate) mask}."""
         masks = {}
         if "mlp" in config.pruned_axes:
+            setting = (f"target_intermediate_size={config.target_intermediate_size}"
+                       if config.target_intermediate_size is not None else _width_setting(config))  # fmt: skip
             masks["mlp"] = cls(
                 config.base_intermediate_size, config.kept_intermediate_size, groups=config.base_num_hidden_layers,
-                **_schedule_kwargs(config, random_init),
+                **_schedule_kwargs(config, random_init), width_setting=setting,
             )  # fmt: skip
         return masks
 

@@ -1,78 +1,94 @@
-"""A Trainer run with PATCallback killed (SIGKILL) at several moments, inside a checkpoint save included,
-then resumed with ``resume_from_checkpoint=True``: the final adapter and merged model are bit-identical to an
-uninterrupted run's. Without PATCallback's checkpoint marker the resume picks the torn checkpoint."""
+"""A Trainer run SIGKILLed at chosen moments, resumed each time with ``resume_from_checkpoint=True``, ends
+bit-exactly where an uninterrupted run ends: same adapter tensors, same ``merge_and_prune()`` weights.
 
-from __future__ import annotations
+One output folder lives through six processes (tests/fault_train.py: 12 steps, mask freeze at step 7,
+checkpoints every 3 steps, ``save_total_limit=2``), each killed with SIGKILL from inside itself:
+
+1. after step 5 (soft mask, between saves): the next start resumes from checkpoint-3;
+2. inside the save of checkpoint-6, with ``optimizer.pt`` half written: moved aside, resume from 3;
+3. after step 8 (hard mask, between saves): resume from the new checkpoint-6;
+4. inside the save of checkpoint-9, with ``adapter_model.safetensors`` half written: moved aside, resume from 6;
+5. in the rotation after checkpoint-9, half way through deleting checkpoint-3 (checkpoint-9 is whole but
+   has no completion marker yet; checkpoint-3 has lost files but kept its marker): 3 is moved aside, resume
+   from 9, judged complete by its contents;
+6. inside the final save, checkpoint-12, with ``trainer_state.json`` half written: moved aside, resume from 9.
+
+Before the last start the completion markers are removed, as in checkpoints written before PATCallback
+wrote them: the resume still takes checkpoint-9, by content. Without the move-aside, stage 2's resume
+takes the half-written checkpoint-6 (no trainer state: it restarts at step 0 from trained weights) and
+the run ends elsewhere.
+"""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "fault_train.py"
+from peft_pat.training.checkpoints import MARKER
+
+SCRIPT = Path(__file__).resolve().parent / "fault_train.py"
+TIMEOUT = 300
+
 pytestmark = pytest.mark.slow
 
-
-def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), *extra], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-
-
-def _assert_same(got: Path, expected: Path) -> None:
-    for name in ("final/adapter_model.safetensors", "merged.safetensors"):
-        a, b = load_file(got / name), load_file(expected / name)
-        assert a.keys() == b.keys(), name
-        for key in a:
-            assert torch.equal(a[key], b[key]), (name, key)
+STAGES = [  # (fault, checkpoint the start resumes from, folders moved aside at that start)
+    ("step:5", 0, []),
+    ("save:6:optimizer.pt", 3, []),
+    ("step:8", 3, ["checkpoint-6"]),
+    ("save:9:adapter_model.safetensors", 6, []),
+    ("rotate:9", 6, ["checkpoint-9"]),
+    ("save:12:trainer_state.json", 9, ["checkpoint-3"]),
+    (None, 9, ["checkpoint-12"]),
+]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    done = _run(out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def start(output_dir: Path, result: Path, kill: str | None) -> subprocess.Popen:
+    root = str(SCRIPT.parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    command = [sys.executable, str(SCRIPT), str(output_dir), str(result)] + (["--kill", kill] if kill else [])
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize(
-    "kill",
-    ["step:4", "save:6", "state:9", "step:10"],
-    ids=["before-the-freeze", "inside-a-save-torn-adapter", "inside-a-save-no-trainer-state", "after-the-freeze"],
-)
-def test_killed_run_resumes_bit_identically(kill, tmp_path, uninterrupted):
-    killed = _run(tmp_path, "--kill", kill)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = _run(tmp_path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same(tmp_path, uninterrupted)
-    if kill.startswith(("save", "state")):  # the torn checkpoint was moved aside, with a warning, not deleted
-        step = kill.split(":")[1]
-        aside = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(f".checkpoint-{step}.incomplete")]
-        assert len(aside) == 1 and "moved aside" in resumed.stderr
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=TIMEOUT)
+    return process.returncode, stdout, stderr
 
 
-def test_resume_after_target_sparsity_was_edited_is_refused(tmp_path, uninterrupted):
-    """The config and the saved adapter would say one width while the restored mask keeps another."""
-    from fault_train import PAT_SETTINGS
-    from transformers import Trainer, TrainingArguments
+def moved_aside(output_dir: Path) -> set[str]:
+    """The checkpoint names of the folders set aside as incomplete."""
+    return {p.name[1:].split(".incomplete-")[0] for p in output_dir.iterdir() if ".incomplete-" in p.name}
 
-    from peft_pat import PATCallback, PATConfigError
 
-    from helpers import TokenDataset, wrap
-    from tiny_models import tiny_model
+def test_killed_at_any_moment_and_resumed_run_is_bit_exact(tmp_path):
+    reference = start(tmp_path / "uninterrupted", tmp_path / "uninterrupted.pt", None)
+    output_dir = tmp_path / "run"
+    aside: set[str] = set()
+    for stage, (kill, resumes_from, newly_aside) in enumerate(STAGES, 1):
+        if kill is None:  # checkpoints from before the completion marker: judged by their contents
+            for marker in output_dir.glob(f"checkpoint-*/{MARKER}"):
+                folder = marker.parent.stat()
+                marker.unlink()
+                os.utime(marker.parent, ns=(folder.st_atime_ns, folder.st_mtime_ns))  # rotation orders by mtime
+        code, stdout, stderr = finish(start(output_dir, tmp_path / "resumed.pt", kill))
+        where = f"stage {stage} ({kill or 'to the end'}):\n{stdout[-2000:]}\n{stderr[-4000:]}"
+        assert f"START step={resumes_from}\n" in stdout, where
+        aside |= set(newly_aside)
+        assert moved_aside(output_dir) == aside, where
+        if kill is None:
+            assert code == 0, where
+        else:
+            assert code == -9 and "FAULT killed" in stdout, where
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-9"]
 
-    model = wrap(tiny_model("llama"), **{**PAT_SETTINGS, "target_sparsity": 0.5})
-    args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, save_strategy="steps", save_steps=3,
-        report_to=[], use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PATCallback()])
-    with pytest.raises(PATConfigError, match=r"keeps \[48\] of 64 units, but this adapter's config asks for 32"):
-        trainer.train(resume_from_checkpoint=str(uninterrupted / "run" / "checkpoint-9"))
+    code, stdout, stderr = finish(reference)
+    assert code == 0, f"uninterrupted run failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    expected = torch.load(tmp_path / "uninterrupted.pt")
+    resumed = torch.load(tmp_path / "resumed.pt")
+    for part in ("adapter", "merged"):
+        assert resumed[part].keys() == expected[part].keys()
+        different = [k for k in expected[part] if not torch.equal(resumed[part][k], expected[part][k])]
+        assert not different, f"{part}: the resumed run differs from the uninterrupted one in {different}"

@@ -7,14 +7,19 @@ the run is killed right after checkpoint 6 (soft mask, before the freeze) or 9 (
 (PATCallback undoes it on the mask logits), the mask's own learning rate and LoRA dropout (RNG state) are on.
 """
 
+import json
+import os
+
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from peft_pat import PATCallback
+from peft_pat import AdapterMismatchError, PATCallback
 from peft_pat.mask import milestone_step, offset, temperature
+from peft_pat.training.checkpoints import LOCK_NAME, MARKER, checkpoint_problem, mark_complete, set_aside_incomplete
 
 from helpers import TokenDataset, wrap
 from tiny_models import tiny_model
@@ -40,10 +45,10 @@ class KillAfterCheckpoint(TrainerCallback):
             raise Killed
 
 
-def train(output_dir, kill_at=None, resume_from=None):
+def train(output_dir, kill_at=None, resume_from=None, **pat_settings):
     """A fresh model and Trainer (as after a restart); returns the PEFT model after training."""
     torch.manual_seed(0)
-    model = wrap(tiny_model("llama"), **PAT_SETTINGS)
+    model = wrap(tiny_model("llama"), **{**PAT_SETTINGS, **pat_settings})
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=TOTAL,
@@ -109,3 +114,128 @@ def test_killed_and_resumed_run_is_bit_exact(tmp_path, uninterrupted, kill_at):
     assert resumed.keys() == uninterrupted.keys()
     different = [k for k in uninterrupted if not torch.equal(resumed[k], uninterrupted[k])]
     assert not different, f"resumed run differs from the uninterrupted one in {different}"
+
+
+# ---------------------------------------------------------------- a width setting edited before the resume
+@pytest.mark.parametrize(
+    ("kill_at", "edit", "old_format"),
+    [
+        (9, {"target_sparsity": 0.5}, False),
+        (6, {"target_sparsity": None, "target_width": 32}, False),
+        (9, {"target_sparsity": 0.5}, True),
+    ],
+    ids=["hard-mask-sparsity-edited", "soft-mask-width-edited", "hard-mask-adapter-without-kept-target"],
+)
+def test_resume_with_an_edited_width_is_refused(tmp_path, kill_at, edit, old_format):
+    """The checkpoint's mask keeps 48 channels; a script edited to keep 32 must not resume into a mixed state."""
+    with pytest.raises(Killed):
+        train(tmp_path, kill_at=kill_at)
+    checkpoint = tmp_path / f"checkpoint-{kill_at}"
+    if old_format:  # written by peft-pat 0.4 (no kept_target, no marker): the hard mask tells the width
+        weights = checkpoint / "adapter_model.safetensors"
+        save_file({k: v for k, v in load_file(weights).items() if not k.endswith("kept_target")}, weights)
+        (checkpoint / MARKER).unlink()
+    setting = next(f"{k}={v}" for k, v in edit.items() if v is not None)
+    with pytest.raises(AdapterMismatchError, match=rf"keeps 48 of 64 .*PATConfig \({setting}\) keeps 32.*restore the "
+                       r"original setting \(target_width=48.*start a new run in another output_dir"):  # fmt: skip
+        train(tmp_path, resume_from=checkpoint, **edit)
+
+
+# ---------------------------------------------------------------- which checkpoint folders count as complete
+def fake_checkpoint(root, step: int):
+    """The files the Trainer writes for a PEFT model, small: adapter weights, optimizer, trainer state (last)."""
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PAT"}))
+    save_file({"w": torch.arange(64.0)}, folder / "adapter_model.safetensors")
+    torch.save({"state": {0: torch.ones(64)}}, folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def tear(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("none", None),
+        ("trainer_state.json", "does not parse"),
+        ("adapter_model.safetensors", "adapter_model.safetensors"),
+        ("optimizer.pt", "optimizer.pt is not a whole torch archive"),
+        ("adapter_config.json", "adapter_config.json does not parse"),
+        ("no trainer state", "no trainer_state.json"),
+        ("another step", "names step 7"),
+    ],
+)
+def test_a_checkpoint_without_a_marker_is_judged_by_its_contents(tmp_path, damage, reason):
+    folder = fake_checkpoint(tmp_path, 6)
+    if damage == "no trainer state":
+        (folder / "trainer_state.json").unlink()
+    elif damage == "another step":
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 7}))
+    elif damage != "none":
+        tear(folder / damage)
+    problem = checkpoint_problem(folder)
+    assert problem is None if reason is None else reason in problem
+
+
+def test_the_marker_lists_the_files_of_the_complete_checkpoint(tmp_path):
+    folder = fake_checkpoint(tmp_path, 6)
+    mtime = folder.stat().st_mtime_ns
+    mark_complete(folder)
+    assert folder.stat().st_mtime_ns == mtime  # rotation (save_total_limit) orders checkpoints by mtime
+    assert checkpoint_problem(folder) is None
+    (folder / "optimizer.pt").unlink()  # e.g. a rotation killed half way through deleting the folder
+    assert "optimizer.pt is missing" in checkpoint_problem(folder)
+
+
+def test_incomplete_checkpoints_are_moved_aside_never_deleted(tmp_path):
+    complete, torn = fake_checkpoint(tmp_path, 3), fake_checkpoint(tmp_path, 6)
+    (torn / "trainer_state.json").unlink()
+    tear(torn / "optimizer.pt")
+    before = {p.name: p.read_bytes() for p in torn.iterdir()}
+    with pytest.warns(RuntimeWarning, match=r"checkpoint-6 -> \.checkpoint-6\.incomplete-\w+ \(it has no trainer_stat"):
+        moved = set_aside_incomplete(tmp_path)
+    (aside,) = moved.values()
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    assert get_last_checkpoint(str(tmp_path)) == str(complete)
+    fake_checkpoint(tmp_path, 9)
+    rotate_checkpoints(str(tmp_path), save_total_limit=1)  # counts and deletes only checkpoint-N folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == [aside.name, "checkpoint-9"]
+
+
+def test_a_live_run_keeps_its_checkpoints(tmp_path):
+    """Another process trains into output_dir (it holds the lock): a second Trainer moves nothing."""
+    fcntl = pytest.importorskip("fcntl")
+    torn = fake_checkpoint(tmp_path, 6)
+    (torn / "trainer_state.json").unlink()  # what a live run's save looks like half way
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a second open file: conflicts like another process
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+        with pytest.warns(RuntimeWarning, match="another process is training into"):
+            PATCallback._set_aside_incomplete_checkpoints(args)
+        assert torn.is_dir()
+    finally:
+        os.close(fd)
+    with pytest.warns(RuntimeWarning, match="moved aside"):
+        PATCallback._set_aside_incomplete_checkpoints(args)
+    assert not torn.exists()
+
+
+def test_a_run_below_later_checkpoints_is_warned(tmp_path):
+    """transformers writes over checkpoint-6 and -9 in place when a run from step 3 reaches them: their markers go."""
+    for step in (3, 6, 9):
+        mark_complete(fake_checkpoint(tmp_path, step))
+    args = TrainingArguments(output_dir=str(tmp_path), save_strategy="steps", report_to=[], use_cpu=True)
+    callback = PATCallback()
+    with pytest.warns(RuntimeWarning, match=r"later steps than this run starts from \(checkpoint-6, checkpoint-9\)"):
+        callback._hold_output_dir(args, TrainerState(global_step=3))
+    try:
+        assert [p.parent.name for p in sorted(tmp_path.glob(f"*/{MARKER}"))] == ["checkpoint-3"]
+        assert all(checkpoint_problem(tmp_path / f"checkpoint-{s}") is None for s in (3, 6, 9))  # by content
+    finally:
+        callback.on_train_end(args, None, None)
+    assert callback._locked_output_dir is None

@@ -3,30 +3,44 @@
 :class:`PATCallback` drives the mask schedule from the Trainer's step counter (``set_step`` after
 every optimizer step and at the start, so resumed runs continue the schedule), keeps the mask logits
 out of weight decay, and adds the PAT numbers (kept channels, temperature, offset, each auxiliary
-loss) to the Trainer's logs so TensorBoard / W&B / the console show them.
+loss) to the Trainer's logs so TensorBoard / W&B / the console show them. It also makes checkpoints
+safe to resume from after a kill at any moment (:mod:`peft_pat.training.checkpoints`): each finished save gets
+a completion marker, and incomplete ``checkpoint-N`` folders are moved aside when the Trainer is built,
+before ``train(resume_from_checkpoint=True)`` picks the newest folder.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..diagnostics import MaskHistory
 from ..errors import PATTypeError
 from ..model import find_pat_tuner
-from .checkpoints import mark_complete, set_aside_incomplete
+from . import checkpoints
 
 LOG_PREFIX = "pat/"
 
 
 def _inner_optimizer(optimizer: Any):
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def _distributed_barrier() -> None:
+    """Wait for every process of a running torch.distributed job (nothing without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _saves_checkpoints(args) -> bool:
+    return str(getattr(args, "save_strategy", "no")).rsplit(".", 1)[-1].lower() != "no"
 
 
 class PATCallback(TrainerCallback):
@@ -51,11 +65,15 @@ class PATCallback(TrainerCallback):
         self.mask_history = MaskHistory() if record_mask_every is not None else None
         self._decay_undo: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self._warned_optimizer = False
+        self._locked_output_dir: str | None = None
 
     # -------------------------------------------------------------- ordering
     def on_init_end(self, args, state, control, **kwargs):
-        """Run first among the callbacks so the PAT numbers are in ``logs`` before reporters see them.
+        """Run first among the callbacks, and move incomplete checkpoints of ``output_dir`` aside.
 
+        The second happens here because ``Trainer(...)`` fires this event before ``train()`` resolves
+        ``resume_from_checkpoint=True`` to the newest ``checkpoint-N`` (``on_train_begin`` comes after the
+        checkpoint is loaded). The first puts the PAT numbers in ``logs`` before reporters see them:
         transformers (5.24) has no supported way to do this from a callback: the Trainer puts the
         ``report_to`` integrations before user callbacks, ``TrainerCallback`` has no priority, and
         ``CallbackHandler.call_event`` passes the model, optimizer, scheduler and dataloaders but neither
@@ -71,24 +89,71 @@ class PATCallback(TrainerCallback):
                 callbacks.insert(0, self)
                 break
             frame = frame.f_back
-        self._set_aside_incomplete_checkpoints(args, state)
+        del frame
+        self._set_aside_incomplete_checkpoints(args)
 
-    # -------------------------------------------------------------- checkpoints a kill cannot spoil
+    # -------------------------------------------------------------- checkpoints (peft_pat/training/checkpoints.py)
     @staticmethod
-    def _set_aside_incomplete_checkpoints(args, state) -> None:
-        """Before ``train()`` resolves ``resume_from_checkpoint=True`` (it takes the highest checkpoint-N), move
-        aside the checkpoints a kill left half written (:mod:`peft_pat.training.checkpoints`); the main process
-        renames, the others wait for it."""
-        if state.is_world_process_zero:
-            set_aside_incomplete(args.output_dir)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+    def _set_aside_incomplete_checkpoints(args) -> None:
+        """Move incomplete ``checkpoint-N`` folders of ``output_dir`` aside before ``train()`` resolves
+        ``resume_from_checkpoint=True``: the process that writes checkpoints does it while the others wait."""
+        output_dir = getattr(args, "output_dir", None)
+        if not output_dir:
+            return
+        with args.main_process_first(local=args.save_on_each_node, desc="PAT checkpoint check"):
+            if not args.should_save or not Path(output_dir).is_dir():
+                return
+            if not checkpoints.acquire_output_lock(output_dir):
+                warnings.warn(
+                    f"PATCallback: another process is training into {output_dir} (it holds "
+                    f"{Path(output_dir) / checkpoints.LOCK_NAME}), so its checkpoints are left as they are; a "
+                    "half-written one is not moved aside. Use another output_dir, or wait for that run to end.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return
+            try:
+                checkpoints.set_aside_incomplete(output_dir)
+            finally:
+                checkpoints.release_output_lock(output_dir)
+
+    def _hold_output_dir(self, args, state) -> None:
+        """While training: hold ``output_dir``'s lock and drop the markers of later checkpoints this run rewrites."""
+        if not args.should_save or not _saves_checkpoints(args) or self._locked_output_dir is not None:
+            return
+        if not checkpoints.acquire_output_lock(args.output_dir):
+            warnings.warn(
+                f"PATCallback: another process is training into {args.output_dir} (it holds its "
+                f"{checkpoints.LOCK_NAME}); two runs writing the same checkpoint folders overwrite each other. Use "
+                "another output_dir for this run.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self._locked_output_dir = str(args.output_dir)
+        later = []
+        for folder in sorted(Path(args.output_dir).iterdir()):
+            match = checkpoints.CHECKPOINT_NAME.match(folder.name)
+            if match and folder.is_dir() and int(match[1]) > state.global_step and checkpoints.drop_marker(folder):
+                later.append(folder.name)
+        if later:
+            warnings.warn(
+                f"PATCallback: {args.output_dir} holds checkpoints of later steps than this run starts from "
+                f"({', '.join(later)}); the Trainer writes over them in place when it reaches those steps. Their "
+                "completion markers were removed, so until then they are judged by their contents. Start the run "
+                "in a new output_dir to keep them apart.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def on_save(self, args, state, control, **kwargs):
-        """The Trainer has written the whole checkpoint: mark it complete (the marker is written last)."""
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
-            mark_complete(folder)
+        """Mark the checkpoint just written complete (the Trainer has written and rotated every file by now)."""
+        _distributed_barrier()  # every rank has returned from its part of the save
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            checkpoints.mark_complete(folder)
 
     # -------------------------------------------------------------- schedule
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -99,6 +164,7 @@ class PATCallback(TrainerCallback):
                 "mask to schedule. Wrap the base model with get_peft_model(base, PATConfig(task_type='CAUSAL_LM')) "
                 "before building the Trainer, or remove PATCallback."
             )
+        self._hold_output_dir(args, state)
         tuner.set_step(state.global_step, max(state.max_steps, 1), learning_rate=args.learning_rate)
         self._calibrate(tuner, kwargs.get("train_dataloader"))
         if self.mask_history is not None:
@@ -134,6 +200,9 @@ class PATCallback(TrainerCallback):
                 self.mask_history.record(tuner)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._locked_output_dir is not None:
+            checkpoints.release_output_lock(self._locked_output_dir)
+            self._locked_output_dir = None
         tuner = find_pat_tuner(model)
         if tuner is None:
             return
