@@ -106,7 +106,6 @@ def test_impossible_axis_requests_are_refused_at_the_config(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_axes": ["hidden", "mlp"], "target_sparsity": 0.3}, "say how the budget is split"),
         ({"prune_axes": ["mlp"], "target_intermediate_size": 10_000}, "strictly between 0"),
         ({"prune_axes": ["mlp"], "target_sparsity": 0.9}, "cannot be reached by cutting the MLP width"),
     ],
@@ -158,3 +157,41 @@ def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_the_mlp_axis
     small = model.merge_and_prune()
     assert small.config.intermediate_size == kept
     assert_logits_close(logits(small, IDS), expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "sparsity", "expected"),
+    [
+        ("smollm2", 0.25, (504, 1168)),
+        ("smollm2", 0.5, (432, 672)),
+        ("llama3-8b", 0.25, (3584, 11416)),
+        ("llama3-8b", 0.5, (3072, 7528)),
+    ],
+)
+def test_both_axes_and_only_target_sparsity_split_the_budget(shape, sparsity, expected):
+    """The hidden width loses half of target_sparsity, the MLP the rest of the parameter budget; the model is
+    built on the meta device at full depth (a layer slice would let the embedding dominate the count)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from peft_pat import family_for_model
+    from peft_pat.budget import resolve_widths
+    from peft_pat.merge.in_memory import stock_layout
+    from peft_pat.merge.plan import cut_parameter_count
+
+    shapes = {
+        "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True},
+        "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    }  # fmt: skip
+    config = LlamaConfig(**shapes[shape])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    family, layout = family_for_model(model), stock_layout(model)
+    cfg = PATConfig(prune_axes=["hidden", "mlp"], target_sparsity=sparsity)
+    width, mlp = resolve_widths(cfg, family, config.to_dict(), layout)
+    assert (width, mlp) == expected
+    full = cut_parameter_count(family, config, layout, config.hidden_size, {})
+    assert cut_parameter_count(family, config, layout, width, {"mlp": mlp}) / full == pytest.approx(
+        1 - sparsity, abs=0.002
+    )
