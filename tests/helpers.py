@@ -6,8 +6,7 @@ import torch
 from peft import get_peft_model
 
 from peft_pat import PATConfig
-
-from tiny_models import VOCAB
+from peft_pat.testing import VOCAB
 
 
 def wrap(base, **kwargs):

@@ -15,8 +15,7 @@ from peft_pat.calibration import (
     top_channels,
 )
 from peft_pat.families import family_for_model
-
-from tiny_models import tiny_inputs, tiny_model
+from peft_pat.testing import tiny_inputs, tiny_model
 
 
 def reference_scores(model, batches):

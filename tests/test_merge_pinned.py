@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from peft_pat import fold
 from peft_pat.disk_merge import merge_checkpoint
+from peft_pat.testing import ALL_FAMILIES, tiny_model
 
 from helpers import wrap
-from tiny_models import ALL_FAMILIES, tiny_model
 
 DIGESTS = Path(__file__).with_name("merge_digests.json")
 WRITE = os.environ.get("PEFT_PAT_WRITE_MERGE_DIGESTS") == "1"

@@ -15,9 +15,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_pat import PATCallback
 from peft_pat.mask import milestone_step, offset, temperature
+from peft_pat.testing import tiny_model
 
 from helpers import TokenDataset, wrap
-from tiny_models import tiny_model
 
 TOTAL, FREEZE, S0 = 12, 7, 8
 LEARNING_RATE, MASK_LR = 5e-3, 0.05
