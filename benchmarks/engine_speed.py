@@ -48,7 +48,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def prepare(args) -> dict[str, Path]:
     """{'dense': gguf, 'p25': gguf, 'p50': gguf}, converted once into --work and reused."""
-    from peft_pat.pretrained import resolve_model_path
+    from peft_pat.offline_models import resolve_model_path
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from peft import LoraConfig, get_peft_model
 from peft_pat import PATConfig, family_for_model
 from peft_pat.calibration import channel_statistics, massive_channels
 from peft_pat.distillation import distillation_loss
-from peft_pat.pretrained import load_causal_lm
+from peft_pat.offline_models import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
 from .quality.commonsense import TaskMixture

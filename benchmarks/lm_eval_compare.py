@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_pat.pretrained import resolve_model_path
+    from peft_pat.offline_models import resolve_model_path
 
     path = resolve_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

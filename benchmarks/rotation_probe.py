@@ -23,7 +23,7 @@ from torch import nn
 
 from peft_pat import family_for_model
 from peft_pat.calibration import channel_statistics, massive_channels
-from peft_pat.pretrained import load_causal_lm
+from peft_pat.offline_models import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
 from .levers import CALIBRATION_BATCHES, REPO

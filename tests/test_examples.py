@@ -78,7 +78,7 @@ def test_commonsense_records_become_prompts_with_the_output_as_answer(examples, 
 
 def test_labels_cover_the_answer_and_eos_only(examples):
     common = examples("_common")
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     _, tokenizer = load_causal_lm("tiny-random-llama")
     item = common.tokenize_pair(tokenizer, "Q: 1+1?\nA:", " 2", max_length=6)

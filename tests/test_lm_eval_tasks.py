@@ -74,9 +74,9 @@ def test_run_adds_the_defaults_and_keeps_the_users_options():
 
 
 def test_run_resolves_the_offline_smollm2_alias(monkeypatch):
-    import peft_pat.pretrained
+    import peft_pat.offline_models
     from benchmarks.lm_eval_run import build_argv
 
-    monkeypatch.setattr(peft_pat.pretrained, "smollm2_safetensors_folder", lambda: Path("/cache/smollm2"))
+    monkeypatch.setattr(peft_pat.offline_models, "smollm2_safetensors_folder", lambda: Path("/cache/smollm2"))
     argv = build_argv(["--model_args=pretrained=smollm2-135m,peft=adapter"])
     assert "--model_args=pretrained=/cache/smollm2,peft=adapter" in argv

@@ -235,7 +235,7 @@ def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path, one_thread):
     from peft import get_peft_model
 
     from peft_pat import PATConfig
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     base, _ = load_causal_lm(str(model_dir))
