@@ -1,8 +1,8 @@
 """Score any model with lm-evaluation-harness on the project's local data, fully offline.
 
-    python benchmarks/lm_eval_run.py --model_args pretrained=PRUNED_FOLDER --tasks pat_commonsense,pat_wikitext2
-    python benchmarks/lm_eval_run.py --model_args pretrained=smollm2-135m --tasks pat_commonsense --limit 200
-    python benchmarks/lm_eval_run.py --model_args pretrained=BASE,peft=ADAPTER_FOLDER --tasks pat_commonsense_label
+    python -m benchmarks.lm_eval_run --model_args pretrained=PRUNED_FOLDER --tasks pat_commonsense,pat_wikitext2
+    python -m benchmarks.lm_eval_run --model_args pretrained=smollm2-135m --tasks pat_commonsense --limit 200
+    python -m benchmarks.lm_eval_run --model_args pretrained=BASE,peft=ADAPTER_FOLDER --tasks pat_commonsense_label
 
 It is ``lm_eval run`` (every lm-eval option passes through unchanged) with three defaults added:
 
