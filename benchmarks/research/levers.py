@@ -13,9 +13,12 @@ process, WikiText-2 perplexity on 40 windows of 512 tokens, one JSON line append
   frozen dense copy with ``peft_pat.distillation.distillation_loss`` (``--loss distill``) or trained
   on cross-entropy (``--loss full``).
 
-    python -m benchmarks.levers --method pat --sparsity 0.25
-    python -m benchmarks.levers --method pat --sparsity 0.25 --opts mask_fade_to_hard=False
-    python -m benchmarks.levers --method posthoc --sparsity 0.25 --loss distill
+    python -m benchmarks.research.levers --method pat --sparsity 0.25
+    python -m benchmarks.research.levers --method pat --sparsity 0.25 --opts mask_fade_to_hard=False
+    python -m benchmarks.research.levers --method posthoc --sparsity 0.25 --loss distill
+
+A research loop, not maintained as a product (benchmarks/research/README.md): the maintained comparison
+is ``python -m benchmarks.quality`` (the Trainer + PATCallback path, ``--pat-options`` for ablations).
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from peft_pat.distillation import distillation_loss
 from peft_pat.offline_models import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
-from .quality.commonsense import TaskMixture
-from .quality.evaluation import perplexity
-from .quality.posthoc import cut_by_activation
-from .quality.wikitext import perplexity_windows
+from ..quality.commonsense import TaskMixture
+from ..quality.evaluation import perplexity
+from ..quality.posthoc import cut_by_activation
+from ..quality.wikitext import perplexity_windows
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -113,7 +116,11 @@ def parse_opts(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.research.levers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--method", choices=("pat", "posthoc"), required=True)
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--loss", choices=("distill", "full"), default="distill")
