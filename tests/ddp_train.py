@@ -9,13 +9,10 @@ final model and the kept channels.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peft_pat
 from peft_pat.testing import VOCAB, tiny_model

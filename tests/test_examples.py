@@ -1,6 +1,5 @@
 """The example scripts' --tiny paths, end to end (train, save/reload adapter, merge_and_prune, stock reload)."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -10,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from helpers import EXAMPLES, load_example
 
 
 @pytest.fixture
 def examples(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    return lambda name: importlib.import_module(name)
+    return load_example
 
 
 def check_summary(summary):
