@@ -1,15 +1,17 @@
 """Dense vs pruned SmolLM2-135M in llama.cpp (llama-cpp-python): prefill and decode tokens/s, with the
 ideal speed-up from shapes next to each measured one.
 
-    python benchmarks/engine_speed.py                                   # f32 GGUF, 1 thread
-    python benchmarks/engine_speed.py --outtype q8_0 --threads 2 --repeats 9
+    python -m benchmarks.engine_speed                                   # f32 GGUF, 1 thread
+    python -m benchmarks.engine_speed --outtype q8_0 --threads 2 --repeats 9
 
 The pruned models keep 432 (25% pruned) and 288 (50%) of the 576 hidden channels: ``merge_and_prune()``
-of a fresh PAT adapter after its calibration on 4 WikiText-2 windows, without training
-(``deploy_llamacpp.pat_pruned``; the kept width, not which channels or the training, sets the speed). Each
-model is saved, converted with llama.cpp's own ``convert_hf_to_gguf.py`` (examples/deploy_llamacpp.py
-finds or fetches it) and loaded once; all three live in one process and are measured round-robin
-(the order rotates every round), medians of ``--repeats`` after ``--warmup`` discarded rounds.
+of a fresh PAT adapter after its calibration on 4 WikiText-2 windows, without training (the kept width,
+not which channels or the training, sets the speed). Each model is pruned, saved and converted with
+llama.cpp's own ``convert_hf_to_gguf.py`` by ``examples/deploy_llamacpp.py``, run as a user runs it
+(``--model smollm2-135m [--sparsity p] --outtype T``, a subprocess; it finds or fetches the converter and
+checks the GGUF's logits against transformers'), once per model into ``--work``; then each GGUF is loaded
+once, all three live in one process and are measured round-robin (the order rotates every round),
+medians of ``--repeats`` after ``--warmup`` discarded rounds.
 
   prefill  one ``eval`` of a ``--prompt-lengths`` prompt from an empty KV cache (logits of the last
            position only); tokens/s = prompt tokens / seconds
@@ -30,43 +32,78 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "examples"))
+from .cost_model import DecoderShape
 
-import deploy_llamacpp  # noqa: E402
-from cost_model import DecoderShape  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY_EXAMPLE = REPO / "examples" / "deploy_llamacpp.py"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+ENGINE_MISSING = (
+    "llama-cpp-python is not installed in this environment ({error}). Install it in a separate environment "
+    "so torch stays pinned: pip install torch==2.13.0 -e '.[llamacpp]' (compiles llama.cpp; README \"Deploy\")."
+)
 
 
-def prepare(args) -> dict[str, Path]:
-    """{'dense': gguf, 'p25': gguf, 'p50': gguf}, converted once into --work and reused."""
-    from peft_pat.pretrained import resolve_model_path
+def import_llama_cpp():
+    """The llama_cpp module, or an ImportError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise ImportError(ENGINE_MISSING.format(error=error)) from error
+    return llama_cpp
+
+
+def run_deploy_example(model: str, output: Path, outtype: str, sparsity: float | None = None) -> None:
+    """``python examples/deploy_llamacpp.py --model MODEL [--sparsity p] --output OUTPUT --outtype T``, with
+    this checkout's package importable; it writes ``OUTPUT/[pruned-NN/]`` and ``OUTPUT/model-T.gguf``."""
+    command = [sys.executable, str(DEPLOY_EXAMPLE), "--model", model, "--output", str(output), "--outtype", outtype]
+    if sparsity:
+        command += ["--sparsity", str(sparsity)]
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    print(" ".join(command), flush=True)
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{DEPLOY_EXAMPLE.name} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        )
+
+
+def prepare(args) -> dict[str, dict[str, Path]]:
+    """{'folders': {'dense': folder, 'p25': folder, ...}, 'ggufs': {...}}, made once into --work and reused:
+    ``WORK/dense/model-T.gguf``, ``WORK/pNN/pruned-NN/`` and ``WORK/pNN/model-T.gguf``."""
+    from peft_pat.offline_models import resolve_model_path
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     folders = {"dense": Path(resolve_model_path(args.model))}
+    ggufs = {"dense": work / "dense" / f"model-{args.outtype}.gguf"}
+    if not ggufs["dense"].is_file():
+        run_deploy_example(args.model, work / "dense", args.outtype)
     for p in args.sparsities:
         key = f"p{round(100 * p)}"
-        folder = work / key
-        if not (folder / "config.json").is_file():
-            deploy_llamacpp.prune_named(args.model, p, folder)
-        folders[key] = folder
-    ggufs = {}
-    for key, folder in folders.items():
-        gguf = work / f"{key}-{args.outtype}.gguf"
-        if not gguf.is_file():
-            print(f"converting {key} ({folder}) -> {gguf}", flush=True)
-            deploy_llamacpp.convert(folder, gguf, args.outtype)
-        ggufs[key] = gguf
+        folders[key] = work / key / f"pruned-{round(100 * p)}"
+        ggufs[key] = work / key / f"model-{args.outtype}.gguf"
+        if ggufs[key].is_file():
+            continue
+        if (folders[key] / "config.json").is_file():  # pruned before (another --outtype): convert only
+            run_deploy_example(str(folders[key]), work / key, args.outtype)
+        else:
+            run_deploy_example(args.model, work / key, args.outtype, sparsity=p)
     return {"folders": folders, "ggufs": ggufs}
+
+
+def load_gguf(llama_cpp, path: Path, n_ctx: int, threads: int | None):
+    """llama_cpp.Llama on a GGUF file (quiet), logits of the last position only."""
+    threads = threads or min(2, os.cpu_count() or 1)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False
+    )
 
 
 def prefill_call(llm, ids: list[int]):
@@ -107,7 +144,11 @@ def alternate(calls: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.engine_speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--outtype", default="f32", choices=OUTTYPES)
@@ -122,17 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--work",
         default=str(Path(os.environ.get("PEFT_PAT_CACHE", Path.home() / ".cache" / "peft_pat")) / "engine_speed"),
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "engine_speed.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "engine_speed.json")
     args = parser.parse_args(argv)
 
-    llama_cpp = deploy_llamacpp.import_llama_cpp()
+    llama_cpp = import_llama_cpp()
     prepared = prepare(args)
     configs = {key: json.loads((folder / "config.json").read_text()) for key, folder in prepared["folders"].items()}
     shapes = {key: DecoderShape.from_config(argparse.Namespace(**c)) for key, c in configs.items()}
     n_ctx = max(max(args.prompt_lengths), args.decode_context + args.new_tokens) + 8
     llms = {
-        key: deploy_llamacpp.load_gguf(path, n_ctx=n_ctx, threads=args.threads, logits_all=False)
-        for key, path in prepared["ggufs"].items()
+        key: load_gguf(llama_cpp, path, n_ctx=n_ctx, threads=args.threads) for key, path in prepared["ggufs"].items()
     }
     rng = np.random.default_rng(args.seed)
     vocab = shapes["dense"].vocab

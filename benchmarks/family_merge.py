@@ -16,7 +16,7 @@ default rank, hard mask at 25% sparsity) and, in a process of its own, measures
     python -m benchmarks.family_merge                        # all families, about 2 minutes on 2 cores
     python -m benchmarks.family_merge --families llama gemma2 --layers 2
 
-The shapes come from the tiny-model builders the test suite uses (``benchmarks/tiny_models.py``), scaled up,
+The shapes come from the tiny-model builders the test suite uses (``peft_pat.testing``), scaled up,
 so the benchmark and the tests agree on what each family's config looks like. Prints a table and
 writes JSON (default ``benchmarks/results/family_merge.json``).
 """
@@ -43,8 +43,7 @@ def child(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from peft_pat import PATConfig
-
-    from .tiny_models import tiny_model
+    from peft_pat.testing import tiny_model
 
     torch.set_num_threads(args.threads)
     shape = dict(
@@ -96,7 +95,7 @@ def child(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .tiny_models import ALL_FAMILIES
+    from peft_pat.testing import ALL_FAMILIES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=list(ALL_FAMILIES), choices=ALL_FAMILIES)

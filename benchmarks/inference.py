@@ -2,7 +2,7 @@
 
 Models (``--models``):
 
-  smollm2-135m      the real SmolLM2-135M-Instruct (offline pip package, see peft_pat.pretrained)
+  smollm2-135m      the real SmolLM2-135M-Instruct (offline pip package, see peft_pat.offline_models)
   llama2-7b-shape   random weights, Llama-2-7B layer shapes: d=4096, 32 heads (MHA), I=11008, V=32000
   llama3-8b-shape   random weights, Llama-3-8B layer shapes: d=4096, 32 heads, 8 KV heads, I=14336, V=128256
 
@@ -70,7 +70,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_dense(name: str, layers: int, dtype: torch.dtype, device: str, seed: int):
     """The dense parent: the real SmolLM2 or a random Llama-shaped model."""
     if name == "smollm2-135m":
-        from peft_pat.pretrained import load_causal_lm
+        from peft_pat.offline_models import load_causal_lm
 
         model, _ = load_causal_lm("smollm2-135m", dtype=dtype)
         return model.to(device).eval()

@@ -1,8 +1,8 @@
 """Score any model with lm-evaluation-harness on the project's local data, fully offline.
 
-    python benchmarks/lm_eval_run.py --model_args pretrained=PRUNED_FOLDER --tasks pat_commonsense,pat_wikitext2
-    python benchmarks/lm_eval_run.py --model_args pretrained=smollm2-135m --tasks pat_commonsense --limit 200
-    python benchmarks/lm_eval_run.py --model_args pretrained=BASE,peft=ADAPTER_FOLDER --tasks pat_commonsense_label
+    python -m benchmarks.lm_eval_run --model_args pretrained=PRUNED_FOLDER --tasks pat_commonsense,pat_wikitext2
+    python -m benchmarks.lm_eval_run --model_args pretrained=smollm2-135m --tasks pat_commonsense --limit 200
+    python -m benchmarks.lm_eval_run --model_args pretrained=BASE,peft=ADAPTER_FOLDER --tasks pat_commonsense_label
 
 It is ``lm_eval run`` (every lm-eval option passes through unchanged) with three defaults added:
 
@@ -11,7 +11,7 @@ It is ``lm_eval run`` (every lm-eval option passes through unchanged) with three
 * ``--model hf`` and ``--batch_size 8``, unless given;
 * ``import peft_pat`` first, so ``peft=`` loads a PAT adapter (PEFT only knows the ``PAT`` type once
   it is registered), and ``pretrained=smollm2-135m`` resolves to the offline copy that
-  ``peft_pat.pretrained`` uses (``peft_pat.pretrained.resolve_model_path``).
+  ``peft_pat.offline_models`` uses (``peft_pat.offline_models.resolve_model_path``).
 
 ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` are set: nothing is fetched from the hub. Tasks:
 
@@ -31,8 +31,8 @@ TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 
 def _resolve_pretrained(model_args: str) -> str:
-    """``pretrained=<alias>`` replaced by the folder ``peft_pat.pretrained`` keeps for it; the rest unchanged."""
-    from peft_pat.pretrained import resolve_model_path
+    """``pretrained=<alias>`` replaced by the folder ``peft_pat.offline_models`` keeps for it; the rest unchanged."""
+    from peft_pat.offline_models import resolve_model_path
 
     parts = []
     for part in model_args.split(","):

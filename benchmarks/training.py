@@ -96,7 +96,7 @@ def matched_rank(args) -> tuple[int, int]:
     """(LoRA rank whose trainable parameters are closest to PAT's, PAT's trainable parameters)."""
     from peft import get_peft_model
 
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     base, _ = load_causal_lm(args.model)
     per_rank = lora_parameters_per_rank(base)
@@ -108,7 +108,7 @@ def build(config_name: str, args, lora_matched_rank: int):
     """(peft model, step function) for one configuration; the base is loaded fresh."""
     from peft import LoraConfig, get_peft_model
 
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     base, _ = load_causal_lm(args.model)
     if args.gradient_checkpointing:
@@ -170,7 +170,7 @@ def probe_merge(args) -> dict:
     from peft import get_peft_model
 
     from peft_pat import PATConfig
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     base, _ = load_causal_lm(args.model)
     torch.manual_seed(args.seed)

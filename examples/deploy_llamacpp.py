@@ -298,7 +298,7 @@ def prune_named(name: str, sparsity: float, folder: Path) -> Path:
     """Prune a dense model (hub id, folder or smollm2-135m) to ``sparsity`` of its width with
     :func:`pat_pruned` and save it with its tokenizer."""
     import peft_pat
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     model, tokenizer = load_causal_lm(name)
     return peft_pat.save_pruned(pat_pruned(model, tokenizer, sparsity), folder, tokenizer=tokenizer, overwrite=True)
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.sparsity:
         folder = prune_named(args.model, args.sparsity, out / f"pruned-{round(100 * args.sparsity)}")
     else:
-        from peft_pat.pretrained import resolve_model_path
+        from peft_pat.offline_models import resolve_model_path
 
         folder = Path(resolve_model_path(args.model))
     gguf = convert(folder, out / f"model-{args.outtype}.gguf", args.outtype, args.converter)

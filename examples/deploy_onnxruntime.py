@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from deploy_llamacpp import tiny_pruned_folder
+from deploy_llamacpp import tiny_pruned_folder  # the sibling script: this folder is on sys.path when run as a file
 
 MISSING = (
     "ONNX export/runtime needs onnxruntime, onnx and onnxscript ({error}); install them in a separate "

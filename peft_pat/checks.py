@@ -94,7 +94,7 @@ def check_not_quantized(model_config: dict) -> None:
             "the model marked as quantized, so the merged and pruned model could not be saved. Rebuild a plain "
             "float model first: config = model.config; del "
             "config.quantization_config; plain = type(model)(config); plain.load_state_dict(model.state_dict()); "
-            "or load SmolLM2 with peft_pat.pretrained.load_causal_lm('smollm2-135m'), which does this once."
+            "or load SmolLM2 with peft_pat.offline_models.load_causal_lm('smollm2-135m'), which does this once."
         )
     raise UnsupportedModelError(
         f"PAT cannot wrap a quantized base model (quantization_config.quant_method={method!r}): merging and pruning "

@@ -9,7 +9,7 @@ Hidden-width pruning needs to know, per family, three kinds of modules (docs/met
   ``qkv_proj`` / ``gate_up_proj``) and ``lm_head``. At merge time they keep only their input columns K.
 * **norms**: RMS norms that read the residual stream (``input_layernorm``, the final ``norm``, ...)
   and, in Gemma 2/3, norms that sit on a branch output before the residual add. Their gains are
-  sliced to K and rescaled (see :mod:`peft_pat.fold`).
+  sliced to K and rescaled (see :mod:`peft_pat.merge.fold`).
 
 Everything here is data: one :class:`FamilySpec` per family in :data:`FAMILIES`. Adding a family is
 one entry plus its tests. Per-head norms (Qwen3 / Gemma3 ``q_norm``/``k_norm``) act on ``head_dim``,

@@ -9,18 +9,15 @@ final model and the kept channels.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import peft_pat
+from peft_pat.testing import VOCAB, tiny_model
 
 from helpers import wrap
-from tiny_models import VOCAB, tiny_model
 
 
 class VariableTargets(torch.utils.data.Dataset):

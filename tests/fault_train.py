@@ -24,9 +24,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from peft_pat import PATCallback
+from peft_pat.testing import tiny_model
 
 from helpers import TokenDataset, wrap
-from tiny_models import tiny_model
 
 TOTAL, SAVE_EVERY = 12, 3
 PAT_SETTINGS = {"mask_milestone": 2 / 3, "mask_freeze": 0.6, "mask_lr": 0.05, "lora_dropout": 0.1}

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from peft import get_peft_model
 
 from peft_pat import PATConfig
+from peft_pat.testing import VOCAB
 
-from tiny_models import VOCAB
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as the module ``name``, loaded from its file: the examples are scripts, not a
+    package. Run as ``python examples/<name>.py`` a script finds the siblings it imports (``from _common
+    import ...``) because its folder is on sys.path; here those siblings are loaded the same way first and
+    registered under their names, so nothing is added to sys.path. Each file is loaded once per session."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = EXAMPLES / f"{name}.py"
+    for sibling in _sibling_imports(path):
+        load_example(sibling)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it, as an import does (dataclasses look their module up)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _sibling_imports(path: Path) -> list[str]:
+    """The other examples/*.py modules that ``path`` imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+    return sorted(n for n in names if n != path.stem and (EXAMPLES / f"{n}.py").is_file())
 
 
 def wrap(base, **kwargs):

@@ -15,9 +15,9 @@ import transformers.modeling_utils
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PretrainedConfig
 
 from peft_pat import save_pruned
+from peft_pat.testing import tiny_inputs, tiny_model
 
 from helpers import logits, wrap
-from tiny_models import tiny_inputs, tiny_model
 
 
 def pruned(seed: int = 0):

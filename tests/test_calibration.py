@@ -15,8 +15,7 @@ from peft_pat.calibration import (
     top_channels,
 )
 from peft_pat.families import family_for_model
-
-from tiny_models import tiny_inputs, tiny_model
+from peft_pat.testing import tiny_inputs, tiny_model
 
 
 def reference_scores(model, batches):
@@ -93,8 +92,9 @@ def test_calibrate_by_hand_with_calibration_batches_0_reads_a_bounded_number_of_
     """calibration_batches=0 (no automatic start) and an endless batch iterator used to hang calibrate()."""
     import itertools
 
+    from peft_pat.testing import tiny_inputs, tiny_model
+
     from helpers import wrap
-    from tiny_models import tiny_inputs, tiny_model
 
     model = wrap(tiny_model("llama"), calibration_batches=0)
     seen = []

@@ -19,9 +19,9 @@ from peft_pat.errors import CheckpointError
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
 from peft_pat.merge.plan import TensorOp
+from peft_pat.testing import VOCAB, tiny_inputs, tiny_model
 
 from helpers import logits, train_steps, wrap
-from tiny_models import VOCAB, tiny_inputs, tiny_model
 
 SHARD = "40KB"  # a tiny model (~170 KB in float32) is saved as several shards
 

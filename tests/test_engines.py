@@ -15,7 +15,6 @@ The tiny model is pruned by PAT itself (random non-trivial adapter, random harde
 not expect.
 """
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -23,16 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from helpers import load_example
 
 
 @pytest.fixture(scope="module")
 def deploy():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        return importlib.import_module("deploy_llamacpp")
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    return load_example("deploy_llamacpp")
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +105,7 @@ def test_wrong_converter_path_names_the_fix(deploy, monkeypatch, tmp_path):
 def test_onnx_runtime_logits_match_transformers(tiny_folder):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (see examples/deploy_onnxruntime.py)")
     pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        onnx_example = importlib.import_module("deploy_onnxruntime")
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    onnx_example = load_example("deploy_onnxruntime")
     folder = tiny_folder
     onnx_file = onnx_example.export(folder, folder.parent / "model.onnx", max_tokens=64)
     for n in (8, 23):

@@ -1,6 +1,5 @@
 """The example scripts' --tiny paths, end to end (train, save/reload adapter, merge_and_prune, stock reload)."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -10,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from helpers import EXAMPLES, load_example
 
 
 @pytest.fixture
 def examples(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    return lambda name: importlib.import_module(name)
+    return load_example
 
 
 def check_summary(summary):
@@ -78,7 +76,7 @@ def test_commonsense_records_become_prompts_with_the_output_as_answer(examples, 
 
 def test_labels_cover_the_answer_and_eos_only(examples):
     common = examples("_common")
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     _, tokenizer = load_causal_lm("tiny-random-llama")
     item = common.tokenize_pair(tokenizer, "Q: 1+1?\nA:", " 2", max_length=6)

@@ -10,9 +10,9 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GraniteConfig, GraniteForCausalLM, OPTConfig, OPTForCausalLM
 
 from peft_pat import PATConfig, PATLayer, UnsupportedModelError
+from peft_pat.testing import ALL_FAMILIES, FAMILY_BUILDERS, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits, train_steps, wrap
-from tiny_models import ALL_FAMILIES, FAMILY_BUILDERS, tiny_inputs, tiny_model
 
 # Parts that must get a non-zero gradient at the first step (LoRA A does not: B starts at zero, as in LoRA).
 LEARNING_PARTS = ("pat_hsm_down", "pat_hsm_up", "pat_hsm_scale", "pat_lora_B")

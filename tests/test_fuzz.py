@@ -28,9 +28,9 @@ from torch import nn
 from peft_pat import PATConfig, PATConfigError, PATError
 from peft_pat.families import family_for_model_type
 from peft_pat.mask import PATMask, freeze_step
+from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits
-from tiny_models import ALL_FAMILIES, tiny_inputs, tiny_model
 
 EXAMPLES = int(os.environ.get("PEFT_PAT_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(

@@ -1,10 +1,9 @@
-"""The lm-evaluation-harness glue: the ``pat_*`` task data functions and ``benchmarks/lm_eval_run.py``'s
+"""The lm-evaluation-harness glue: the ``pat_*`` task data functions and ``benchmarks.lm_eval_run``'s
 argv. Neither needs lm-eval installed (the task functions need ``datasets``); the lm-eval runs
 themselves are documented in README "Evaluate with lm-evaluation-harness"."""
 
-import importlib
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,11 @@ RECORD = {
 
 @pytest.fixture(scope="module")
 def pat_tasks():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "lm_eval_tasks"))
-    try:
-        return importlib.import_module("pat_tasks")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks" / "lm_eval_tasks"))
+    """The task file loaded by its path under the bare name, as lm-eval's ``!function`` loads it."""
+    spec = importlib.util.spec_from_file_location("pat_tasks", ROOT / "benchmarks" / "lm_eval_tasks" / "pat_tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_commonsense_docs_come_from_the_quality_benchmarks_parser(pat_tasks, tmp_path):
@@ -74,9 +73,9 @@ def test_run_adds_the_defaults_and_keeps_the_users_options():
 
 
 def test_run_resolves_the_offline_smollm2_alias(monkeypatch):
-    import peft_pat.pretrained
+    import peft_pat.offline_models
     from benchmarks.lm_eval_run import build_argv
 
-    monkeypatch.setattr(peft_pat.pretrained, "smollm2_safetensors_folder", lambda: Path("/cache/smollm2"))
+    monkeypatch.setattr(peft_pat.offline_models, "smollm2_safetensors_folder", lambda: Path("/cache/smollm2"))
     argv = build_argv(["--model_args=pretrained=smollm2-135m,peft=adapter"])
     assert "--model_args=pretrained=/cache/smollm2,peft=adapter" in argv

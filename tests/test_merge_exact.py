@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
+from peft_pat.testing import ALL_FAMILIES, FAMILY_BUILDERS, tiny_config, tiny_inputs, tiny_model
+
 from helpers import assert_logits_close, logits, train_steps, wrap
-from tiny_models import ALL_FAMILIES, FAMILY_BUILDERS, tiny_config, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

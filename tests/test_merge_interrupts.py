@@ -14,9 +14,9 @@ from peft_pat.errors import CheckpointError
 from peft_pat.merge import fold
 from peft_pat.merge import in_memory as in_memory_module
 from peft_pat.merge.checkpoint import merge_checkpoint
+from peft_pat.testing import tiny_inputs, tiny_model
 
 from helpers import logits, wrap
-from tiny_models import tiny_inputs, tiny_model
 
 IDS = tiny_inputs(length=7)
 

@@ -31,9 +31,9 @@ from transformers import AutoModelForCausalLM
 
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
+from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import logits, wrap
-from tiny_models import ALL_FAMILIES, tiny_inputs, tiny_model
 
 DIGESTS = Path(__file__).with_name("merge_digests.json")
 IDS = tiny_inputs(length=7)

@@ -37,9 +37,9 @@ from peft_pat import (
     save_pruned,
 )
 from peft_pat.families import family_for_model_type
+from peft_pat.testing import tiny_config, tiny_inputs, tiny_model
 
 from helpers import TokenDataset, assert_logits_close, logits, wrap
-from tiny_models import tiny_config, tiny_inputs, tiny_model
 
 
 def has_pat_layers(model: nn.Module) -> bool:

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from peft_pat import PATConfig, PATConfigError
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
+from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits, train_steps, wrap
-from tiny_models import ALL_FAMILIES, tiny_inputs, tiny_model
 
 IDS = tiny_inputs(length=9)
 

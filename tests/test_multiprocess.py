@@ -26,8 +26,8 @@ def free_port() -> int:
 
 
 def run(command: list[str], timeout: int = 600) -> None:
-    # The repository root on the path, as pytest's pythonpath gives this process: the script's tiny models come
-    # from the benchmarks package.
+    # The repository root on the path, as pytest's pythonpath gives this process: the script imports this
+    # checkout's peft_pat (its tiny models are peft_pat.testing), not another installed copy.
     root = str(SCRIPT.parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}

@@ -8,9 +8,9 @@ from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback, PATStateError, PATTypeError
 from peft_pat.diagnostics import MaskHistory, hsm_norms, lowrank_frobenius_norm
+from peft_pat.testing import tiny_model
 
 from helpers import TokenDataset, wrap
-from tiny_models import tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,8 +2,9 @@
 
 import torch
 
+from peft_pat.testing import tiny_inputs, tiny_model
+
 from helpers import wrap
-from tiny_models import tiny_inputs, tiny_model
 
 
 def test_merge_and_prune_returns_trainable_parameters_like_from_pretrained():

@@ -5,9 +5,9 @@ import torch
 
 import peft_pat
 from peft_pat import PATConfigError, PATTypeError, optimizer_param_groups
+from peft_pat.testing import tiny_inputs, tiny_model
 
 from helpers import wrap
-from tiny_models import tiny_inputs, tiny_model
 
 
 def test_groups_hold_every_trainable_parameter_once_and_the_logits_without_decay():

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from peft_pat import PATConfigError, family_for_model, prune_model
 from peft_pat.merge import fold
+from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits
-from tiny_models import ALL_FAMILIES, tiny_inputs, tiny_model
 
 IDS = tiny_inputs(length=9)
 

@@ -8,10 +8,10 @@ from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback, PATConfigError
 from peft_pat.calibration import channel_statistics, top_channels
+from peft_pat.testing import tiny_inputs, tiny_model
 from peft_pat.training.distillation import cross_entropy_from_lse, distillation_and_task_loss, distillation_loss
 
 from helpers import TokenDataset, assert_logits_close, logits, wrap
-from tiny_models import tiny_inputs, tiny_model
 
 
 def batches(n=2, seed=1):

@@ -235,7 +235,7 @@ def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path, one_thread):
     from peft import get_peft_model
 
     from peft_pat import PATConfig
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     model_dir, data = _tiny_model_folder(tmp_path), _fake_data(tmp_path)
     base, _ = load_causal_lm(str(model_dir))
@@ -313,9 +313,9 @@ def test_posthoc_rival_distils_from_a_frozen_dense_teacher_on_a_tiny_model(one_t
 
     from benchmarks.quality.posthoc import cut_by_activation
     from benchmarks.quality.training import distillation_loss, train
-    from benchmarks.tiny_models import VOCAB, tiny_model
     from peft_pat import family_for_model
     from peft_pat.calibration import activation_channel_scores
+    from peft_pat.testing import VOCAB, tiny_model
 
     teacher = tiny_model("llama").requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}

@@ -33,7 +33,7 @@ class Sentences(torch.utils.data.Dataset):
 
 
 def test_smollm2_snippet_end_to_end(tmp_path):
-    from peft_pat.pretrained import load_causal_lm
+    from peft_pat.offline_models import load_causal_lm
 
     base, tokenizer = load_causal_lm("smollm2-135m")
     params_before = sum(p.numel() for p in base.parameters())

@@ -19,10 +19,10 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from peft_pat import AdapterMismatchError, PATCallback
 from peft_pat.mask import milestone_step, offset, temperature
+from peft_pat.testing import tiny_model
 from peft_pat.training.checkpoints import LOCK_NAME, MARKER, checkpoint_problem, mark_complete, set_aside_incomplete
 
 from helpers import TokenDataset, wrap
-from tiny_models import tiny_model
 
 TOTAL, FREEZE, S0 = 12, 7, 8
 LEARNING_RATE, MASK_LR = 5e-3, 0.05

@@ -9,9 +9,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from peft_pat import AdapterMismatchError, PATConfig, UnsupportedModelError
+from peft_pat.testing import tiny_inputs, tiny_model
 
 from helpers import logits, wrap
-from tiny_models import tiny_inputs, tiny_model
 
 
 def test_adapter_roundtrip_is_exact(tmp_path):

@@ -5,9 +5,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback
+from peft_pat.testing import tiny_inputs, tiny_model
 
 from helpers import TokenDataset, assert_logits_close, logits, wrap
-from tiny_models import tiny_inputs, tiny_model
 
 
 def make_trainer(model, tmp_path, max_steps=10, **kwargs):

@@ -6,9 +6,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_pat import PATCallback
+from peft_pat.testing import VOCAB, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits, wrap
-from tiny_models import VOCAB, tiny_inputs, tiny_model
 
 
 def trainable_grads(model):

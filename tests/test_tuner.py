@@ -7,9 +7,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from peft_pat import PATConfig, PATConfigError, PATLinear, PATStateError, UnsupportedModelError
 from peft_pat.layer import PATEmbedding
+from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits, wrap
-from tiny_models import ALL_FAMILIES, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

@@ -31,17 +31,26 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import datasets
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
-if str(REPO) not in sys.path:  # lm-eval imports this file by path; the parser lives in benchmarks.quality
-    sys.path.insert(0, str(REPO))
 
-from benchmarks.quality.commonsense import TEXT_CONTEXT, ChoiceItem, load_records, parse_choice  # noqa: E402
+# lm-eval imports this file by path, so the repository root must already be importable: it is when
+# lm-eval runs inside ``python -m benchmarks.lm_eval_run`` (the launcher is itself a module of the package).
+try:
+    from benchmarks.quality.commonsense import TEXT_CONTEXT, ChoiceItem, load_records, parse_choice
+except ModuleNotFoundError as error:
+    if error.name != "benchmarks":
+        raise
+    raise ModuleNotFoundError(
+        f"The pat_* tasks parse their data with the benchmarks package of the repository ({REPO}), which is not "
+        "importable here. Run lm-eval through the launcher from the repository root: python -m "
+        "benchmarks.lm_eval_run ... (or put the repository root on PYTHONPATH for a plain lm_eval run).",
+        name=error.name,
+    ) from error
 
 _ARTICLE = re.compile(r"^ = [^=].* = $")
 _QUESTION_PREFIX, _QUESTION_SUFFIX = TEXT_CONTEXT.split("{question}")

@@ -31,7 +31,7 @@ from torch import nn
 
 from peft_pat import FamilySpec, PATConfig
 from peft_pat.calibration import channel_statistics, massive_channels
-from peft_pat.pretrained import load_causal_lm
+from peft_pat.offline_models import load_causal_lm
 
 from .posthoc import cut_by_activation
 from .torch_pruning_peer import prune_with_torch_pruning

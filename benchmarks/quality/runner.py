@@ -20,7 +20,7 @@ from peft import PeftConfig, PeftModel
 from torch import nn
 
 from peft_pat import family_for_model
-from peft_pat.pretrained import load_causal_lm
+from peft_pat.offline_models import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
 from ..measure import machine_info

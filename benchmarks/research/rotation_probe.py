@@ -9,7 +9,9 @@ Q comes from the second moment of every norm's input over the calibration tokens
 RMS-normalised with the massive-activation channels kept as their own coordinates (``--normalised``).
 Prints WikiText-2 perplexity; a probe for docs/quality.md ("Levers"), not a package feature.
 
-    python -m benchmarks.rotation_probe --normalised
+    python -m benchmarks.research.rotation_probe --normalised
+
+A research probe, not maintained as a product (benchmarks/research/README.md).
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from torch import nn
 
 from peft_pat import family_for_model
 from peft_pat.calibration import channel_statistics, massive_channels
-from peft_pat.pretrained import load_causal_lm
+from peft_pat.offline_models import load_causal_lm
 from peft_pat.width import resolve_kept_width
 
+from ..quality.commonsense import TaskMixture
+from ..quality.evaluation import perplexity
+from ..quality.posthoc import cut_by_activation
+from ..quality.wikitext import perplexity_windows
 from .levers import CALIBRATION_BATCHES, REPO
-from .quality.commonsense import TaskMixture
-from .quality.evaluation import perplexity
-from .quality.posthoc import cut_by_activation
-from .quality.wikitext import perplexity_windows
 
 
 @torch.no_grad()
@@ -92,7 +94,11 @@ def rotate_and_slice(model: nn.Module, q: torch.Tensor, kept: int) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.research.rotation_probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--sparsities", default="0.25", help="comma list of hidden-width sparsities")
     p.add_argument("--normalised", action="store_true", help="per-token normalised statistics, massive channels fixed")
     p.add_argument("--windows", type=int, default=8)

@@ -1,7 +1,8 @@
 """lm-evaluation-harness (the ``pat_*`` tasks) vs the project's own scorer (benchmarks/quality/evaluation.py)
 on the same items: the first ``--limit`` test records of each commonsense task, one model.
 
-    python benchmarks/lm_eval_compare.py --model smollm2-135m --limit 200 --out benchmarks/results/lm_eval_compare.json
+    python -m benchmarks.research.lm_eval_compare --model smollm2-135m --limit 200
+    python -m benchmarks.research.lm_eval_compare --limit 40 --wikitext-docs 1 --ppl-windows 8   # the README's run
 
 For each task: accuracy and acc_norm from both, the number of items where they disagree, and the largest
 per-candidate log-likelihood difference. Our scorer runs twice where the prompts differ: on its own
@@ -11,7 +12,11 @@ format, acc_norm's length (ours counts the candidate's leading space, lm-eval do
 ``same_requests_acc_norm_lm_eval_lengths`` re-scores ours with lm-eval's lengths) and the rest
 (tokenisation of the continuation, batching/float noise). WikiText-2: lm-eval's document-level rolling
 perplexity (``--ppl-max-length`` tokens per window, first ``--wikitext-docs`` articles), converted to
-a token perplexity, next to the scorer's concatenate-and-chunk windows (first ``--ppl-windows``).
+a token perplexity, next to the scorer's concatenate-and-chunk windows (first ``--ppl-windows``). Writes
+``--out`` (default benchmarks/results/lm_eval_compare.json).
+
+A one-off check of the scorer, not maintained as a product (benchmarks/research/README.md). Needs
+lm-eval (``pip install -e ".[eval]"``).
 """
 
 from __future__ import annotations
@@ -19,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE / "lm_eval_tasks"))
+from ..lm_eval_run import TASKS as TASK_FOLDER
+
+BENCHMARKS = Path(__file__).resolve().parents[1]
 
 TASKS = {
     "ARC-Challenge": "pat_arc_challenge",
@@ -37,7 +41,7 @@ TASKS = {
 
 
 def _score(model, tokenizer, items: list) -> dict:
-    from quality.evaluation import choice_loglikelihoods, task_accuracy
+    from ..quality.evaluation import choice_loglikelihoods, task_accuracy
 
     start = time.perf_counter()
     scores = choice_loglikelihoods(model, tokenizer, items, "text", progress=False)
@@ -59,9 +63,9 @@ def ours(model, tokenizer, data: Path, limit: int, ppl_length: int, ppl_windows:
     """Our scorer on its own prompts and, where lm-eval's request strings differ, on lm-eval's."""
     from dataclasses import replace
 
-    from quality.commonsense import load_records, parse_choice
-    from quality.evaluation import perplexity
-    from quality.wikitext import perplexity_windows
+    from ..quality.commonsense import load_records, parse_choice
+    from ..quality.evaluation import perplexity
+    from ..quality.wikitext import perplexity_windows
 
     out = {}
     for task in TASKS:
@@ -97,7 +101,7 @@ def harness(path: str, data: Path, limit: int, ppl_length: int, batch_size: int,
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(HERE / "lm_eval_tasks"), metadata={"data_dir": str(data)})
+    manager = TaskManager(include_path=str(TASK_FOLDER), metadata={"data_dir": str(data)})
     out = {}
     start = time.perf_counter()
     result = lm_eval.simple_evaluate(
@@ -140,8 +144,9 @@ def harness(path: str, data: Path, limit: int, ppl_length: int, batch_size: int,
     # token perplexity from bits per byte: total NLL = bpb * ln 2 * bytes, over every token of the pages
     import math
 
-    import pat_tasks
     from transformers import AutoTokenizer
+
+    from ..lm_eval_tasks import pat_tasks
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     pages = pat_tasks.wikitext_dataset(data_dir=str(data))["test"]["page"][:wikitext_docs]
@@ -158,10 +163,16 @@ def harness(path: str, data: Path, limit: int, ppl_length: int, batch_size: int,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.research.lm_eval_compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("PAT_DATA_DIR", HERE.parent.parent / "shared" / "data"))
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("PAT_DATA_DIR", BENCHMARKS.parent.parent / "shared" / "data")),
     )
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--ppl-max-length", type=int, default=512)
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--wikitext-docs", type=int, default=None, help="lm-eval: first N articles (None: all 62)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "lm_eval_compare.json")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS / "results" / "lm_eval_compare.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_pat.pretrained import resolve_model_path
+    from peft_pat.offline_models import resolve_model_path
 
     path = resolve_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

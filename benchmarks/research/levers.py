@@ -14,11 +14,14 @@ process, WikiText-2 perplexity on 40 windows of 512 tokens, one JSON line append
   linear, distilled from a frozen dense copy with ``peft_pat.training.distillation.distillation_loss``
   (``--loss distill``) or trained on cross-entropy (``--loss full``).
 
-    python -m benchmarks.levers --method pat --sparsity 0.25
-    python -m benchmarks.levers --method pat --sparsity 0.25 --opts mask_fade_to_hard=False
-    python -m benchmarks.levers --method posthoc --sparsity 0.25 --loss distill
-    python -m benchmarks.levers --method pat --sparsity 0.25 --opts "prune_axes=['mlp']"
-    python -m benchmarks.levers --method posthoc --sparsity 0.25 --opts "prune_axes=['mlp']"
+    python -m benchmarks.research.levers --method pat --sparsity 0.25
+    python -m benchmarks.research.levers --method pat --sparsity 0.25 --opts mask_fade_to_hard=False
+    python -m benchmarks.research.levers --method posthoc --sparsity 0.25 --loss distill
+    python -m benchmarks.research.levers --method pat --sparsity 0.25 --opts "prune_axes=['mlp']"
+    python -m benchmarks.research.levers --method posthoc --sparsity 0.25 --opts "prune_axes=['mlp']"
+
+A research loop, not maintained as a product (benchmarks/research/README.md): the maintained comparison
+is ``python -m benchmarks.quality`` (the Trainer + PATCallback path, ``--pat-options`` for ablations).
 """
 
 from __future__ import annotations
@@ -38,16 +41,16 @@ from peft import LoraConfig, get_peft_model
 
 from peft_pat import PATConfig, family_for_model
 from peft_pat.calibration import channel_statistics, massive_channels
-from peft_pat.pretrained import load_causal_lm
+from peft_pat.offline_models import load_causal_lm
 from peft_pat.training.distillation import distillation_loss
 from peft_pat.width import resolve_kept_width
 
-from .quality.commonsense import TaskMixture
-from .quality.evaluation import perplexity
-from .quality.posthoc import cut_by_activation, cut_shape_by_activation
-from .quality.wikitext import perplexity_windows
+from ..quality.commonsense import TaskMixture
+from ..quality.evaluation import perplexity
+from ..quality.posthoc import cut_by_activation, cut_shape_by_activation
+from ..quality.wikitext import perplexity_windows
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -114,7 +117,11 @@ def parse_opts(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.research.levers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--method", choices=("pat", "posthoc"), required=True)
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--loss", choices=("distill", "full"), default="distill")

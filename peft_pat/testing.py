@@ -1,5 +1,15 @@
-"""Tiny random models of every supported family (no downloads): the test suite's fixtures and the shapes
-benchmarks/family_merge.py scales up, so both agree on what each family's config looks like."""
+"""Tiny random models of every supported family, built in memory (no downloads, no files).
+
+The test suite's model fixtures and the shapes ``python -m benchmarks.family_merge`` scales up, so the
+tests and that benchmark agree on what each family's config looks like. Adding a family to
+``peft_pat.families`` means adding it to ``FAMILY_BUILDERS`` here (docs/families.md). Importing this
+module imports every family's transformers classes; ``import peft_pat`` does not import it.
+
+    from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
+
+    model = tiny_model("qwen3", hidden_size=64)        # a 2-layer random Qwen3ForCausalLM in eval mode
+    logits = model(input_ids=tiny_inputs()).logits     # (2, 7, VOCAB)
+"""
 
 from __future__ import annotations
 
