@@ -20,7 +20,7 @@ logits for the last position only, ``logits_to_keep=1``), FLOPs = 2 MACs:
                     linear weights lm_head  norm gains   embed rows  KV cache read  KV cache write
 
 Both are linear in d except the attention core and the KV cache, which hidden-width pruning does
-not shrink (pat-method.md §9.7), and the element-wise work that scales with I or the heads
+not shrink (a head's q·k and softmax work is per head_dim, which PAT keeps), and the element-wise work that scales with I or the heads
 (SiLU * up, rotary, softmax), which no FLOP count here includes. The ideal speed-up of a pruned
 model is cost(dense) / cost(pruned); efficiency = measured speed-up / ideal speed-up.
 """

@@ -45,9 +45,9 @@ from .training import LOSSES
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The default preset follows issue 12: >= 200 test items per task and >= 40 WikiText-2 windows of 512
+# The default preset: >= 200 test items per task and >= 40 WikiText-2 windows of 512
 # tokens, so paired differences resolve a few accuracy points and a PPL ratio of 0.75; 72 steps x 8
-# is the budget the issue's measurements used. The quick preset is a smoke run of the same code.
+# is the budget of the earlier measurements. The quick preset is a smoke run of the same code.
 PRESETS = {
     "default": dict(steps=72, subsample=200, ppl_windows=40, sparsities=(0.25, 0.5), calibration_batches=8),
     "quick": dict(steps=16, subsample=12, ppl_windows=4, sparsities=(0.25,), calibration_batches=2),

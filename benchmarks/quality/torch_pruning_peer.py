@@ -1,7 +1,7 @@
 """The external peer: Torch-Pruning (PyPI ``torch-pruning``, DepGraph) hidden-width pruning.
 
 The recipe that reproduces PAT's granularity (only the residual width, uniform over layers) with
-Torch-Pruning's own machinery, as verified in ``shared/docs/anchors.md`` §5: every consumer linear
+Torch-Pruning's own machinery: every consumer linear
 (q/k/v, gate/up, lm_head) is an *ignored* root, which leaves exactly one prunable dependency group,
 the hidden channels (embedding columns, producer rows, consumer columns, norm gains). Importance is
 ``GroupTaylorImportance`` (first-order Taylor |w * dL/dw| summed over the group; the gradients come
