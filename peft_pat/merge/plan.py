@@ -445,8 +445,3 @@ def cut_parameter_count(
                 shape[dim] = unit_widths[axis] * blocks
         total += int(torch.Size(shape).numel())
     return total
-
-
-def layout_of(state: Mapping[str, torch.Tensor]) -> list[TensorInfo]:
-    """The layout of a state dict (name -> tensor), in its order."""
-    return [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in state.items()]
