@@ -97,3 +97,19 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def save_checkpoint(model, folder) -> None:
+    """What ``save_pretrained`` writes (config and one safetensors file, a tied lm_head stored once), in a
+    fraction of its time (it compiles hundreds of regexes)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {name: t.contiguous() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})

@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft.utils.other import ModulesToSaveWrapper
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
 from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
-from helpers import logits, wrap
+from helpers import logits, save_checkpoint, wrap
 
 DIGESTS = Path(__file__).with_name("merge_digests.json")
 IDS = tiny_inputs(length=7)
@@ -62,19 +62,9 @@ def _machine() -> dict[str, str]:
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def _save_checkpoint(model, folder: Path) -> None:
-    """What ``save_pretrained`` writes, in a fraction of its time (it compiles hundreds of regexes)."""
-    state = {name: t.contiguous() for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]
-    folder.mkdir()
-    model.config.save_pretrained(folder)
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-
-
 def _merge_both_ways(tmp_path: Path, family: str, base_kwargs: dict, pat: dict, before_merge=None):
     base = tiny_model(family, seed=3, **base_kwargs)
-    _save_checkpoint(base, tmp_path / "base")
+    save_checkpoint(base, tmp_path / "base")
     torch.manual_seed(4)
     model = wrap(base, init_weights=False, **pat)
     model.base_model.harden_mask()

@@ -591,7 +591,7 @@ def test_save_pruned_of_an_unmerged_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------------------------------------- more misuse: loading, re-wrapping, NaN, calibrate
+# ------------------------------------------------------------------ more misuse: loading, re-wrapping, NaN, calibrate
 def _train_one_step(model, ids):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

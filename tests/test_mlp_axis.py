@@ -6,29 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from peft_pat import PATConfig, PATConfigError
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
 from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
-from helpers import assert_logits_close, logits, train_steps, wrap
+from helpers import assert_logits_close, logits, save_checkpoint, train_steps, wrap
 
 IDS = tiny_inputs(length=9)
 
 
 def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _save_base(model, folder):
-    state = {name: t.contiguous() for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]
-    folder.mkdir()
-    model.config.save_pretrained(folder)
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("axes", [{"prune_axes": ["mlp"]}, {"prune_axes": ["hidden", "mlp"], "target_width": 48}])
@@ -49,7 +40,7 @@ def test_trained_mlp_cut_merges_exactly_in_memory_and_from_disk(family, axes, tm
     monkeypatch.setattr(fold, "CHUNK_BYTES", 4096)
     base = tiny_model(family, seed=3)
     full = _params(base)
-    _save_base(base, tmp_path / "base")
+    save_checkpoint(base, tmp_path / "base")
     pat = {"prune_axes": ["mlp"]} if axes == "mlp" else {"prune_axes": ["hidden", "mlp"], "target_width": 48}
     torch.manual_seed(0)
     model = wrap(base, init_weights=False, target_sparsity=0.3, **pat)
