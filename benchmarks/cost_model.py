@@ -20,9 +20,10 @@ logits for the last position only, ``logits_to_keep=1``), FLOPs = 2 MACs:
                     linear weights lm_head  norm gains   embed rows  KV cache read  KV cache write
 
 Both are linear in d except the attention core and the KV cache, which hidden-width pruning does
-not shrink (a head's q·k and softmax work is per head_dim, which PAT keeps), and the element-wise work that scales with I or the heads
-(SiLU * up, rotary, softmax), which no FLOP count here includes. The ideal speed-up of a pruned
-model is cost(dense) / cost(pruned); efficiency = measured speed-up / ideal speed-up.
+not shrink (a head's q·k and softmax work is per head_dim, which PAT keeps), and the element-wise
+work that scales with I or the heads (SiLU * up, rotary, softmax), which no FLOP count here includes.
+The ideal speed-up of a pruned model is cost(dense) / cost(pruned); efficiency = measured speed-up /
+ideal speed-up.
 """
 
 from __future__ import annotations
