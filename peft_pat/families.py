@@ -77,13 +77,17 @@ class FamilySpec:
         match = re.search(re.escape(self.layers) + r"\.(\d+)\.", module_name + ".")
         return int(match.group(1)) if match else None
 
+    def is_mlp_output(self, module_name: str) -> bool:
+        """True for a layer's MLP output linear (``down_proj``): the module the MLP axis gates (accepts PEFT names)."""
+        return self._layer_relative(module_name) == self.mlp_output
+
     def unit_cuts(self, module_name: str, param: str) -> list[tuple[str, int, int]]:
         """(axis, dimension, blocks) for each per-layer axis that cuts this parameter: an MLP input keeps rows
         (weight and bias; ``blocks`` stacked blocks of the intermediate width), the MLP output keeps columns."""
         relative = self._layer_relative(module_name)
         if relative in self.mlp_inputs and param in ("weight", "bias"):
             return [("mlp", 0, self.mlp_input_blocks)]
-        if relative == self.mlp_output and param == "weight":
+        if self.is_mlp_output(module_name) and param == "weight":
             return [("mlp", 1, 1)]
         return []
 

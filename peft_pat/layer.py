@@ -138,7 +138,7 @@ class PATLayer(BaseTunerLayer):
     def unit_gate_scale(self, adapter_name: str) -> torch.Tensor:
         """c = s ⊙ M[layer] on the input units (the per-layer axis mask's row of this layer), float32."""
         axis, layer = self.pat_unit_gate[adapter_name]
-        gate = self._pat_unit_masks[adapter_name][axis].gate()[layer]
+        gate = self._pat_unit_masks[adapter_name][axis].gate(layer)  # this layer's row only
         return gate_scale(self.pat_unit_scale[adapter_name], gate)
 
     def _apply_hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -378,21 +378,25 @@ class PATMask(nn.Module):
             self._reported_bad_events = events
 
     # ------------------------------------------------------------------ gate
-    def effective_logits(self) -> torch.Tensor:
-        """w = kappa * theta (see module docstring)."""
-        return _ScaledLogits.apply(self.logits, self._kappa, self.bad_grad_events)
+    def effective_logits(self, row: int | None = None) -> torch.Tensor:
+        """w = kappa * theta (see module docstring); of one group only with ``row``."""
+        theta = self.logits if row is None else self.logits[row]
+        return _ScaledLogits.apply(theta, self._kappa, self.bad_grad_events)
 
-    def gate(self) -> torch.Tensor:
-        """M in Eq. 10 (soft phase) or the exact 0/1 top-N mask (after the freeze); shape (d,)."""
+    def gate(self, row: int | None = None) -> torch.Tensor:
+        """M in Eq. 10 (soft phase) or the exact 0/1 top-N mask (after the freeze); shape (d,), or (groups, d).
+        ``row``: the gate of one group (one layer of a per-layer mask) only, computed from that row's logits."""
+        pick = (lambda t: t) if row is None else (lambda t: t[row])
         if self._hard:
-            return self.hard_mask
+            return pick(self.hard_mask)
         training = self.training and self.logits.requires_grad and torch.is_grad_enabled()
         if training and not torch.compiler.is_compiling():  # eager only: compiled graphs must not recompile
             self._soft_training_gates += 1
-        soft = torch.sigmoid(self.tau * self.effective_logits().float()) + self.beta
+        soft = torch.sigmoid(self.tau * self.effective_logits(row).float()) + self.beta
         if self._fading:  # M <- (1 - f) M + f * target: exactly the hard mask at the freeze step
-            soft = torch.lerp(soft, self.fade_target, self.fade)
-        return torch.where(self.protected, torch.ones_like(soft), soft)  # protected channels never fade
+            soft = torch.lerp(soft, pick(self.fade_target), self.fade)
+        protected = pick(self.protected)
+        return torch.where(protected, torch.ones_like(soft), soft)  # protected channels never fade
 
     def _fades_to_calibrated_set(self) -> bool:
         """fade_to_hard acts once calibrate has fixed the target; an uncalibrated mask keeps the paper's gate."""

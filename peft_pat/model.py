@@ -122,7 +122,7 @@ class PATModel(BaseTuner):
         axes = peft_config.pruned_axes
         if family.is_producer(key) and "hidden" in axes:
             return True  # an HSM
-        if "mlp" in axes and family.unit_cuts(key, "weight") == [("mlp", 1, 1)]:
+        if "mlp" in axes and family.is_mlp_output(key):
             return True  # the gate on the MLP output linear's input units
         if peft_config.r == 0:
             return False
@@ -133,13 +133,12 @@ class PATModel(BaseTuner):
             self.pat_mask = nn.ModuleDict()
         if adapter_name not in self.pat_mask:
             mask = PATMask.from_config(config, random_init=not config.init_weights)
-            _move_mask(mask, self.model.get_input_embeddings().weight.device)
-            mask.requires_grad_(not config.inference_mode)
-            self.pat_mask[adapter_name] = mask
             units = nn.ModuleDict(PATMask.unit_masks_from_config(config, random_init=not config.init_weights))
-            for unit_mask in units.values():
-                _move_mask(unit_mask, self.model.get_input_embeddings().weight.device)
-                unit_mask.requires_grad_(not config.inference_mode)
+            device = self.model.get_input_embeddings().weight.device
+            for each in (mask, *units.values()):
+                _move_mask(each, device)
+                each.requires_grad_(not config.inference_mode)
+            self.pat_mask[adapter_name] = mask
             self.pat_unit_masks[adapter_name] = units
         return self.pat_mask
 
@@ -167,7 +166,7 @@ class PATModel(BaseTuner):
         masks = self._ensure_mask(peft_config, adapter_name)
         is_embedding = family.is_embedding(current_key)
         with_hsm = family.is_producer(current_key) and "hidden" in peft_config.pruned_axes
-        gates_units = "mlp" in peft_config.pruned_axes and family.unit_cuts(current_key, "weight") == [("mlp", 1, 1)]
+        gates_units = "mlp" in peft_config.pruned_axes and family.is_mlp_output(current_key)
         wants_lora = peft_config.r > 0 and bool(check_target_module_exists(peft_config, current_key))
         diagonal = is_embedding and peft_config.embedding_hsm == "diagonal"
         kwargs: dict[str, Any] = {

@@ -68,7 +68,7 @@ class AdapterWeights:
 
     def unit_column_scale(self, module: str, layer: int) -> torch.Tensor:
         """c = s ⊙ M[layer] on the input units of a gated module, float32 (as PATLayer.unit_gate_scale)."""
-        return gate_scale(self.unit_scales[module], self.unit_masks["mlp"].gate()[layer])
+        return gate_scale(self.unit_scales[module], self.unit_masks["mlp"].gate(layer))
 
     def lora_update(self, module: str) -> fold.LoRAUpdate | None:
         if module not in self.lora:
