@@ -114,6 +114,8 @@ class PATModel(BaseTuner):
         return family_for_model_type(getattr(self.model.config, "model_type", None))
 
     def _prepare_adapter_config(self, peft_config: PATConfig, model_config: dict) -> PATConfig:
+        # the budget counts the stock layout's tensors: a model without the causal-LM layout is refused first
+        check_causal_lm_layout(self.model, family_for_model_type(model_config.get("model_type")))
         return resolve_for_base(peft_config, model_config, stock_layout(self.model))
 
     @staticmethod

@@ -70,6 +70,7 @@ def resolve_for_base(peft_config: PATConfig, model_config: dict, layout: list[Te
         vocab,
     )
     peft_config.base_num_hidden_layers = layers
+    peft_config.prune_axes = list(peft_config.pruned_axes)  # recorded: a later default does not change this adapter
     peft_config.kept_width, peft_config.kept_intermediate_size = resolve_widths(
         peft_config, family, model_config, layout
     )

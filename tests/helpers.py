@@ -50,9 +50,13 @@ def _sibling_imports(path: Path) -> list[str]:
 
 
 def wrap(base, **kwargs):
-    """A PAT model on ``base`` for unit tests: the task-loss path (no distillation, zero mask start) unless a
-    test passes ``distillation_weight`` / ``calibration_batches``; tests/test_quality_levers.py covers those."""
+    """A PAT model on ``base`` for unit tests of the hidden axis: the task-loss path (no distillation, zero mask
+    start) unless a test passes ``distillation_weight`` / ``calibration_batches`` (tests/test_quality_levers.py
+    covers those), the hidden width alone unless it passes ``prune_axes`` (the default axes: tests/test_mlp_axis.py,
+    tests/test_families.py, tests/test_merge_exact.py)."""
     defaults = {"target_sparsity": 0.25, "hsm_rank": 8, "r": 4, "distillation_weight": 0.0, "calibration_batches": 0}
+    if not {"prune_axes", "target_width", "target_intermediate_size"} & set(kwargs):
+        defaults["prune_axes"] = ["hidden"]
     config = PATConfig(task_type="CAUSAL_LM", **{**defaults, **kwargs})
     return get_peft_model(base, config)
 

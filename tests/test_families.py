@@ -37,6 +37,8 @@ def _assert_every_pat_part_learns(grads, params):
     assert all(torch.isfinite(g).all() for g in grads.values())
     mask = [g for n, g in grads.items() if "pat_mask" in n]
     assert len(mask) == 1 and mask[0].abs().sum() > 0
+    units = [g for n, g in grads.items() if "pat_unit_masks" in n]  # the MLP masks of the default axes
+    assert len(units) == 1 and units[0].abs().sum() > 0
     for part in LEARNING_PARTS:
         got = [g for n, g in grads.items() if f".{part}." in n or n.endswith(f".{part}")]
         assert got, f"no trainable {part}"
@@ -46,16 +48,22 @@ def _assert_every_pat_part_learns(grads, params):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_family_end_to_end(family, tied, tmp_path):
-    """Train step -> train past the freeze -> adapter round trip -> exact merge -> stock reload -> generate."""
+    """Train step -> train past the freeze -> adapter round trip -> exact merge -> stock reload -> generate,
+    with the package's default axes (hidden + MLP width)."""
     ids = tiny_inputs(length=10)
-    model = wrap(tiny_model(family, tie_word_embeddings=tied))
+    model = wrap(tiny_model(family, tie_word_embeddings=tied), prune_axes=None)
+    config = model.peft_config["default"]
+    width, mlp = config.kept_width, config.kept_intermediate_size
+    assert config.prune_axes == ["hidden", "mlp"] and 0 < width < 64 and mlp is not None
 
     loss, grads, params = _one_training_step(model, ids)
     assert torch.isfinite(loss)
     _assert_every_pat_part_learns(grads, params)
     train_steps(model, ids, steps=5, total=6)
     mask = model.base_model.pat_mask["default"]
-    assert mask.hardened and int(mask.hard_mask.sum()) == 48
+    assert mask.hardened and int(mask.hard_mask.sum()) == width
+    unit_mask = model.base_model.pat_unit_masks["default"]["mlp"]
+    assert unit_mask.hardened and (unit_mask.hard_mask.sum(-1) == mlp).all()
     expected = logits(model, ids)
 
     model.save_pretrained(tmp_path / "adapter")
@@ -63,7 +71,8 @@ def test_family_end_to_end(family, tied, tmp_path):
     assert torch.equal(logits(loaded, ids), expected)
 
     small = loaded.merge_and_prune()
-    assert type(small) is FAMILY_BUILDERS[family][1] and small.config.hidden_size == 48
+    assert type(small) is FAMILY_BUILDERS[family][1]
+    assert small.config.hidden_size == width and small.config.intermediate_size == mlp
     assert not any(isinstance(m, PATLayer) for m in small.modules())
     merge_diff = assert_logits_close(logits(small, ids), expected)
 

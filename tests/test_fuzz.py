@@ -107,7 +107,8 @@ def setups(draw):
         r = 0
     else:
         r = r_bound + draw(st.integers(1, 64))  # may still fit when targets avoid the narrowest layer
-    pat = {
+    pat = {  # the hidden axis alone: its oracle below (the MLP budget's errors: tests/test_mlp_axis.py)
+        "prune_axes": ["hidden"],
         **width,
         "hsm_rank": hsm_rank,
         "r": r,

@@ -18,13 +18,16 @@ def test_merge_and_prune_is_exact_and_reloads_stock(family, tied, tmp_path):
     base = tiny_model(family, tie_word_embeddings=tied)
     params_before = sum(p.numel() for p in base.parameters())
     ids = tiny_inputs()
-    model = wrap(base, init_weights=False)  # random non-identity adapters and mask logits
+    # random non-identity adapters and mask logits, the package's default axes (hidden + MLP width)
+    model = wrap(base, init_weights=False, prune_axes=None)
+    config = model.peft_config["default"]
     model.base_model.harden_mask()
     expected = logits(model, ids)
 
     small = model.merge_and_prune()
-    assert type(small) is FAMILY_BUILDERS[family][1]
-    assert small.config.hidden_size == 48 and small.config.head_dim == 16
+    assert type(small) is FAMILY_BUILDERS[family][1] and config.prune_axes == ["hidden", "mlp"]
+    assert small.config.hidden_size == config.kept_width < 64 and small.config.head_dim == 16
+    assert small.config.intermediate_size == config.kept_intermediate_size < config.base_intermediate_size
     assert small.config.tie_word_embeddings == tied  # tied models stay tied (diagonal embedding HSM)
     assert sum(p.numel() for p in small.parameters()) < params_before
     assert_logits_close(logits(small, ids), expected)

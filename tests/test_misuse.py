@@ -185,8 +185,14 @@ def test_sparsity_outside_open_interval(sparsity):
 
 
 def test_sparsity_and_width_both_given():
+    """With the hidden width alone both fix the same number; with the default axes the width is fixed and the
+    MLP width takes what the parameter budget leaves."""
     with pytest.raises(PATConfigError, match="Give either target_sparsity .* or target_width .*, not both"):
-        PATConfig(target_sparsity=0.25, target_width=48)
+        PATConfig(target_sparsity=0.25, target_width=48, prune_axes=["hidden"])
+    model = get_peft_model(tiny_model("llama"), PATConfig(target_sparsity=0.25, target_width=56))
+    config = model.peft_config["default"]
+    assert config.prune_axes == ["hidden", "mlp"] and config.kept_width == 56
+    assert config.kept_intermediate_size < config.base_intermediate_size
 
 
 def test_kept_width_contradicts_target_width():

@@ -54,7 +54,7 @@ def test_inference_benchmark_tiny_run(tmp_path):
     inference.main(["--models", "smollm2-135m", *grid, *sweep, *runs, "--out", str(out)])
     result = json.loads(out.read_text())
     (model,) = result["models"]
-    assert model["widths"] == {"dense": 576, "p25": 432, "p50": 288}
+    assert model["widths"] == {"dense": 576, "p25": 504, "p50": 432}  # the default axes: hidden + MLP
     assert model["parameters"]["p50"] < model["parameters"]["p25"] < model["parameters"]["dense"]
     for row in model["prefill"] + model["decode"]:
         assert math.isfinite(row["efficiency"]) and row["efficiency"] > 0

@@ -104,10 +104,10 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
 
     runs = {(r["method"], r["sparsity"]): r for r in payload["runs"]}
     assert payload["data"]["train_tasks"] == ["pick3", "yesno-task"]
-    assert payload["model"]["kept_width"] == {0.25: 24, 0.5: 16}
-    expected = {("dense", 0.0), ("lora", 0.0)} | {
-        (m, s) for m in ("pat", "prune_then_tune", "tune_then_prune", "torch_pruning") for s in (0.25, 0.5)
-    }
+    assert payload["model"]["kept_width"] == {0.25: 24, 0.5: 16}  # the hidden width alone (Torch-Pruning, pat_hidden)
+    pruning = ("pat", "pat_hidden", "prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune",
+               "tune_then_prune", "torch_pruning")  # fmt: skip
+    expected = {("dense", 0.0), ("lora", 0.0)} | {(m, s) for m in pruning for s in (0.25, 0.5)}
     assert set(runs) == expected
     tp_missing = __import__("importlib").util.find_spec("torch_pruning") is None
     for key, run in runs.items():
@@ -115,50 +115,71 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
             assert "torch-pruning is not installed" in run["error"]
             continue
         assert "error" not in run, run.get("traceback", run.get("error"))
-        width = 32 if key[1] == 0.0 else payload["model"]["kept_width"][key[1]]
-        assert run["kept_width"] == width == run["hidden_size"]
+        assert run["kept_width"] == run["hidden_size"]
         assert torch.isfinite(torch.tensor(run["wikitext2"]["perplexity"]))
         assert run["wikitext2"]["windows"] == 4 and run["wikitext2"]["tokens_scored"] == 4 * 63
         for mode in ("text", "label"):
             tasks = run[f"accuracy_{mode}"]["tasks"]
             assert set(tasks) == {"pick3", "yesno-task"}
             assert all(t["n"] == 5 and 0.0 <= t["acc_norm"] <= 1.0 and len(t["correct"]) == 5 for t in tasks.values())
-        if key[0] in ("lora", "pat", "prune_then_tune", "torch_pruning"):
+        if key[0] not in ("dense", "tune_then_prune"):
             train = run["train"]
             assert train["steps"] == 4 and len(train["loss_curve"]) == len(train["train_loss_curve"]) == 4
             assert all(map(math.isfinite, train["loss_curve"]))
-        if key[0] in ("prune_then_tune", "torch_pruning"):  # the rivals distil from the dense model by default
+        if key[0].startswith("prune") or key[0] == "torch_pruning":  # the rivals distil from the dense model
             assert run["train"]["loss"] == "distill"
             assert run["train"]["train_loss_curve"] != run["train"]["loss_curve"]  # KL optimised, task CE logged
     assert runs[("dense", 0.0)]["accuracy_text"]["mean"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
-    assert runs[("pat", 0.25)]["train"]["pat_mask"] == {"hard": True, "kept": 24}
-    assert len(runs[("pat", 0.25)]["train"]["pat_curves"]["pat/kept_channels"]) == 4  # PATCallback's logs, per step
+    pat_quarter = runs[("pat", 0.25)]
+    assert pat_quarter["train"]["pat_mask"] == {"hard": True, "kept": pat_quarter["kept_width"]}
+    assert len(pat_quarter["train"]["pat_curves"]["pat/kept_channels"]) == 4  # PATCallback's logs, per step
     assert runs[("lora", 0.0)]["train"]["loss"].startswith("full")  # distilling dense into itself is a no-op
-    # the pruned models are smaller, and PAT and the post-hoc cut keep the same width
-    assert runs[("pat", 0.5)]["parameters"] == runs[("prune_then_tune", 0.5)]["parameters"]
-    assert runs[("pat", 0.5)]["parameters"] < runs[("pat", 0.25)]["parameters"] < runs[("dense", 0.0)]["parameters"]
-    # every pruned method against the best post-hoc pipeline (lowest PPL) at its sparsity, paired
+    dense = runs[("dense", 0.0)]
+    for s in (0.25, 0.5):
+        # PAT cuts both axes by default; each post-hoc twin has its PAT's shape; all at the same parameter budget
+        pat, hidden = runs[("pat", s)], runs[("pat_hidden", s)]
+        assert pat["kept_width"] < 32 and pat["intermediate_size"] < dense["intermediate_size"]
+        assert hidden["intermediate_size"] == dense["intermediate_size"] and hidden["kept_width"] == (24, 16)[s == 0.5]
+        for twin, of in (("prune_then_tune", pat), ("tune_then_prune", pat), ("prune_hidden_then_tune", hidden)):
+            assert (runs[(twin, s)]["kept_width"], runs[(twin, s)]["intermediate_size"]) == (
+                of["kept_width"], of["intermediate_size"]
+            ) and runs[(twin, s)]["parameters"] == of["parameters"]
+        assert runs[("prune_mlp_then_tune", s)]["kept_width"] == 32
+        for run in (pat, runs[("prune_mlp_then_tune", s)]):
+            assert abs(run["parameters"] / dense["parameters"] - (1 - s)) < 0.05
+    assert runs[("pat", 0.5)]["parameters"] < runs[("pat", 0.25)]["parameters"] < dense["parameters"]
+    # every pruned method against the best post-hoc pipeline (lowest PPL) at its sparsity, and each PAT run
+    # against its same-shape twin, paired
     for sparsity in (0.25, 0.5):
-        rows = [c for c in payload["comparisons"] if c["sparsity"] == sparsity]
+        rows = [c for c in payload["comparisons"] if c["sparsity"] == sparsity and c["reference"] == "best post-hoc"]
         best = rows[0]["best_posthoc"]
-        assert best in ("prune_then_tune", "tune_then_prune", "torch_pruning")
-        assert {c["method"] for c in rows} == {m for m, s in runs if s == sparsity} - {best}
-        assert all(math.isfinite(c["nll_difference_stderr"]) and c["ppl_ratio"] > 0 for c in rows)
-    (target,) = [t for t in payload["pat_targets"] if t["sparsity"] == 0.25]
-    assert target["ppl_ratio_pat_over_best_posthoc"] == pytest.approx(
-        runs[("pat", 0.25)]["wikitext2"]["perplexity"] / runs[(target["best_posthoc"], 0.25)]["wikitext2"]["perplexity"]
-    )
-    assert payload["estimate"]["train_runs"] == 1 + 2 * (2 if tp_missing else 3)
+        assert best in ("prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune", "tune_then_prune",
+                        "torch_pruning")  # fmt: skip
+        assert {c["method"] for c in rows} == {m for m, s in runs if s == sparsity and "error" not in runs[m, s]} - {
+            best
+        }
+        twins = {c["method"]: c["best_posthoc"] for c in payload["comparisons"]
+                 if c["sparsity"] == sparsity and c["reference"] == "same shape"}  # fmt: skip
+        assert twins == {"pat": "prune_then_tune", "pat_hidden": "prune_hidden_then_tune"}
+        assert all(math.isfinite(c["nll_difference_stderr"]) and c["ppl_ratio"] > 0 for c in payload["comparisons"])
+    targets = {t["reference"]: t for t in payload["pat_targets"] if t["sparsity"] == 0.25}
+    for reference, target in targets.items():
+        assert target["ppl_ratio_pat_over_best_posthoc"] == pytest.approx(
+            pat_quarter["wikitext2"]["perplexity"] / runs[(target["best_posthoc"], 0.25)]["wikitext2"]["perplexity"]
+        )
+        assert target["ppl_target"] == {"same shape": 0.85, "best post-hoc": 0.75}[reference]
+    assert set(targets) == {"same shape", "best post-hoc"}
+    assert payload["estimate"]["train_runs"] == 1 + 2 * (5 if tp_missing else 6)
     for name in ("quality.json", "quality.md", "quality.png"):
         assert (out / name).stat().st_size > 0
-    assert "PPL ratio PAT / best post-hoc" in (out / "quality.md").read_text()
+    assert "PAT / best post-hoc" in (out / "quality.md").read_text()
 
     # an already-pruned checkpoint is evaluated without retraining, with the same numbers
     saved = runs[("prune_then_tune", 0.5)]["saved_to"]
     again = cli.main([*common, "--output", str(tmp_path / "ckpt"), "--subsample", "5", "--scoring", "text,label",
                       "--evaluate-checkpoint", saved])  # fmt: skip
     (run,) = again["runs"]
-    assert run["kept_width"] == 16 and "train" not in run
+    assert run["kept_width"] == runs[("prune_then_tune", 0.5)]["kept_width"] and "train" not in run
     assert run["wikitext2"]["perplexity"] == pytest.approx(runs[("prune_then_tune", 0.5)]["wikitext2"]["perplexity"])
     assert (
         run["accuracy_text"]["tasks"]["pick3"]["correct"]
@@ -247,7 +268,8 @@ def test_adapter_checkpoint_is_merged_then_evaluated(tmp_path, one_thread):
                         "--evaluate-checkpoint", str(tmp_path / "adapter")])  # fmt: skip
     (run,) = payload["runs"]
     assert payload["checkpoint"]["kind"].startswith("adapter")
-    assert run["kept_width"] == 16 and run["hidden_size"] == 16
+    width = model.peft_config["default"].kept_width
+    assert run["kept_width"] == width == run["hidden_size"] < 32
     assert set(run["accuracy_text"]["tasks"]) == {"pick3", "yesno-task"}
 
 

@@ -2,17 +2,22 @@
 
 Equal budget: every tuned method is trained by :func:`.training.train` (one Trainer setup) on the same
 batches with the same loss choice, learning rate, steps and LoRA rank/alpha on the same modules (every
-decoder linear); only PAT adds its HSMs and mask. The post-hoc methods cut exactly the width PAT keeps.
+decoder linear); only PAT adds its HSMs and masks. Equal size: at a sparsity s every pruned model has
+(within rounding) the parameter count ``PATConfig(target_sparsity=s)`` gives; the post-hoc methods cut
+exactly the :class:`Shape` the package resolves (:func:`resolved_shape`).
 
-=================  =============================================================================
-``dense``          the base model, untouched
-``lora``           LoRA on the dense model, merged (the upper reference: no pruning)
-``pat``            ``PATConfig(target_sparsity=s)`` + ``--pat-options``, Trainer + ``PATCallback()``,
-                   ``merge_and_prune()``
-``prune_then_tune`` activation cut of the base model (:mod:`.posthoc`), then LoRA, merged
-``tune_then_prune`` the merged ``lora`` model, then the same activation cut (no retraining)
-``torch_pruning``  Torch-Pruning Taylor hidden-width cut of the base model, then LoRA, merged
-=================  =============================================================================
+========================  ======================================================================
+``dense``                 the base model, untouched
+``lora``                  LoRA on the dense model, merged (the upper reference: no pruning)
+``pat``                   ``PATConfig(target_sparsity=s)`` + ``--pat-options``, Trainer + ``PATCallback()``,
+                          ``merge_and_prune()``: the package's default axes
+``pat_hidden``            the same with ``prune_axes=["hidden"]`` (the hidden width alone, peft-pat 0.4's default)
+``prune_then_tune``       activation cut of the base model to PAT's shape (:mod:`.posthoc`), then LoRA, merged
+``prune_mlp_then_tune``   activation cut of the MLP width alone (same parameter count), then LoRA, merged
+``prune_hidden_then_tune`` activation cut of the hidden width alone (``pat_hidden``'s shape), then LoRA, merged
+``tune_then_prune``       the merged ``lora`` model, then the activation cut to PAT's shape (no retraining)
+``torch_pruning``         Torch-Pruning Taylor hidden-width cut of the base model, then LoRA, merged
+========================  ======================================================================
 
 With ``--loss distill`` the unpruned ``lora`` run (and so ``tune_then_prune``) trains on the full-sequence
 cross-entropy instead: LoRA starts as the identity, so distilling the dense model into itself has zero
@@ -30,24 +35,53 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_pat import FamilySpec, PATConfig
-from peft_pat.calibration import channel_statistics, massive_channels
+from peft_pat.calibration import ChannelStatistics, channel_statistics
+from peft_pat.merge.in_memory import stock_layout
 from peft_pat.offline_models import load_causal_lm
+from peft_pat.resolution import resolve_for_base
 
-from .posthoc import cut_by_activation
+from .posthoc import cut_shape_by_activation
 from .torch_pruning_peer import prune_with_torch_pruning
 from .training import train
 
-METHODS = ("dense", "lora", "pat", "prune_then_tune", "tune_then_prune", "torch_pruning")
-PRUNING_METHODS = ("pat", "prune_then_tune", "tune_then_prune", "torch_pruning")
-POSTHOC_METHODS = ("prune_then_tune", "tune_then_prune", "torch_pruning")
+METHODS = (
+    "dense", "lora", "pat", "pat_hidden", "prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune",
+    "tune_then_prune", "torch_pruning",
+)  # fmt: skip
+POSTHOC_METHODS = ("prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune", "tune_then_prune", "torch_pruning")
+PRUNING_METHODS = ("pat", "pat_hidden", *POSTHOC_METHODS)
 LABELS = {
     "dense": "dense (no training)",
     "lora": "LoRA (dense)",
     "pat": "PAT",
-    "prune_then_tune": "prune → LoRA",
-    "tune_then_prune": "LoRA → prune",
+    "pat_hidden": "PAT, hidden width only",
+    "prune_then_tune": "prune → LoRA (PAT's shape)",
+    "prune_mlp_then_tune": "prune MLP → LoRA",
+    "prune_hidden_then_tune": "prune hidden → LoRA",
+    "tune_then_prune": "LoRA → prune (PAT's shape)",
     "torch_pruning": "Torch-Pruning → LoRA",
 }
+SAME_SHAPE_RIVAL = {"pat": "prune_then_tune", "pat_hidden": "prune_hidden_then_tune"}  # the post-hoc twin of each PAT
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a cut keeps: the hidden width and the per-layer MLP width (None: that axis is not cut)."""
+
+    width: int | None
+    mlp: int | None
+
+    def __str__(self) -> str:
+        return "/".join(f"{n} {v}" for n, v in (("hidden", self.width), ("MLP", self.mlp)) if v is not None)
+
+
+def resolved_shape(base: nn.Module, sparsity: float, **pat_options) -> Shape:
+    """The shape ``PATConfig(target_sparsity=sparsity, **pat_options)`` resolves to on ``base`` (the package's
+    own budget and rounding), without wrapping ``base``."""
+    config = PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, **pat_options)
+    config = resolve_for_base(config, base.config.to_dict(), stock_layout(base))
+    width = None if config.kept_width == int(base.config.hidden_size) else config.kept_width
+    return Shape(width, config.kept_intermediate_size)
 PAT_TYPES = {f.name: f.type for f in dataclasses.fields(PATConfig) if f.init}  # annotations, as text
 PAT_FIELDS = set(PAT_TYPES)
 PAT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PATConfig) if f.init}  # declared defaults
@@ -70,7 +104,7 @@ class TuningSetup:
     loss: str = "distill"
     pat_options: dict = field(default_factory=dict)
     progress: bool = True
-    _activation_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    _statistics: dict[str, ChannelStatistics] = field(default_factory=dict)
     _teacher: nn.Module | None = None
 
     def load_base(self) -> nn.Module:
@@ -124,12 +158,11 @@ class TuningSetup:
         overrides.update(self.pat_options)
         return overrides
 
-    def activation_scores(self, model: nn.Module, key: str) -> torch.Tensor:
-        """Channel scores of ``model`` on the calibration batches, cached under ``key``."""
-        if key not in self._activation_scores:
-            stats = channel_statistics(model, self.calibration_batches, self.family)
-            self._activation_scores[key] = (stats.score, massive_channels(stats.energy))
-        return self._activation_scores[key]
+    def statistics(self, model: nn.Module, key: str) -> ChannelStatistics:
+        """Hidden-channel and MLP-unit statistics of ``model`` on the calibration batches, cached under ``key``."""
+        if key not in self._statistics:
+            self._statistics[key] = channel_statistics(model, self.calibration_batches, self.family, mlp=True)
+        return self._statistics[key]
 
 
 def lora_tune(setup: TuningSetup, model: nn.Module, desc: str, distill: bool) -> tuple[nn.Module, dict]:
@@ -152,9 +185,10 @@ def lora(setup: TuningSetup) -> tuple[nn.Module, dict]:
     return model, info
 
 
-def pat(setup: TuningSetup, sparsity: float) -> tuple[nn.Module, dict]:
+def pat(setup: TuningSetup, sparsity: float, **axes) -> tuple[nn.Module, dict]:
+    """PAT with the package defaults (``axes`` e.g. ``prune_axes=["hidden"]`` for ``pat_hidden``)."""
     torch.manual_seed(setup.seed)
-    overrides = setup.pat_overrides()
+    overrides = {**setup.pat_overrides(), **axes}
     config = PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, **overrides)
     model = get_peft_model(setup.load_base(), config)
     info = setup.train(model, f"PAT {sparsity:.0%}", pat=True)
@@ -167,16 +201,19 @@ def pat(setup: TuningSetup, sparsity: float) -> tuple[nn.Module, dict]:
     return model.merge_and_prune().eval(), info
 
 
-def prune_then_tune(setup: TuningSetup, kept: int) -> tuple[nn.Module, dict]:
+def prune_then_tune(setup: TuningSetup, shape: Shape) -> tuple[nn.Module, dict]:
+    """The base model cut to ``shape`` by activation statistics, then LoRA (+ the same distillation)."""
     model = setup.load_base()
-    cut_by_activation(model, setup.family, *setup.activation_scores(model, "base"), kept)
-    return lora_tune(setup, model, f"prune→LoRA {kept}", distill=setup.loss == "distill")
+    cut_shape_by_activation(model, setup.family, setup.statistics(model, "base"), shape.width, shape.mlp)
+    model, info = lora_tune(setup, model, f"prune→LoRA {shape}", distill=setup.loss == "distill")
+    return model, {**info, "shape": str(shape)}
 
 
-def tune_then_prune(setup: TuningSetup, tuned: nn.Module, kept: int) -> tuple[nn.Module, dict]:
-    """The merged LoRA model ``tuned`` (left unchanged), cut post hoc."""
+def tune_then_prune(setup: TuningSetup, tuned: nn.Module, shape: Shape) -> tuple[nn.Module, dict]:
+    """The merged LoRA model ``tuned`` (left unchanged), cut post hoc to ``shape``."""
     model = copy.deepcopy(tuned)
-    return cut_by_activation(model, setup.family, *setup.activation_scores(tuned, "lora"), kept), {}
+    cut_shape_by_activation(model, setup.family, setup.statistics(tuned, "lora"), shape.width, shape.mlp)
+    return model, {"shape": str(shape)}
 
 
 def torch_pruning(setup: TuningSetup, kept: int) -> tuple[nn.Module, dict]:

@@ -21,7 +21,6 @@ from torch import nn
 
 from peft_pat import family_for_model
 from peft_pat.offline_models import load_causal_lm
-from peft_pat.width import resolve_kept_width
 
 from ..measure import machine_info
 from . import methods
@@ -141,10 +140,11 @@ def prepare_evaluation_data(options: BenchmarkOptions, tokenizer) -> dict:
 def plan(options: BenchmarkOptions) -> dict:
     """How many training runs (of them with a distillation teacher) and evaluations the options ask for."""
     selected = set(options.methods)
-    per_sparsity_trained = [m for m in ("pat", "prune_then_tune", "torch_pruning") if m in selected]
+    trained = ("pat", "pat_hidden", "prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune", "torch_pruning")
+    per_sparsity_trained = [m for m in trained if m in selected]
     if "torch_pruning" in selected and torch_pruning_available():
         per_sparsity_trained.remove("torch_pruning")
-    evaluated = [m for m in ("pat", "prune_then_tune", "tune_then_prune") if m in selected]
+    evaluated = [m for m in (*trained[:-1], "tune_then_prune") if m in selected]
     evaluated += ["torch_pruning"] if "torch_pruning" in per_sparsity_trained else []
     n = len(options.sparsities)
     lora_runs = 1 if selected & {"lora", "tune_then_prune"} else 0
@@ -238,8 +238,16 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {list(methods.METHODS)}.")
     base, tokenizer = load_causal_lm(options.model)
     family = family_for_model(base)
-    d, heads = int(base.config.hidden_size), int(base.config.num_attention_heads)
-    kept = {s: resolve_kept_width(d, heads, s, None) for s in options.sparsities}
+    d = int(base.config.hidden_size)
+    shapes = {  # per sparsity and PAT variant the shape the package resolves; the post-hoc twins cut the same
+        s: {
+            "pat": methods.resolved_shape(base, s, **options.pat_options),
+            "hidden": methods.resolved_shape(base, s, prune_axes=["hidden"]),
+            "mlp": methods.resolved_shape(base, s, prune_axes=["mlp"]),
+        }
+        for s in options.sparsities
+    }
+    kept = {s: shape["hidden"].width for s, shape in shapes.items()}  # the hidden-only width (Torch-Pruning's axis)
     del base
 
     mixture = TaskMixture(
@@ -271,7 +279,10 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     recorder = Recorder(
         options,
         {
-            "model": {"name": options.model, "family": family.name, "hidden_size": d, "kept_width": kept},
+            "model": {
+                "name": options.model, "family": family.name, "hidden_size": d, "kept_width": kept,
+                "shapes": {str(s): {k: str(v) for k, v in shape.items()} for s, shape in shapes.items()},
+            },  # fmt: skip
             "data": {
                 "train_tasks": mixture.tasks,
                 "loss": options.loss,
@@ -284,7 +295,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         },
     )
     print(
-        f"{family.name} d={d}; kept widths {kept}; {len(setup.train_batches)} steps x {options.batch_size} "
+        f"{family.name} d={d}; shapes {recorder.payload['model']['shapes']}; {len(setup.train_batches)} steps x {options.batch_size} "
         f"({train_tokens} tokens) on {mixture.tasks}, loss {options.loss}; "
         f"eval items {recorder.payload['data']['eval_items']}, {data['windows'].shape[0]} WikiText windows"
     )
@@ -314,11 +325,12 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         run["train"] = info
         run.update(_evaluate(model, tokenizer, data, options))
         run["kept_width"] = int(model.config.hidden_size)
+        run["intermediate_size"] = int(model.config.intermediate_size)
         run["saved_to"] = _maybe_save(model, tokenizer, options, name)
         summary = run.get(f"accuracy_{options.scoring[0]}", {}).get("mean", {})
         ppl = run.get("wikitext2", {}).get("perplexity")
         print(
-            f"   width {run['kept_width']}, {run['parameters'] / 1e6:.1f}M params, PPL {ppl:.2f}, "
+            f"   width {run['kept_width']}, MLP {run['intermediate_size']}, {run['parameters'] / 1e6:.1f}M params, PPL {ppl:.2f}, "
             f"mean acc_norm {summary.get('acc_norm', float('nan')):.4f}, build {run['build_seconds']:.0f}s, "
             f"eval {run['eval_seconds']:.0f}s"
         )
@@ -337,13 +349,18 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
             tuned, info = methods.lora(setup)
             clock.finished({"train": info})
     for sparsity in options.sparsities:
-        width = kept[sparsity]
+        width, shape = kept[sparsity], shapes[sparsity]
         if "pat" in selected:
             record("pat", sparsity, lambda: methods.pat(setup, sparsity))  # noqa: B023
-        if "prune_then_tune" in selected:
-            record("prune_then_tune", sparsity, lambda: methods.prune_then_tune(setup, width))  # noqa: B023
+        if "pat_hidden" in selected:
+            record("pat_hidden", sparsity, lambda: methods.pat(setup, sparsity, prune_axes=["hidden"]))  # noqa: B023
+        for method, key in (
+            ("prune_then_tune", "pat"), ("prune_mlp_then_tune", "mlp"), ("prune_hidden_then_tune", "hidden"),
+        ):  # fmt: skip
+            if method in selected:
+                record(method, sparsity, lambda k=key: methods.prune_then_tune(setup, shape[k]))  # noqa: B023
         if "tune_then_prune" in selected and tuned is not None:
-            record("tune_then_prune", sparsity, lambda: methods.tune_then_prune(setup, tuned, width))  # noqa: B023
+            record("tune_then_prune", sparsity, lambda: methods.tune_then_prune(setup, tuned, shape["pat"]))  # noqa: B023
         if "torch_pruning" in selected:
             reason = torch_pruning_available()
             if reason:
@@ -354,7 +371,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     recorder.flush(final=True)
     for t in recorder.payload["pat_targets"]:
         print(
-            f"PPL ratio PAT / best post-hoc ({t['best_posthoc_label']}) at {t['sparsity']:.0%}: "
+            f"PPL ratio PAT / {t['reference']} ({t['best_posthoc_label']}) at {t['sparsity']:.0%}: "
             f"{t['ppl_ratio_pat_over_best_posthoc']:.3f} (target <= {t['ppl_target']}); "
             f"mean acc_norm difference {100 * t['mean_acc_norm_difference']:+.1f} "
             f"± {100 * t['paired_stderr']:.1f} points"
@@ -391,6 +408,7 @@ def evaluate_checkpoint(options: BenchmarkOptions, path: Path) -> dict:
     run = {"method": "checkpoint", "label": Path(path).name, "sparsity": None}
     run.update(_evaluate(model, tokenizer, data, options))
     run["kept_width"] = int(model.config.hidden_size)
+    run["intermediate_size"] = int(model.config.intermediate_size)
     recorder.add(run)
     recorder.flush(final=True)
     return recorder.payload
