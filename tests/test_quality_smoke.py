@@ -142,7 +142,8 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
         assert hidden["intermediate_size"] == dense["intermediate_size"] and hidden["kept_width"] == (24, 16)[s == 0.5]
         for twin, of in (("prune_then_tune", pat), ("tune_then_prune", pat), ("prune_hidden_then_tune", hidden)):
             assert (runs[(twin, s)]["kept_width"], runs[(twin, s)]["intermediate_size"]) == (
-                of["kept_width"], of["intermediate_size"]
+                of["kept_width"],
+                of["intermediate_size"],
             ) and runs[(twin, s)]["parameters"] == of["parameters"]
         assert runs[("prune_mlp_then_tune", s)]["kept_width"] == 32
         for run in (pat, runs[("prune_mlp_then_tune", s)]):

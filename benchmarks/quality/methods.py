@@ -48,7 +48,9 @@ METHODS = (
     "dense", "lora", "pat", "pat_hidden", "prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune",
     "tune_then_prune", "torch_pruning",
 )  # fmt: skip
-POSTHOC_METHODS = ("prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune", "tune_then_prune", "torch_pruning")
+POSTHOC_METHODS = (
+    "prune_then_tune", "prune_mlp_then_tune", "prune_hidden_then_tune", "tune_then_prune", "torch_pruning",
+)  # fmt: skip
 PRUNING_METHODS = ("pat", "pat_hidden", *POSTHOC_METHODS)
 LABELS = {
     "dense": "dense (no training)",
@@ -82,6 +84,8 @@ def resolved_shape(base: nn.Module, sparsity: float, **pat_options) -> Shape:
     config = resolve_for_base(config, base.config.to_dict(), stock_layout(base))
     width = None if config.kept_width == int(base.config.hidden_size) else config.kept_width
     return Shape(width, config.kept_intermediate_size)
+
+
 PAT_TYPES = {f.name: f.type for f in dataclasses.fields(PATConfig) if f.init}  # annotations, as text
 PAT_FIELDS = set(PAT_TYPES)
 PAT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PATConfig) if f.init}  # declared defaults

@@ -280,9 +280,12 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         options,
         {
             "model": {
-                "name": options.model, "family": family.name, "hidden_size": d, "kept_width": kept,
+                "name": options.model,
+                "family": family.name,
+                "hidden_size": d,
+                "kept_width": kept,
                 "shapes": {str(s): {k: str(v) for k, v in shape.items()} for s, shape in shapes.items()},
-            },  # fmt: skip
+            },
             "data": {
                 "train_tasks": mixture.tasks,
                 "loss": options.loss,
@@ -295,7 +298,8 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         },
     )
     print(
-        f"{family.name} d={d}; shapes {recorder.payload['model']['shapes']}; {len(setup.train_batches)} steps x {options.batch_size} "
+        f"{family.name} d={d}; shapes {recorder.payload['model']['shapes']}; "
+        f"{len(setup.train_batches)} steps x {options.batch_size} "
         f"({train_tokens} tokens) on {mixture.tasks}, loss {options.loss}; "
         f"eval items {recorder.payload['data']['eval_items']}, {data['windows'].shape[0]} WikiText windows"
     )
@@ -330,7 +334,8 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         summary = run.get(f"accuracy_{options.scoring[0]}", {}).get("mean", {})
         ppl = run.get("wikitext2", {}).get("perplexity")
         print(
-            f"   width {run['kept_width']}, MLP {run['intermediate_size']}, {run['parameters'] / 1e6:.1f}M params, PPL {ppl:.2f}, "
+            f"   width {run['kept_width']}, MLP {run['intermediate_size']}, {run['parameters'] / 1e6:.1f}M params, "
+            f"PPL {ppl:.2f}, "
             f"mean acc_norm {summary.get('acc_norm', float('nan')):.4f}, build {run['build_seconds']:.0f}s, "
             f"eval {run['eval_seconds']:.0f}s"
         )
