@@ -157,11 +157,13 @@ def test_named_adapter(tmp_path):
     with pytest.raises(CheckpointError, match=r"no adapter_config.json for adapter 'wide'.*\['default', 'narrow'\]"):
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", adapter_name="wide")
     model.set_adapter("narrow")
+    narrow = model.peft_config["narrow"]  # the default axes, beside a hidden-only "default" adapter
+    assert narrow.prune_axes == ["hidden", "mlp"] and narrow.kept_width == 48
     with pytest.warns(UserWarning, match="dropping"):
         small = model.merge_and_prune("narrow")
     merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", adapter_name="narrow")
     merged = _assert_same_model(tmp_path / "out", small, tiny_inputs())
-    assert merged.config.hidden_size == 32
+    assert merged.config.hidden_size == 48 and merged.config.intermediate_size == narrow.kept_intermediate_size
 
 
 # ---------------------------------------------------------------------------------------------- OUT handling
