@@ -87,3 +87,32 @@ def test_quantized_config_is_refused():
     base.config.quantization_config = {"quant_method": "gguf"}
     with pytest.raises(UnsupportedModelError, match="quantized base model"):
         wrap(base)
+
+
+def test_adapter_saved_before_prune_axes_existed_stays_hidden_only(tmp_path):
+    """A peft-pat 0.4 adapter_config.json (kept_width recorded; no prune_axes, no MLP fields) loads, merges in
+    memory and from disk to the hidden-only model it was trained for, whatever the default axes are now."""
+    from peft_pat import merge_checkpoint
+
+    ids = tiny_inputs()
+    model = wrap(tiny_model("llama"), init_weights=False)  # hidden width alone, as 0.4 trained
+    model.base_model.harden_mask()
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for field in ("prune_axes", "target_intermediate_size", "base_intermediate_size", "kept_intermediate_size"):
+        config.pop(field)
+    path.write_text(json.dumps(config))
+
+    assert PATConfig.from_pretrained(tmp_path / "adapter").pruned_axes == ("hidden",)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    assert loaded.peft_config["default"].prune_axes == ["hidden"]
+    assert not loaded.base_model.masks_of("default").keys() - {"hidden"}  # no MLP mask
+    assert torch.equal(logits(loaded, ids), expected)
+    small = loaded.merge_and_prune()
+    assert small.config.hidden_size == 48 and small.config.intermediate_size == 96
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progressbar=False)
+    from_disk = type(small).from_pretrained(tmp_path / "out")
+    assert torch.equal(logits(from_disk, ids), logits(small, ids))
