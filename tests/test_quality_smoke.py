@@ -230,6 +230,21 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
         merge.main([str(files[0]), str(files[0]), "--output", str(tmp_path / "refused")])
     assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
     assert "keep it in one piece only" in capsys.readouterr().err
+    # a piece measured under an older default joins under the method's current name (FILE:OLD=NEW, OLD=-: left out)
+    old = json.loads(json.dumps(pieces[1]))
+    old["runs"] = [r for r in old["runs"] if r["method"] in ("pat", "prune_then_tune")]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    only_dense = json.loads(json.dumps(pieces[0]))
+    only_dense["runs"] = [r for r in only_dense["runs"] if r["method"] == "dense"]
+    (tmp_path / "dense.json").write_text(json.dumps(only_dense))
+    joined = merge.main([str(tmp_path / "dense.json"), f"{path}:pat=pat_hidden,prune_then_tune=-",
+                         "--output", str(tmp_path / "renamed")])  # fmt: skip
+    assert [(r["method"], r["label"]) for r in joined["runs"]] == [
+        ("dense", "dense (no training)"),
+        ("pat_hidden", "PAT, hidden width only"),
+    ]
+    assert joined["sources"][1]["renamed"] == {"pat": "pat_hidden", "prune_then_tune": "-"}
 
 
 def test_candidates_are_read_from_the_instruction():

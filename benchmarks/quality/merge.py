@@ -11,6 +11,10 @@ with the same code as a single run (:class:`benchmarks.quality.runner.Recorder`)
 
     python -m benchmarks.quality.merge results/a/quality.json results/b/quality.json --output results/all
     python -m benchmarks.quality.merge old.json new-pat.json --replace --output results/all
+    python -m benchmarks.quality.merge "old.json:pat=pat_hidden,tune_then_prune=-" new.json --output results/all
+
+``FILE:OLD=NEW,...`` renames methods of that piece before merging (a piece measured when ``pat`` was what
+``pat_hidden`` is now); ``OLD=-`` leaves that method's runs out. The sources record the renaming.
 """
 
 from __future__ import annotations
@@ -37,6 +41,21 @@ def _run_key(run: dict) -> tuple[str, float | None]:
 def _run_name(run: dict) -> str:
     """``method@sparsity``, as the sources list a piece's runs."""
     return f"{run['method']}@{run.get('sparsity')}"
+
+
+def renamed(payload: dict, renames: dict[str, str]) -> dict:
+    """``payload`` with its runs' methods renamed (labels too; ``-``: run left out), the renaming recorded."""
+    from .methods import LABELS
+
+    unknown = sorted(set(renames.values()) - set(METHODS) - {"-"})
+    if unknown:
+        raise IncompatibleResults(f"cannot rename to unknown method(s) {unknown}; choose from {list(METHODS)}")
+    runs = []
+    for run in payload["runs"]:
+        new = renames.get(run["method"], run["method"])
+        if new != "-":
+            runs.append({**run, "method": new, "label": LABELS.get(new, run["label"])})
+    return {**payload, "runs": runs, "renamed": renames}
 
 
 def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False) -> dict:
@@ -96,6 +115,7 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
                 "wall_seconds": p.get("wall_seconds"),
                 "finished": p.get("finished"),
                 "hardware": p.get("hardware"),
+                **({"renamed": p["renamed"]} if p.get("renamed") else {}),
             }
             for p, name in zip(payloads, names)
         ],
@@ -111,19 +131,30 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("files", nargs="+", type=Path, help="quality.json files of runs with the same options")
+    parser.add_argument(
+        "files", nargs="+",
+        help="quality.json files of runs with the same options; FILE:OLD=NEW,... renames methods of that piece",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, help="folder for the combined quality.json/.md/.png")
     parser.add_argument(
         "--replace", action="store_true",
         help="a run held by two pieces is taken from the later one (e.g. a method re-measured after a default changed)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    missing = [str(f) for f in args.files if not f.is_file()]
+    pieces = []
+    for spec in args.files:
+        path, _, mapping = spec.partition(":")
+        try:
+            renames = dict(pair.split("=", 1) for pair in mapping.split(",")) if mapping else {}
+        except ValueError:
+            parser.error(f"{spec}: renamings are FILE:OLD=NEW,OLD2=NEW2")
+        pieces.append((Path(path), renames))
+    missing = [str(f) for f, _ in pieces if not f.is_file()]
     if missing:
         parser.error(f"no such results file: {', '.join(missing)}")
-    payloads = [json.loads(f.read_text()) for f in args.files]
     try:
-        merged = merge_payloads(payloads, [str(f) for f in args.files], replace=args.replace)
+        payloads = [renamed(json.loads(f.read_text()), r) if r else json.loads(f.read_text()) for f, r in pieces]
+        merged = merge_payloads(payloads, [str(f) for f, _ in pieces], replace=args.replace)
     except IncompatibleResults as exc:
         parser.error(str(exc))
     write_results(merged, args.output)
