@@ -33,7 +33,13 @@ full-depth config and passed explicitly (on a slice the embeddings would dominat
 configuration's trainable parameters and peak memory are measured at each depth and extrapolated linearly to
 the full depth (``peak(L) = a + b L`` through the two depths farthest apart: the embeddings, lm_head and the
 logits are the intercept, each decoder layer adds its weights, adapter state and activations to the slope);
-ratios against lora-20 are taken at full depth. Timing is skipped unless ``--repeats`` is given.
+ratios against lora-20 are taken at full depth. Timing is skipped unless ``--repeats`` is given. Writes
+benchmarks/results/training-SHAPE.json unless ``--out`` says otherwise.
+
+**Counts** (``--count``): trainable parameters of the default HSM rank and of the uncapped rule against LoRA r=20
+at full depth for each of ``SHAPES`` (d = 576 to 8192) at -25% and -50% (hidden + MLP cut), counted on meta-device
+slices (:func:`count_trainable`), with the optimizer-state memory model 2 bytes per base parameter + 16 bytes
+(float32 weight, gradient, two AdamW moments) per trainable parameter; benchmarks/results/training-counts.json.
 
 ``merge_and_prune`` on SmolLM2: time and peak memory in a subprocess. The merge of large Llama-shaped
 models is measured by benchmarks/merge_memory.py; its numbers are read from
@@ -42,8 +48,10 @@ benchmarks/results/merge_memory.json when that file exists and printed next to t
     python -m benchmarks.training --threads 1                       # 23 min on 1 thread (docs/performance.md)
     python -m benchmarks.training --configs pat,lora-matched --batch 4 --seq-len 256 --repeats 10
     python -m benchmarks.training --profile                         # also torch.profiler top ops per config
-    python -m benchmarks.training --shape llama2-7b --layers 2,4 --batch 1 --seq-len 256 --threads 2
-    python -m benchmarks.training --shape llama3-8b --layers 2,4 --batch 4 --seq-len 1024 --device cuda
+    python -m benchmarks.training --count                           # 75 s, parameter counts only
+    python -m benchmarks.training --shape llama2-7b --layers 2,4 --batch 1 --seq-len 256 --threads 1 \
+        --configs pat,pat-uncapped,lora-20                          # 718 s (docs/performance.md, Training cost at 7B)
+    python -m benchmarks.training --shape llama3-8b --layers 2,32 --batch 4 --seq-len 1024 --device cuda
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import sys
 import time
 import types
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,17 +82,30 @@ REPO = Path(__file__).resolve().parent.parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = ("pat", "pat-no-kd", "pat-unfused", "pat-hard", "pat-uncapped", "lora-20", "lora-matched")
 FAR_AWAY = 10**9  # total steps for the soft-phase schedule: the mask never reaches its freeze step
-# Layer shapes of the slices (full depth: num_hidden_layers); the published configs of Llama-2-7B and Llama-3-8B.
+# Published configs, by shape: the slices (--shape) and the parameter counts (--count). Full depth: num_hidden_layers.
 SHAPES = {
+    "smollm2-135m": {
+        "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "num_hidden_layers": 30, "tie_word_embeddings": True,
+    },
+    "llama3.2-1b": {
+        "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 64, "vocab_size": 128256, "num_hidden_layers": 16, "tie_word_embeddings": True,
+    },
     "llama2-7b": {
         "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
-        "vocab_size": 32000, "num_hidden_layers": 32, "rms_norm_eps": 1e-5,
+        "vocab_size": 32000, "num_hidden_layers": 32, "tie_word_embeddings": False,
     },
     "llama3-8b": {
         "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "vocab_size": 128256, "num_hidden_layers": 32, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "vocab_size": 128256, "num_hidden_layers": 32, "tie_word_embeddings": False,
+    },
+    "llama2-70b": {
+        "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "vocab_size": 32000, "num_hidden_layers": 80, "tie_word_embeddings": False,
     },
 }  # fmt: skip
+SLICE_SHAPES = ("llama2-7b", "llama3-8b")  # what --shape trains (the others are counted only)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -117,7 +139,7 @@ def llama_config(shape: str, layers: int | None = None, dtype: str = "bfloat16")
     spec = dict(SHAPES[shape])
     if layers is not None:
         spec["num_hidden_layers"] = layers
-    return LlamaConfig(**spec, tie_word_embeddings=False, dtype=dtype)
+    return LlamaConfig(**spec, dtype=dtype)
 
 
 def full_depth_widths(shape: str, sparsity: float, axes: tuple[str, ...] = ("hidden", "mlp")) -> dict:
@@ -374,8 +396,12 @@ def profile_step(step, rows: int) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--shape", choices=SLICE_SHAPES, help="train a random layer slice of this shape instead of --model")
     p.add_argument(
-        "--shape", choices=sorted(SHAPES), help="train a random layer slice of this shape instead of --model"
+        "--count",
+        action="store_true",
+        help="only count trainable parameters (meta device) of the default rank with and without its cap, "
+        f"against LoRA r=20, at {', '.join(SHAPES)}",
     )
     p.add_argument(
         "--layers", default="2,4", help="with --shape: comma list of slice depths (two or more), extrapolated"
@@ -407,12 +433,17 @@ def parse_args(argv=None):
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "training.json")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON (default benchmarks/results/training[-SHAPE|-counts].json)"
+    )
     p.add_argument("--probe-memory", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--probe-merge", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lora-matched-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-layers", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.out is None:
+        suffix = "-counts" if args.count else f"-{args.shape}" if args.shape else ""
+        args.out = REPO / "benchmarks" / "results" / f"training{suffix}.json"
     if args.dtype is None:
         args.dtype = "bfloat16" if args.shape else "float32"
     if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
@@ -443,6 +474,11 @@ def main(argv=None) -> dict:
     if args.probe_merge:
         print(json.dumps(probe_merge(args)))
         return {}
+    if args.count:
+        rows = count_table()
+        write_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
+        print_count_table(rows)
+        return {"rows": rows}
 
     start = time.perf_counter()
     names = [c for c in args.configs.split(",") if c]
@@ -509,6 +545,68 @@ def main(argv=None) -> dict:
     write_json(args.out, results)
     print_report(results, args)
     return results
+
+
+def count_trainable(shape: str, config_factory, layers: int | None = None) -> int:
+    """Trainable parameters of ``config_factory()`` on ``shape`` at full depth: get_peft_model on meta-device
+    slices of 2 and 3 layers (nothing allocated), the per-layer difference scaled to the full depth."""
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    def at(depth: int) -> int:
+        with torch.device("meta"):
+            base = LlamaForCausalLM(llama_config(shape, depth))
+        return trainable_parameters(get_peft_model(base, config_factory()))
+
+    two, three = at(2), at(3)
+    return two + ((layers or SHAPES[shape]["num_hidden_layers"]) - 2) * (three - two)
+
+
+def count_table(sparsities=(0.25, 0.5), rank: int = 20) -> list[dict]:
+    """Per shape and sparsity (hidden + MLP cut of the full-depth config): the default HSM rank with and without
+    its cap, trainable parameters against LoRA r=20, and the optimizer-state memory model (module docstring)."""
+    from peft import LoraConfig
+    from transformers import LlamaForCausalLM
+
+    from peft_pat import PATConfig
+    from peft_pat.resolution import default_hsm_rank
+
+    rows = []
+    for shape, spec in SHAPES.items():
+        with torch.device("meta"):
+            dense = sum(p.numel() for p in LlamaForCausalLM(llama_config(shape)).parameters())
+        lora = count_trainable(shape, lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS))
+        for sparsity in sparsities:
+            cut = full_depth_widths(shape, sparsity)
+            d, kept = spec["hidden_size"], cut["target_width"]
+            row = {"shape": shape, "d": d, "layers": spec["num_hidden_layers"], "sparsity": sparsity, **cut}
+            row |= {"dense_parameters": dense, "lora_20": lora}
+            # the default (hsm_rank=None, resolved by the package) and the uncapped rule, given explicitly
+            for label, hsm_rank, given in (
+                ("pat", default_hsm_rank(d, kept), None),
+                ("uncapped", default_hsm_rank(d, kept, None), default_hsm_rank(d, kept, None)),
+            ):
+                pat = count_trainable(shape, partial(PATConfig, calibration_batches=0, hsm_rank=given, **cut))
+                row |= {f"{label}_rank": hsm_rank, f"{label}_trainable": pat, f"{label}_vs_lora_20": pat / lora}
+                # bf16 base (2 bytes a parameter) + 16 bytes a trainable parameter, activations left out
+                row[f"{label}_state_memory_vs_lora_20"] = (2 * dense + 16 * pat) / (2 * dense + 16 * lora)
+            rows.append(row)
+    return rows
+
+
+def print_count_table(rows: list[dict]) -> None:
+    for row in rows:
+        row["cut"] = f"{row['d']}->{row['target_width']}, I'={row['target_intermediate_size']}"
+        for label in ("pat", "uncapped", "lora_20"):
+            key = label if label == "lora_20" else f"{label}_trainable"
+            row[f"{label}_m"] = f"{row[key] / 1e6:.1f}M"
+    columns = [("shape", "shape"), ("sparsity", "cut %"), ("cut", "kept"), ("lora_20_m", "LoRA-20")]
+    columns += [("uncapped_rank", "d-N rank"), ("uncapped_m", "trainable"), ("uncapped_vs_lora_20", "/LoRA")]
+    columns += [("uncapped_state_memory_vs_lora_20", "state mem /LoRA")]
+    columns += [("pat_rank", "default rank"), ("pat_m", "trainable"), ("pat_vs_lora_20", "/LoRA")]
+    columns += [("pat_state_memory_vs_lora_20", "state mem /LoRA")]
+    print(format_table(rows, columns))
+    print("(state mem: 2 bytes per base parameter + 16 per trainable one, activations left out)")
 
 
 def extrapolate(depths: list[int], values: list[float], full: int) -> float:

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
+from benchmarks import training
 from benchmarks.training import LORA_TARGETS, SHAPES, full_depth_widths, llama_config
 from peft_pat import PATConfig
 from peft_pat.resolution import HSM_RANK_CAP, default_hsm_rank
@@ -110,3 +111,29 @@ def test_adapter_with_a_recorded_uncapped_rank_loads_unchanged(tmp_path):
     down = loaded.base_model.model.model.layers[0].self_attn.o_proj.pat_hsm_down["default"].weight
     assert tuple(down.shape) == (old_rank, 384)
     assert torch.equal(logits(loaded, ids), expected)
+
+
+def test_training_benchmark_slice_arguments(capsys):
+    args = training.parse_args(["--shape", "llama2-7b", "--layers", "4,2"])
+    assert (args.depths, args.dtype, args.configs, args.repeats) == ([2, 4], "bfloat16", "pat,lora-20", 0)
+    assert args.out.name == "training-llama2-7b.json"
+    assert training.parse_args([]).dtype == "float32" and training.parse_args(["--count"]).out.name.endswith(
+        "counts.json"
+    )
+    for argv, message in (
+        (["--shape", "llama2-7b", "--layers", "2"], "two or more depths"),
+        (["--shape", "llama2-7b", "--layers", "2,x"], "comma list of integers"),
+        (["--dtype", "float33"], "is not a torch dtype"),
+    ):
+        with pytest.raises(SystemExit):
+            training.parse_args(argv)
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            training.parse_args(["--device", "cuda"])
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_extrapolation_is_the_line_through_the_outer_depths():
+    assert training.extrapolate([2, 4], [2110.0, 3166.0], 32) == pytest.approx(2110 + 30 * 528)
+    assert training.extrapolate([2, 3, 4], [10.0, 99.0, 30.0], 6) == pytest.approx(50.0)
