@@ -13,12 +13,17 @@ after the budget is spent is recorded as skipped, and one that fails does not st
                 the quality benchmark's logits (8 x 160 positions, SmolLM2's 49,152-way vocabulary) and of 8 x 512,
                 for several block sizes: times, peak memory, agreement, and the accelerator default
                 (``DISTILLATION_BLOCK_TOKENS``) against the fastest
-  memory        peak training memory of PAT's default against LoRA r=20 on Llama-2-7B- and Llama-3-8B-shaped
-                bfloat16 models, by ``torch.cuda.max_memory_allocated`` (benchmarks/training.py --shape --device
-                cuda, at 2 layers and at the full 32: the full depth is measured, not extrapolated)
+  memory        peak training memory of PAT's default against LoRA r=20 on a Llama-2-7B-shaped bfloat16 model
+                (``--memory-shapes``: also llama3-8b), batch 4 x 1024, by ``torch.cuda.max_memory_allocated``
+                (benchmarks/training.py --shape --device cuda, at 2 layers and at the full 32: the full depth is
+                measured, not extrapolated)
   quality       ``python -m benchmarks.quality --methods pat,prune_then_tune --steps 720 --sparsities S`` on the
                 GPU for S = 0.25, then 0.5, one process each (the package defaults against the post-hoc rival);
                 needs the commonsense/WikiText data (``--data-dir``) and the offline SmolLM2
+
+Expected times on an H200 (estimates, never run): tests ~1.5 min, autocast and distillation under 1 min,
+memory ~1.5 min, quality ~2.5 min per sparsity; a phase cut short by the budget is recorded as a timeout with
+what it finished (``--phases quality`` reruns one phase).
 
 Writes one JSON (``--out``): the machine, and per phase its status (ok / failed / timeout / skipped), seconds,
 command and results; work files (pytest log, quality results, training JSONs) go to ``--work-dir``.
@@ -46,13 +51,11 @@ from .measure import REPO, machine_info, median, synchronize, write_json
 
 PHASES = ("tests", "autocast", "distillation", "memory", "quality")
 # Seconds each phase may take at most (further capped by what is left of --budget-s).
-PHASE_TIMEOUT_S = {"tests": 150, "autocast": 60, "distillation": 60, "memory": 200, "quality": 420}
+PHASE_TIMEOUT_S = {"tests": 150, "autocast": 60, "distillation": 60, "memory": 150, "quality": 420}
 QUALITY_STEPS = 720
 QUALITY_SPARSITIES = "0.25,0.5"
-MEMORY_RUNS = (  # (shape, batch, seq_len): 4 x 1024 tokens, bf16 base, depths 2 and 32 (full)
-    ("llama2-7b", 4, 1024),
-    ("llama3-8b", 4, 1024),
-)
+MEMORY_BATCH = (4, 1024)  # (batch, seq_len) of the memory phase: bf16 base, depths 2 and 32 (full)
+MEMORY_SHAPES = ("llama2-7b",)  # --memory-shapes: llama3-8b adds ~90 s
 DISTILLATION_SHAPES = ((8, 160), (8, 512))  # (batch, positions): the quality benchmark's, and a longer one
 DISTILLATION_VOCAB = 49152  # SmolLM2
 DISTILLATION_BLOCKS = (64, 128, 256, 512, 1024, 4096)
@@ -68,11 +71,12 @@ def phase_command(name: str, args) -> list[list[str]]:
     if name in ("autocast", "distillation"):
         return [["-m", "benchmarks.gpu_check", "--phase", name, *device]]
     if name == "memory":
+        batch, seq = MEMORY_BATCH
         return [
             ["-m", "benchmarks.training", "--shape", shape, "--layers", "2,32", "--batch", str(batch),
              "--seq-len", str(seq), "--configs", "pat,lora-20", "--memory-repeats", "1", "--memory-steps", "3",
              *device, "--out", str(work / f"training-{shape}.json")]
-            for shape, batch, seq in MEMORY_RUNS
+            for shape in args.memory_shapes
         ]  # fmt: skip
     if name == "quality":  # one process per sparsity, so a run cut short by the budget keeps the first
         commands = []
@@ -100,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", type=Path, default=None, help="work files (default: next to --out, gpu_check/)")
     p.add_argument("--data-dir", type=Path, default=None, help="the quality benchmark's --data-dir")
     p.add_argument("--quality-steps", type=int, default=QUALITY_STEPS)
+    p.add_argument(
+        "--memory-shapes", default=",".join(MEMORY_SHAPES), help="comma list of llama2-7b, llama3-8b (memory phase)"
+    )
     p.add_argument("--quality-sparsities", default=QUALITY_SPARSITIES)
     p.add_argument("--dry-run", action="store_true", help="write the plan (every phase's command) and run nothing")
     p.add_argument("--phase", choices=("autocast", "distillation"), help=argparse.SUPPRESS)
@@ -124,6 +131,11 @@ def parse_args(argv=None):
             p.error(f"--device {args.device!r}: this check is for a CUDA device (cuda, cuda:N)")
     except RuntimeError:
         p.error(f"--device {args.device!r} is not a torch device")
+    from .training import SLICE_SHAPES
+
+    args.memory_shapes = [x.strip() for x in args.memory_shapes.split(",") if x.strip()]
+    if not args.memory_shapes or not set(args.memory_shapes) <= set(SLICE_SHAPES):
+        p.error(f"--memory-shapes {args.memory_shapes}: choose from {', '.join(SLICE_SHAPES)}")
     if args.work_dir is None:
         args.work_dir = args.out.parent / "gpu_check"
     return args
@@ -278,7 +290,7 @@ def _summarise(name: str, args, outputs: list[str]) -> dict:
         return json.loads(lines[-1])
     if name == "memory":
         summary = {}
-        for shape, _, _ in MEMORY_RUNS:
+        for shape in args.memory_shapes:
             path = work / f"training-{shape}.json"
             if path.exists():
                 data = json.loads(path.read_text())

@@ -20,19 +20,21 @@ def test_dry_run_writes_the_plan(tmp_path, capsys):
     for command, sparsity in zip(quality, ("0.25", "0.5")):
         assert "--methods pat,prune_then_tune --steps 720" in command and f"--sparsities {sparsity}" in command
         assert "--device cuda" in command and "--data-dir /data/x" in command
-    memory = plan["phases"]["memory"]["commands"]
-    assert [("llama2-7b" in c, "llama3-8b" in c) for c in memory] == [(True, False), (False, True)]
-    assert all("--layers 2,32" in c and "--configs pat,lora-20" in c for c in memory)
+    (memory,) = plan["phases"]["memory"]["commands"]
+    assert "--shape llama2-7b --layers 2,32" in memory and "--configs pat,lora-20" in memory
     assert "-m device" in plan["phases"]["tests"]["commands"][0]
     assert "5 phases planned" in capsys.readouterr().out
 
 
 def test_phase_selection_and_work_dir(tmp_path):
     out = tmp_path / "sub" / "check.json"
-    gpu_check.main(["--dry-run", "--out", str(out), "--phases", "memory,tests", "--quality-sparsities", "0.3"])
+    argv = ["--dry-run", "--out", str(out), "--phases", "memory,tests", "--memory-shapes", "llama2-7b,llama3-8b"]
+    gpu_check.main(argv)
     plan = json.loads(out.read_text())
     assert list(plan["phases"]) == ["memory", "tests"]
-    assert str(tmp_path / "sub" / "gpu_check" / "training-llama2-7b.json") in plan["phases"]["memory"]["commands"][0]
+    memory = plan["phases"]["memory"]["commands"]
+    assert [("llama2-7b" in c, "llama3-8b" in c) for c in memory] == [(True, False), (False, True)]
+    assert str(tmp_path / "sub" / "gpu_check" / "training-llama2-7b.json") in memory[0]
 
 
 @pytest.mark.parametrize(
@@ -46,6 +48,7 @@ def test_phase_selection_and_work_dir(tmp_path):
         (["--quality-steps", "0"], "must be at least 1"),
         (["--quality-sparsities", "0.25,1.5"], "strictly between 0 and 1"),
         (["--quality-sparsities", "a"], "comma list of numbers"),
+        (["--memory-shapes", "llama2-70b"], "choose from llama2-7b, llama3-8b"),
     ],
 )
 def test_bad_arguments_are_refused(argv, message, capsys, tmp_path):
