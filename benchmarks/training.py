@@ -105,7 +105,14 @@ SHAPES = {
         "vocab_size": 32000, "num_hidden_layers": 80, "tie_word_embeddings": False,
     },
 }  # fmt: skip
-SLICE_SHAPES = ("llama2-7b", "llama3-8b")  # what --shape trains (the others are counted only)
+# A test-sized shape, so the slice pipeline runs end to end in seconds (tests/test_scale.py); not counted by --count.
+TEST_SHAPES = {
+    "tiny-llama": {
+        "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 128, "num_hidden_layers": 8, "tie_word_embeddings": False,
+    },
+}  # fmt: skip
+SLICE_SHAPES = ("llama2-7b", "llama3-8b", "tiny-llama")  # what --shape trains (the others are counted only)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -136,7 +143,7 @@ def llama_config(shape: str, layers: int | None = None, dtype: str = "bfloat16")
     """The LlamaConfig of ``shape`` (``SHAPES``), with ``layers`` decoder layers (None: full depth)."""
     from transformers import LlamaConfig
 
-    spec = dict(SHAPES[shape])
+    spec = dict({**SHAPES, **TEST_SHAPES}[shape])
     if layers is not None:
         spec["num_hidden_layers"] = layers
     return LlamaConfig(**spec, dtype=dtype)
@@ -559,7 +566,7 @@ def count_trainable(shape: str, config_factory, layers: int | None = None) -> in
         return trainable_parameters(get_peft_model(base, config_factory()))
 
     two, three = at(2), at(3)
-    return two + ((layers or SHAPES[shape]["num_hidden_layers"]) - 2) * (three - two)
+    return two + ((layers or llama_config(shape).num_hidden_layers) - 2) * (three - two)
 
 
 def count_table(sparsities=(0.25, 0.5), rank: int = 20) -> list[dict]:
@@ -618,7 +625,7 @@ def extrapolate(depths: list[int], values: list[float], full: int) -> float:
 def run_slice(args, names: list[str], start: float) -> dict:
     """Peak memory and trainable parameters of each configuration on slices of ``args.shape`` at ``args.depths``
     layers (fresh processes, medians of ``--memory-repeats``), extrapolated to full depth (module docstring)."""
-    full = SHAPES[args.shape]["num_hidden_layers"]
+    full = llama_config(args.shape).num_hidden_layers
     if "lora-matched" in names:
         args.probe_layers = args.depths[-1]
         args.lora_matched_rank, _ = matched_rank(args, args.depths[-1])

@@ -1,7 +1,7 @@
 """The default HSM rank scales: its values, its cost at 7B/8B shapes, and that adapters record the rank they resolved.
 
 Counts at 7B/8B shapes come from get_peft_model on meta-device slices of 2 and 3 layers (nothing allocated), the
-difference scaled to full depth, with the cut resolved on the full-depth config (benchmarks/training.py).
+difference scaled to full depth, with the cut resolved on the full-depth config (benchmarks.training.count_trainable).
 """
 
 import json
@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from benchmarks import training
-from benchmarks.training import LORA_TARGETS, SHAPES, full_depth_widths, llama_config
+from benchmarks.training import LORA_TARGETS, full_depth_widths, llama_config
 from peft_pat import PATConfig
 from peft_pat.resolution import HSM_RANK_CAP, default_hsm_rank
 from peft_pat.testing import tiny_inputs, tiny_model
@@ -53,26 +53,15 @@ def test_uncapped_rule_is_the_previous_default():
     assert HSM_RANK_CAP == default_hsm_rank(10**5, 1)
 
 
-def _trainable(config_factory, shape: str, layers: int) -> int:
-    with torch.device("meta"):
-        base = LlamaForCausalLM(llama_config(shape, layers))
-    model = get_peft_model(base, config_factory())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _full_depth(config_factory, shape: str) -> int:
-    two, three = _trainable(config_factory, shape, 2), _trainable(config_factory, shape, 3)
-    return two + (SHAPES[shape]["num_hidden_layers"] - 2) * (three - two)
-
-
 @pytest.mark.parametrize("shape", ["llama2-7b", "llama3-8b"])
 @pytest.mark.parametrize("sparsity", [0.25, 0.5])
 def test_default_trains_at_most_3_5x_lora_at_7b(shape, sparsity):
     cut = full_depth_widths(shape, sparsity)
     assert cut["prune_axes"] == ["hidden", "mlp"] and cut["target_width"] < 4096
-    lora = _full_depth(lambda: LoraConfig(r=20, lora_alpha=20, target_modules=LORA_TARGETS), shape)
-    pat = _full_depth(lambda: PATConfig(calibration_batches=0, **cut), shape)
-    uncapped = _full_depth(lambda: PATConfig(calibration_batches=0, hsm_rank=4096 - cut["target_width"], **cut), shape)
+    lora = training.count_trainable(shape, lambda: LoraConfig(r=20, lora_alpha=20, target_modules=LORA_TARGETS))
+    pat = training.count_trainable(shape, lambda: PATConfig(calibration_batches=0, **cut))
+    uncapped_rank = 4096 - cut["target_width"]
+    uncapped = training.count_trainable(shape, lambda: PATConfig(calibration_batches=0, hsm_rank=uncapped_rank, **cut))
     assert 49e6 < lora < 53e6  # LoRA r=20 on every decoder linear: 50.0M (Llama-2-7B), 52.4M (Llama-3-8B)
     assert pat <= 3.5 * lora, f"{pat / lora:.2f}x LoRA r=20"
     assert uncapped > 6 * lora  # what the cap prevents: 6.2-11.9x
@@ -137,3 +126,24 @@ def test_training_benchmark_slice_arguments(capsys):
 def test_extrapolation_is_the_line_through_the_outer_depths():
     assert training.extrapolate([2, 4], [2110.0, 3166.0], 32) == pytest.approx(2110 + 30 * 528)
     assert training.extrapolate([2, 3, 4], [10.0, 99.0, 30.0], 6) == pytest.approx(50.0)
+
+
+@pytest.mark.slow
+def test_training_benchmark_slice_runs_end_to_end(tmp_path):
+    """The --shape pipeline (probe processes per depth, extrapolation, ratios, timing) on the tiny test shape."""
+    out = tmp_path / "slice.json"
+    argv = ["--shape", "tiny-llama", "--layers", "1,3", "--batch", "1", "--seq-len", "8", "--memory-repeats", "1",
+            "--memory-steps", "1", "--repeats", "1", "--warmup", "0", "--configs", "pat,pat-uncapped,lora-20",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    training.main(argv)
+    result = json.loads(out.read_text())
+    assert result["full_depth"] == 8 and result["cut"]["prune_axes"] == ["hidden", "mlp"]
+    rows = {row["config"]: row for row in result["configs"]}
+    cut = result["cut"]
+    lora = training.count_trainable("tiny-llama", lambda: LoraConfig(r=20, lora_alpha=20, target_modules=LORA_TARGETS))
+    assert rows["lora-20"]["trainable_full"] == lora  # parameter counts are linear in depth: exact
+    pat = training.count_trainable("tiny-llama", lambda: PATConfig(calibration_batches=0, **cut))
+    assert rows["pat"]["trainable_full"] == pat and rows["pat"]["hsm_rank"] == default_hsm_rank(64, cut["target_width"])
+    assert rows["lora-20"]["peak_vs_lora_20"] == 1.0 and rows["pat"]["params_vs_lora_20"] == pat / lora
+    for row in rows.values():
+        assert row["peak_full_mib"] > 0 and row["step_s"] > 0 and set(result["per_depth"]) == {"1", "3"}
