@@ -31,7 +31,8 @@ command and results; work files (pytest log, quality results, training JSONs) go
     python -m benchmarks.gpu_check --out $OUT/gpu_check.json --work-dir $OUT/gpu_check   # on the GPU machine
     python -m benchmarks.gpu_check --dry-run --out /tmp/gpu_check.json                  # anywhere: the plan only
 
-Without CUDA (and without ``--dry-run``) it prints why and exits with status 0, running and writing nothing.
+Without CUDA (and without ``--dry-run``) it prints why and exits with status 0, running and writing nothing. Exit
+status 1 when a phase failed or timed out; a phase whose data or model is absent is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -315,12 +316,35 @@ def _summarise(name: str, args, outputs: list[str]) -> dict:
     return {}
 
 
+def missing_for(name: str, args) -> str | None:
+    """Why phase ``name`` cannot run here (its data or model is absent), or None. The quality runs need the
+    commonsense and WikiText-2 files and the offline SmolLM2 (converted here once if only its GGUF is installed)."""
+    if name != "quality":
+        return None
+    data = args.data_dir if args.data_dir is not None else REPO.parent / "shared" / "data"
+    needed = [data / "commonsense", data / "wikitext-2-raw" / "wiki.test.raw"]
+    absent = [str(path) for path in needed if not path.exists()]
+    if absent:
+        folders = "commonsense/ and wikitext-2-raw/"
+        return f"quality data missing: {', '.join(absent)} (pass --data-dir FOLDER holding {folders})"
+    from peft_pat.offline_models import smollm2_safetensors_folder
+
+    try:
+        smollm2_safetensors_folder()
+    except (FileNotFoundError, ImportError) as error:
+        return f"SmolLM2-135M is not available offline: {error}"
+    return None
+
+
 def run_phase(name: str, args, deadline: float) -> dict:
     commands = phase_command(name, args)
     record: dict = {"commands": [" ".join(["python", *c]) for c in commands]}
     left = deadline - time.monotonic()
     if left < 10:
         return record | {"status": "skipped", "reason": f"time budget spent ({args.budget_s:.0f} s)"}
+    reason = missing_for(name, args)
+    if reason:
+        return record | {"status": "skipped", "reason": reason}
     timeout = min(PHASE_TIMEOUT_S[name], left)
     env = {**os.environ, "PEFT_PAT_TEST_DEVICE": args.device, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
@@ -391,7 +415,7 @@ def main(argv=None) -> int:
         write_json(args.out, payload)  # after every phase: a killed run keeps what it measured
     print(json.dumps({n: p["status"] for n, p in payload["phases"].items()}))
     print(f"wrote {args.out} ({payload['seconds']:.0f} s)")
-    return 0 if all(p["status"] == "ok" for p in payload["phases"].values()) else 1
+    return 0 if all(p["status"] in ("ok", "skipped") for p in payload["phases"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def test_a_phase_after_the_budget_is_skipped(tmp_path):
     assert record["status"] == "skipped" and "time budget" in record["reason"]
 
 
+def test_quality_without_its_data_is_skipped_with_the_reason(tmp_path):
+    args = gpu_check.parse_args(["--out", str(tmp_path / "c.json"), "--data-dir", str(tmp_path / "nothing")])
+    record = gpu_check.run_phase("quality", args, deadline=float("inf"))
+    assert record["status"] == "skipped"
+    assert "quality data missing" in record["reason"] and "--data-dir" in record["reason"]
+    assert gpu_check.missing_for("memory", args) is None
+
+
 def test_pytest_summary_is_parsed():
     args = gpu_check.parse_args([])
     summary = gpu_check._summarise("tests", args, ["....\n17 passed, 2 failed, 300 deselected in 12.3s\n"])
