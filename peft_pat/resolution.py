@@ -22,7 +22,7 @@ from .merge.plan import TensorInfo, cut_parameter_count
 PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
 # The default rank stops growing here. Per decoder layer the two HSMs train 4 r d parameters and LoRA r_LoRA times
 # the sum of (in + out) over the decoder linears (19 d at Llama-2-7B shapes, 20 d at Llama-3-8B): both grow as d, so
-# a constant cap holds PAT at a constant multiple of LoRA r=20's trainable parameters (2.3-2.5x at d = 2048-8192,
+# a constant cap holds PAT at a constant multiple of LoRA r=20's trainable parameters (2.2-2.4x at d = 2048-8192,
 # uncapped d - N at -25% gives 6.5x at d = 4096), while the HSMs' optimizer state next to the bfloat16 base falls
 # as r / d (docs/performance.md, Training cost at 7B).
 HSM_RANK_CAP = 128
