@@ -20,19 +20,30 @@ from .mask import resolve_schedule
 from .merge.plan import TensorInfo, cut_parameter_count
 
 PAPER_HSM_RANK_FRACTION = 0.05  # paper: "r ≈ 5% of d" (r = 200 for d = 4096)
+# The default rank stops growing here. Per decoder layer the two HSMs train 4 r d parameters and LoRA r_LoRA times
+# the sum of (in + out) over the decoder linears (19 d at Llama-2-7B shapes, 20 d at Llama-3-8B): both grow as d, so
+# a constant cap holds PAT at a constant multiple of LoRA r=20's trainable parameters (2.2-2.4x at d = 2048-8192,
+# uncapped d - N at -25% gives 6.5x at d = 4096), while the HSMs' optimizer state next to the bfloat16 base falls
+# as r / d (docs/performance.md, Training cost at 7B).
+HSM_RANK_CAP = 128
 REUSED_CONFIG_NOTE = (  # the same refusal meets a PATConfig object reused for a second, different base
     " (A PATConfig you built and already passed to get_peft_model recorded that first base: build a new "
     "PATConfig(...) for each base.)"
 )
 
 
-def default_hsm_rank(hidden_size: int, kept_width: int) -> int:
-    """The number of pruned channels d - N (at least the paper's ~5% of d), rounded up to a multiple of 8, below d.
+def default_hsm_rank(hidden_size: int, kept_width: int, cap: int | None = HSM_RANK_CAP) -> int:
+    """min(d - N, ``cap``) with d - N raised to the paper's ~5% of d and rounded up to a multiple of 8; always
+    below d. ``cap=None``: the rule before the cap (peft-pat 0.3-0.4), kept for the benchmarks' comparison.
 
-    With rank d - N the operator I + L1 L0 can write the content of every channel the mask removes into
-    the kept ones; on SmolLM2-135M it beat the paper's rank at 25% and 50% (docs/quality.md, Levers).
+    With rank d - N the operator I + L1 L0 can write the content of every channel the mask removes into the
+    kept ones; on SmolLM2-135M it beat the paper's rank at 25% and 50% (docs/quality.md, Levers). The cap keeps
+    the HSMs' parameters a fixed multiple of LoRA's as d grows: d = 576 at -25% (504 kept) 72, at -50% (432
+    kept) 128; d = 4096 (Llama-2-7B, Llama-3-8B) 128 at any cut.
     """
     rank = 8 * math.ceil(max(hidden_size - kept_width, PAPER_HSM_RANK_FRACTION * hidden_size) / 8)
+    if cap is not None:
+        rank = min(rank, cap)
     return max(1, min(rank, hidden_size - 1))
 
 

@@ -205,18 +205,6 @@ def test_rank_not_below_hidden_size():
         wrap(tiny_model("llama"), hsm_rank=64)
 
 
-def test_default_hsm_rank_is_the_pruned_channel_count():
-    """hsm_rank=None: d - N rounded up to a multiple of 8, at least the paper's ~5% of d, below d."""
-    from peft_pat.resolution import default_hsm_rank
-
-    assert default_hsm_rank(576, 432) == 144 and default_hsm_rank(576, 288) == 288  # SmolLM2 at 25% / 50%
-    assert default_hsm_rank(4096, 3072) == 1024 and default_hsm_rank(4096, 4032) == 208  # 5% floor (paper: 200)
-    assert default_hsm_rank(64, 4) == 63 and default_hsm_rank(100, 90) == 16
-    for sparsity, rank in ((0.25, 16), (0.5, 32)):
-        config = wrap(tiny_model("llama"), hsm_rank=None, target_sparsity=sparsity).peft_config["default"]
-        assert (config.kept_width, config.hsm_rank) == (64 - rank, rank)
-
-
 def test_default_schedule_lasts_in_proportion_to_the_pruned_fraction():
     """mask_milestone/mask_freeze=None: the paper's 1/3 and 0.8/3 at 50%, scaled by the pruned fraction; one
     given fixes the other through the paper's freeze = 0.8 s0; explicit values are kept."""
