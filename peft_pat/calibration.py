@@ -77,7 +77,7 @@ def _sum_over_ranks(
     dist.all_reduce(flat)
     pieces = list(torch.split(flat.cpu(), [p.numel() for p in parts]))
     n, m = len(y_sums), len(m_sums)
-    return pieces[:n], pieces[n : 2 * n], pieces[2 * n : 2 * n + m], int(round(float(pieces[-1])))
+    return pieces[:n], pieces[n : 2 * n], pieces[2 * n : 2 * n + m], round(float(pieces[-1]))
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -379,7 +379,8 @@ class PATModel(BaseTuner):
                 f"save_pretrained: the adapter's tensors are sharded by fully_shard (FSDP2; e.g. {sharded[0]}), and "
                 "saving them would write this rank's rows only. Gather them on every rank with "
                 "sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
-                "(torch.distributed.checkpoint.state_dict), then on rank 0: model.save_pretrained(folder, state_dict=sd)."
+                "(torch.distributed.checkpoint.state_dict), then on rank 0: "
+                "model.save_pretrained(folder, state_dict=sd)."
             )
         return selected
 

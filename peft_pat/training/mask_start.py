@@ -71,9 +71,7 @@ def _statistics_forward(tuner, model: nn.Module | None) -> nn.Module:
 
 
 @torch.no_grad()
-def calibrate(
-    tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]], model: nn.Module | None = None
-) -> dict:
+def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]], model: nn.Module | None = None) -> dict:
     """The importance-aware start of adapter ``name`` from the first ``calibration_batches`` of ``batches``
     (module docstring). Returns a summary (tokens, protected channels and their energy ratio to the median).
 
@@ -121,7 +119,8 @@ def calibrate(
             if layer.has_hsm(name):
                 _rescale(layer.pat_hsm_scale[name], ratio)
     if "mlp" in masks:  # per layer; the gate s ⊙ M[layer] sits on the MLP output linear's input
-        ratio = _start(masks["mlp"], stats.mlp_score, torch.zeros_like(masks["mlp"].protected), config.calibration_margin)
+        unprotected = torch.zeros_like(masks["mlp"].protected)
+        ratio = _start(masks["mlp"], stats.mlp_score, unprotected, config.calibration_margin)
         for layer in layers:
             if name in layer.pat_unit_gate:
                 _rescale(layer.pat_unit_scale[name], ratio[layer.pat_unit_gate[name][1]])
