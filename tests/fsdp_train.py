@@ -82,6 +82,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prune-axes", default=None, help="comma separated, e.g. hidden,mlp (default: the package's)")
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="calibration_batches=0 and the paper's schedule (freeze at step 2 of 8): the mask hardens to the "
+        "top-N of its trained logits",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -91,7 +97,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     axes = args.prune_axes.split(",") if args.prune_axes else None
-    config = peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=0.25, prune_axes=axes)
+    extra = {"calibration_batches": 0, "mask_milestone": 1 / 3, "mask_freeze": 0.8 / 3} if args.uncalibrated else {}
+    config = peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=0.25, prune_axes=axes, **extra)
     model = get_peft_model(tiny_model("llama"), config)
     if world > 1:
         from torch.distributed.fsdp import fully_shard
@@ -107,9 +114,9 @@ def main() -> None:
     model.set_step(0, args.steps, learning_rate=args.lr)
     calibration = [local_batch(ids, i, rank, world) for i in range(CALIBRATION_BATCHES)]
     refused = {}
-    if world > 1:
+    if world > 1:  # refused before it reads a batch or changes anything
         refused["calibrate"] = refusal(lambda: model.calibrate(calibration))
-    summary = peft_pat.calibrate(model, calibration)
+    summary = None if args.uncalibrated else peft_pat.calibrate(model, calibration)
     check_same_on_every_rank(tuner, "after calibration")
     losses = []
     for step in range(1, args.steps + 1):
