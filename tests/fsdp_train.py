@@ -76,6 +76,24 @@ def refusal(call) -> str | None:
     return None
 
 
+def train_with_trainer(model, args) -> tuple[list[float], peft_pat.PATCallback]:
+    """The Trainer with PATCallback (calibration, schedule, decay kept off the logits, logs, mask snapshots) on
+    tests/ddp_train.py's data: rows with different target counts, so the auxiliary losses are weighted by
+    each micro-batch's token share."""
+    from ddp_train import SequentialTrainer, VariableTargets
+    from transformers import TrainingArguments
+
+    callback = peft_pat.PATCallback(record_mask_every=2)
+    training = TrainingArguments(
+        output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=GLOBAL_BATCH,
+        learning_rate=args.lr, weight_decay=0.01, max_grad_norm=1.0, logging_steps=1, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = SequentialTrainer(model=model, args=training, train_dataset=VariableTargets(), callbacks=[callback])
+    trainer.train()
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e], callback
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -88,11 +106,16 @@ def main() -> None:
         help="calibration_batches=0 and the paper's schedule (freeze at step 2 of 8): the mask hardens to the "
         "top-N of its trained logits",
     )
+    parser.add_argument("--trainer", action="store_true", help="train with the Trainer and PATCallback instead")
+    parser.add_argument("--shard", action="store_true", help="fully_shard also in a single process (a 1-rank group)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
+    elif args.shard:
+        dist.init_process_group("gloo", init_method=f"file://{args.out.parent / (args.out.name + '.rendezvous')}",
+                                rank=0, world_size=1)  # fmt: skip
     rank = dist.get_rank() if world > 1 else 0
 
     torch.manual_seed(0)
@@ -100,7 +123,8 @@ def main() -> None:
     extra = {"calibration_batches": 0, "mask_milestone": 1 / 3, "mask_freeze": 0.8 / 3} if args.uncalibrated else {}
     config = peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=0.25, prune_axes=axes, **extra)
     model = get_peft_model(tiny_model("llama"), config)
-    if world > 1:
+    sharded = dist.is_initialized()
+    if sharded:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.base_model.model.model.layers:
@@ -108,13 +132,27 @@ def main() -> None:
         fully_shard(model)
     tuner = model.base_model
     ids = data()
+    if args.trainer:
+        losses, callback = train_with_trainer(model, args)
+        if rank == 0:
+            result = {
+                "losses": losses,
+                "kept": {axis: mask.kept_indices() for axis, mask in tuner.masks_of("default").items()},
+                "adapter": {k: full(v).detach().clone() for k, v in model.state_dict().items() if "pat_" in k},
+                "mask_history": callback.mask_history.stacked("logits"),
+            }
+            args.out.mkdir(parents=True, exist_ok=True)
+            torch.save(result, args.out / "result.pt")
+        if sharded:
+            dist.destroy_process_group()
+        return
     optimizer = torch.optim.AdamW(peft_pat.optimizer_param_groups(model), lr=args.lr)
 
     model.train()
     model.set_step(0, args.steps, learning_rate=args.lr)
     calibration = [local_batch(ids, i, rank, world) for i in range(CALIBRATION_BATCHES)]
     refused = {}
-    if world > 1:  # refused before it reads a batch or changes anything
+    if sharded:  # refused before it reads a batch or changes anything
         refused["calibrate"] = refusal(lambda: model.calibrate(calibration))
     summary = None if args.uncalibrated else peft_pat.calibrate(model, calibration)
     check_same_on_every_rank(tuner, "after calibration")
@@ -134,7 +172,7 @@ def main() -> None:
         losses.append(float(logged))
         check_same_on_every_rank(tuner, f"after step {step}")
 
-    if world > 1:
+    if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         refused["merge_and_prune"] = refusal(lambda: model.merge_and_prune())
@@ -154,7 +192,7 @@ def main() -> None:
             "refused": refused,
         }
         torch.save(result, args.out / "result.pt")
-    if world > 1:
+    if sharded:
         dist.barrier()
         dist.destroy_process_group()
 

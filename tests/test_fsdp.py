@@ -105,3 +105,20 @@ def test_gathered_adapter_reloads_in_one_process_and_merges_exactly(runs):
         assert_logits_close(small(input_ids=ids).logits, expected)
     assert isinstance(small, type(tiny_model("llama"))) and not isinstance(small, PeftModel)
     assert not any(isinstance(m, peft_pat.PATLayer) for m in small.modules())
+
+
+def test_trainer_with_patcallback_trains_a_sharded_model_as_an_unsharded_one(tmp_path):
+    """accelerate applies FSDP only on accelerators (on CPU it wraps even a fully_shard-ed model in DDP, which
+    cannot broadcast uneven DTensor shards), so the Trainer runs here in one process on a 1-rank fully_shard-ed
+    model: every PAT path sees DTensors (calibration through the sharded forward, the schedule's top-N, the
+    identity loss, PATCallback's gradient check, weight-decay undo, logs and mask snapshots). A 1-rank gather
+    is a copy, so the run equals the unsharded one bit for bit."""
+    for name, extra in (("plain", []), ("sharded", ["--shard"])):
+        run([sys.executable, str(SCRIPT), "--out", str(tmp_path / name), "--trainer", "--steps", "8", *extra])
+    plain, sharded = (torch.load(tmp_path / n / "result.pt", weights_only=False) for n in ("plain", "sharded"))
+    assert sharded["losses"] == plain["losses"] and len(plain["losses"]) == 8
+    assert torch.equal(sharded["kept"]["hidden"], plain["kept"]["hidden"])
+    assert torch.equal(sharded["mask_history"], plain["mask_history"])
+    assert sharded["adapter"].keys() == plain["adapter"].keys()
+    for key, value in plain["adapter"].items():
+        assert torch.equal(sharded["adapter"][key], value), key
