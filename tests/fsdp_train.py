@@ -156,7 +156,7 @@ def main() -> None:
         refused["calibrate"] = refusal(lambda: model.calibrate(calibration))
     summary = None if args.uncalibrated else peft_pat.calibrate(model, calibration)
     check_same_on_every_rank(tuner, "after calibration")
-    losses = []
+    losses, trace = [], []  # trace: every mask's logits (full) after each step
     for step in range(1, args.steps + 1):
         batch = local_batch(ids, CALIBRATION_BATCHES + step - 1, rank, world)
         loss = model(**batch).loss
@@ -171,6 +171,7 @@ def main() -> None:
             logged /= world
         losses.append(float(logged))
         check_same_on_every_rank(tuner, f"after step {step}")
+        trace.append({axis: full(mask.logits).detach().clone() for axis, mask in tuner.masks_of("default").items()})
 
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -186,6 +187,7 @@ def main() -> None:
         result = {
             "world_size": world,
             "losses": losses,
+            "logits": trace,
             "kept": masks,
             "calibration": summary,
             "adapter": {k: v.detach().clone() for k, v in state.items() if "pat_" in k},
