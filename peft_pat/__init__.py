@@ -19,7 +19,7 @@ from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
 from .merge.checkpoint import merge_checkpoint
 from .merge.in_memory import prune_hidden_channels, prune_model
-from .model import PATModel, find_pat_tuner
+from .model import PATModel, calibrate, find_pat_tuner
 from .saving import save_pruned
 from .training.callback import PATCallback
 from .training.optimizer import optimizer_param_groups
@@ -45,6 +45,7 @@ __all__ = [
     "PATTypeError",
     "PatPeftType",
     "UnsupportedModelError",
+    "calibrate",
     "family_for_model",
     "find_pat_tuner",
     "merge_checkpoint",

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -64,6 +65,21 @@ def mlp_output_linears(model: nn.Module, family: FamilySpec) -> list[nn.Linear]:
     return [m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for m in linears]
 
 
+def _sum_over_ranks(
+    y_sums: list[torch.Tensor], h_sums: list[torch.Tensor], m_sums: list[torch.Tensor], tokens: int, device
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
+    """The per-norm (and per-layer MLP) sums and the token count, each summed over the processes of a running
+    torch.distributed job in one all-reduce (float64; on the model's device for nccl); unchanged without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return y_sums, h_sums, m_sums, tokens
+    parts = [*y_sums, *h_sums, *m_sums, torch.tensor([float(tokens)], dtype=torch.float64)]
+    flat = torch.cat([p.flatten() for p in parts]).to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flat)
+    pieces = list(torch.split(flat.cpu(), [p.numel() for p in parts]))
+    n, m = len(y_sums), len(m_sums)
+    return pieces[:n], pieces[n : 2 * n], pieces[2 * n : 2 * n + m], round(float(pieces[-1]))
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -76,6 +92,7 @@ def channel_statistics(
     batches: Iterable[Mapping[str, torch.Tensor]],
     family: FamilySpec | None = None,
     mlp: bool = False,
+    all_ranks: bool = False,
 ) -> ChannelStatistics:
     """``score`` and ``energy`` of the module docstring, from a forward pass over ``batches``; with ``mlp``
     also ``mlp_score``: per layer, the RMS over tokens of each input channel of the MLP's output linear
@@ -83,6 +100,9 @@ def channel_statistics(
 
     Each batch needs ``input_ids`` and may have ``attention_mask`` (padding is excluded); other keys
     (``labels``, ...) are ignored. The model runs in eval mode and is put back in its previous mode.
+    With ``all_ranks`` in a running torch.distributed job, the sums over tokens and the token count are
+    summed over the processes before the roots and maxima: the statistics of all ranks' batches together,
+    as one process given every batch would compute them (every rank must call it).
     """
     family = family or family_for_model(causal_lm(model))
     norms = residual_norms(model, family)
@@ -131,6 +151,8 @@ def channel_statistics(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if all_ranks:
+        y_sums, h_sums, m_sums, tokens = _sum_over_ranks(y_sums, h_sums, m_sums, tokens, device)
     if tokens == 0:
         raise PATConfigError(
             "channel_statistics: the calibration batches hold no (non-padding) token; pass batches whose "

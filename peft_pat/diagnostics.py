@@ -25,6 +25,7 @@ from .errors import PATConfigError, PATStateError, PATTypeError
 from .layer import PATLayer
 from .mask import PATMask
 from .model import find_pat_tuner
+from .sharding import full
 
 
 def _tuner_and_adapter(model: nn.Module, adapter_name: str | None):
@@ -69,7 +70,7 @@ class MaskHistory:
         self.adapter_name = name
         mask: PATMask = tuner.pat_mask[name]
         self.kept_width = mask.kept_width
-        logits = (mask.logits.detach().float() * mask.learning_rate_ratio).cpu()
+        logits = (full(mask.logits).float() * mask.learning_rate_ratio).cpu()  # gathered if fully_shard sharded it
         snapshot = MaskSnapshot(
             step=int(mask.step),
             logits=logits,

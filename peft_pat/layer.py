@@ -24,6 +24,7 @@ from .errors import PATStateError
 from .hsm import low_rank_hsm
 from .merge import fold
 from .merge.adapter import gate_scale, lora_scaling
+from .sharding import replicated
 
 
 class PATLayer(BaseTunerLayer):
@@ -159,7 +160,7 @@ class PATLayer(BaseTunerLayer):
         """mean((L0 L0^T - I_r)^2): keeps L0's rows orthonormal (official code's identity loss)."""
         if adapter_name not in self.pat_hsm_down:
             return None
-        l0 = self.pat_hsm_down[adapter_name].weight.float()
+        l0 = replicated(self.pat_hsm_down[adapter_name].weight).float()  # read after this layer's forward
         gram = l0 @ l0.T
         eye = torch.eye(gram.shape[0], device=gram.device)
         return ((gram - eye) ** 2).mean()

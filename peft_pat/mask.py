@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterMismatchError, PATConfigError, PATStateError, PATTypeError
+from .sharding import full, replicated, write_
 
 MASK_TRAVEL = 2.0  # automatic mask_lr = MASK_TRAVEL / s0 (logit units per soft phase)
 HARD_TEMPERATURE = 1e4  # temperature after the milestone if the freeze is configured later than it
@@ -360,11 +361,12 @@ class PATMask(nn.Module):
     def _guard_finite_logits(self) -> None:
         """Undo a non-finite optimizer update of the logits (e.g. NaN loss through gradient clipping)."""
         with torch.no_grad():
-            if torch.isfinite(self.logits).all():
-                self._last_finite_logits = self.logits.detach().clone()
+            logits = full(self.logits)  # the whole vector on every rank, also when sharded
+            if torch.isfinite(logits).all():
+                self._last_finite_logits = logits.detach().clone()
             else:
                 restore = self._last_finite_logits
-                self.logits.copy_(restore if restore is not None else torch.zeros_like(self.logits))
+                write_(self.logits, restore if restore is not None else torch.zeros_like(logits))
                 self.bad_grad_events.add_(1)
         events = int(self.bad_grad_events)
         if events > self._reported_bad_events:
@@ -380,7 +382,8 @@ class PATMask(nn.Module):
     # ------------------------------------------------------------------ gate
     def effective_logits(self, row: int | None = None) -> torch.Tensor:
         """w = kappa * theta (see module docstring); of one group only with ``row``."""
-        theta = self.logits if row is None else self.logits[row]
+        theta = replicated(self.logits)  # sharded (fully_shard) outside the forward: gathered, grad averaged
+        theta = theta if row is None else theta[row]
         return _ScaledLogits.apply(theta, self._kappa, self.bad_grad_events)
 
     def gate(self, row: int | None = None) -> torch.Tensor:
@@ -409,7 +412,7 @@ class PATMask(nn.Module):
         if self._fades_to_calibrated_set():
             hard = self.fade_target.clone()  # the gate already equals it at the freeze step: no cliff
         else:
-            hard = top_n_indicator(self.logits, self.kept_width, self.protected)  # order of w = kappa theta
+            hard = top_n_indicator(full(self.logits), self.kept_width, self.protected)  # order of w = kappa theta
         self.hard_mask.copy_(hard)
         self.is_hard.fill_(True)
         self._hard = True
@@ -419,7 +422,7 @@ class PATMask(nn.Module):
     def _pin_logits_to_hard_mask(self) -> None:
         """w = +-0.5 on kept / pruned channels, so the stored logits always agree with the hard mask."""
         polar = torch.where(self.hard_mask > 0, POLAR_TARGET, -POLAR_TARGET) / self._kappa
-        self.logits.copy_(polar.to(self.logits.dtype))
+        write_(self.logits, polar)
 
     @torch.no_grad()
     def start_from_importance(self, scores: torch.Tensor, protected: torch.Tensor, margin: float) -> torch.Tensor:
@@ -445,9 +448,9 @@ class PATMask(nn.Module):
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
         w = margin * (self.kept_width - 0.5 - rank.double()) / self.hidden_size
-        self.logits.copy_((w / self._kappa).to(self.logits.dtype).to(self.logits.device))
+        write_(self.logits, w / self._kappa)
         self.protected.copy_(protected)
-        self.fade_target.copy_(top_n_indicator(self.logits, self.kept_width, self.protected))
+        self.fade_target.copy_(top_n_indicator(full(self.logits), self.kept_width, self.protected))
         self.calibrated.fill_(True)
         self._fading = self._fades_to_calibrated_set() and not self._hard
         self._last_finite_logits = None
@@ -471,7 +474,7 @@ class PATMask(nn.Module):
             return self.hard_mask > 0.5
         if self._fades_to_calibrated_set():
             return self.fade_target > 0.5
-        return top_n_indicator(self.logits, self.kept_width, self.protected) > 0.5
+        return top_n_indicator(full(self.logits), self.kept_width, self.protected) > 0.5
 
     def kept_indices(self) -> torch.Tensor:
         """Sorted indices of the kept units (the mask must be hard): shape (N,), or (groups, N) per layer."""
@@ -504,7 +507,7 @@ class PATMask(nn.Module):
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """Numbers for logs: kept channels (hard count, or #{w >= 0} while soft), temperature, offset."""
-        kept = float(self.hard_mask.sum()) if self._hard else float(((self.logits >= 0) | self.protected).sum())
+        kept = float(self.hard_mask.sum()) if self._hard else float(((full(self.logits) >= 0) | self.protected).sum())
         kept /= self.groups or 1  # per group
         return {
             "kept_channels": kept,

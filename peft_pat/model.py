@@ -23,7 +23,7 @@ from .checks import (
     plain_float_layer_error,
 )
 from .config import PATConfig
-from .errors import PATConfigError, PATStateError
+from .errors import PATConfigError, PATStateError, PATTypeError
 from .families import FAMILIES, FamilySpec, family_for_model_type
 from .layer import PATEmbedding, PATLayer, PATLinear
 from .mask import PATMask
@@ -32,7 +32,8 @@ from .merge.in_memory import InMemoryMerge, embedding_scale, stock_layout
 from .merge.plan import build_plan, harden_for_merge
 from .resolution import resolve_for_base
 from .saving import make_save_pretrained_atomic
-from .training.mask_start import calibrate, needs_calibration
+from .sharding import is_sharded, sharded_parameters
+from .training import mask_start
 from .training.objective import auxiliary_loss, teacher_pass, training_forward
 from .training.schedule import TrainingTelemetry, drive_schedule
 
@@ -318,15 +319,19 @@ class PATModel(BaseTuner):
         """Importance-aware mask start from the first training ``batches`` (dicts with ``input_ids``, optional
         ``attention_mask``); the network still computes what it did. Call before the first optimizer step
         (PATCallback does it). Returns a summary (tokens, protected channels and their energy ratio)."""
+        return self._calibrate(batches, adapter_name, None)
+
+    def _calibrate(self, batches, adapter_name: str | None, model: nn.Module | None) -> dict:
+        """:meth:`calibrate`, the statistics forward run through ``model`` (the outer, possibly sharded, module)."""
         self._check_not_pruned()
-        summary = calibrate(self, self._single_adapter(adapter_name), batches)
+        summary = mask_start.calibrate(self, self._single_adapter(adapter_name), batches, model=model)
         self.telemetry.calibration_summary = summary
         return summary
 
     def needs_calibration(self, adapter_name: str | None = None) -> bool:
         """True while the adapter asks for an importance-aware start that has not run, the mask is soft and
         training has not started (the schedule is at step 0: later, calibrating would discard trained logits)."""
-        return needs_calibration(self, self._single_adapter(adapter_name))
+        return mask_start.needs_calibration(self, self._single_adapter(adapter_name))
 
     def forward(self, *args: Any, **kwargs: Any):
         """The base model's forward through the PAT layers; in training, ``loss`` is the training objective
@@ -347,6 +352,37 @@ class PATModel(BaseTuner):
                 f"Expected exactly one active PAT adapter, found {active}; pass adapter_name= or call set_adapter()."
             )
         return active[0]
+
+    def _refuse_sharded(self, what: str) -> None:
+        """Refuse ``what`` (a merge) while ``fully_shard`` holds this model's parameters as per-rank shards."""
+        sharded = sharded_parameters(self.model)
+        if sharded:
+            raise PATStateError(
+                f"{what}: the parameters of this model are sharded by fully_shard (FSDP2; e.g. {sharded[0]}), so no "
+                "process holds the weights to fold. Gather the adapter on every rank with get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True)) (torch.distributed.checkpoint.state_dict), save it "
+                "on rank 0 with model.save_pretrained(folder, state_dict=that_dict), then in one process: "
+                "PeftModel.from_pretrained(base, folder).merge_and_prune() (or peft-pat merge BASE folder OUT)."
+            )
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of the adapter's entries; refuses sharded (DTensor) entries, which would save only
+        this rank's rows: ``save_pretrained`` of a ``fully_shard``-ed model needs the gathered state dict."""
+        selected = super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )  # fmt: skip
+        sharded = [key for key, value in selected.items() if is_sharded(value)]
+        if sharded:
+            raise PATStateError(
+                f"save_pretrained: the adapter's tensors are sharded by fully_shard (FSDP2; e.g. {sharded[0]}), and "
+                "saving them would write this rank's rows only. Gather them on every rank with "
+                "sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
+                "(torch.distributed.checkpoint.state_dict), then on rank 0: "
+                "model.save_pretrained(folder, state_dict=sd)."
+            )
+        return selected
 
     def _check_not_pruned(self) -> None:
         if self._pruned:
@@ -438,6 +474,7 @@ class PATModel(BaseTuner):
         channels become zero) before the PAT layers are replaced by their base layers."""
         if self._pruned or (not merge and self._pending_merge is not None):
             self._check_not_pruned()
+        self._refuse_sharded("merge_and_unload" if merge else "unload")
         if not merge:
             return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         names = adapter_names or [a for a in self.active_adapters if a in self.peft_config]
@@ -453,6 +490,7 @@ class PATModel(BaseTuner):
         """
         if self._pruned:
             self._check_not_pruned()
+        self._refuse_sharded("merge_and_prune")
         if self._pending_merge is None:
             name = self._single_adapter(adapter_name)
             others = [a for a in self.peft_config if a != name]
@@ -469,6 +507,19 @@ class PATModel(BaseTuner):
         self._pruned = True
         self.register_state_dict_pre_hook(_refuse_state_dict_after_pruning)
         return make_save_pretrained_atomic(model)
+
+
+def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], adapter_name: str | None = None) -> dict:
+    """``model.calibrate(batches)`` for a PAT model under any wrapper (DDP, ``fully_shard``, compile): the
+    statistics forward runs through ``model`` itself when ``fully_shard`` has sharded the parameters, so its
+    forward gathers them. In a distributed job call it on every rank, each with its own batches."""
+    tuner = find_pat_tuner(model)
+    if tuner is None:
+        raise PATTypeError(
+            f"calibrate: {type(model).__name__} has no PAT adapter. Wrap the base model first: "
+            "model = get_peft_model(base, PATConfig(task_type='CAUSAL_LM'))."
+        )
+    return tuner._calibrate(batches, adapter_name, model)
 
 
 def find_pat_tuner(model: Any):

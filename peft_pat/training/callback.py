@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 
 from ..diagnostics import MaskHistory
 from ..errors import PATTypeError
-from ..model import find_pat_tuner
+from ..model import calibrate, find_pat_tuner
+from ..sharding import full
 from . import checkpoints
 
 LOG_PREFIX = "pat/"
@@ -166,12 +167,12 @@ class PATCallback(TrainerCallback):
             )
         self._hold_output_dir(args, state)
         tuner.set_step(state.global_step, max(state.max_steps, 1), learning_rate=args.learning_rate)
-        self._calibrate(tuner, kwargs.get("train_dataloader"))
+        self._calibrate(tuner, kwargs.get("train_dataloader"), model)
         if self.mask_history is not None:
             self.mask_history.record(tuner)
 
     @staticmethod
-    def _calibrate(tuner, dataloader) -> None:
+    def _calibrate(tuner, dataloader, model) -> None:
         """Importance-aware mask start from the first batches of the training dataloader, once per adapter.
 
         Skipped when the adapter was calibrated already (a resumed run loads it from the checkpoint).
@@ -189,7 +190,7 @@ class PATCallback(TrainerCallback):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             for name in names:
-                tuner.calibrate(dataloader, adapter_name=name)
+                calibrate(model, dataloader, adapter_name=name)  # through model: a sharded one gathers its weights
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = find_pat_tuner(model)
@@ -225,9 +226,8 @@ class PATCallback(TrainerCallback):
         logits = [m.logits for m in masks if m.logits.requires_grad]
         for p in logits:
             if p.grad is not None:
-                finite = torch.isfinite(p.grad)
-                if not bool(finite.all()):
-                    p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
+                if not bool(torch.isfinite(full(p.grad)).all()):  # the whole gradient: every rank decides alike
+                    p.grad = torch.where(torch.isfinite(p.grad), p.grad, torch.zeros_like(p.grad))
                     for mask in masks:
                         if mask.logits is p:
                             mask.bad_grad_events.add_(1)

@@ -1,7 +1,7 @@
 """The importance-aware mask start: rank the hidden channels on the first training batches, start there.
 
 :func:`calibrate` ranks channels by the activation criterion of :mod:`peft_pat.calibration` on the base
-model (PAT bypassed), averaged over the processes of a distributed run, protects massive-activation
+model (PAT bypassed), on all processes' batches together in a distributed run, protects massive-activation
 channels, orders the mask logits by rank within +-``calibration_margin`` (the mask starts at the activation
 top-N) and divides the change of the step-0 gate out of every HSM scale g: the product g ⊙ M, and so
 the network, computes exactly what it computed before (the base model, for a fresh adapter).
@@ -14,7 +14,6 @@ import logging
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..calibration import channel_statistics, massive_channels
@@ -22,19 +21,10 @@ from ..checks import check_calibration_batches, check_calibration_source
 from ..config import DEFAULT_CALIBRATION_BATCHES
 from ..errors import PATConfigError, PATStateError
 from ..layer import PATLayer
+from ..sharding import full, reshard, sharded_parameters, write_
 from .objective import teacher_pass
 
 logger = logging.getLogger("peft_pat")
-
-
-def all_reduce_mean(tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Mean of ``tensor`` over the processes of a running torch.distributed job (itself otherwise)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    device = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
-    reduced = tensor.to(device, torch.float64)
-    dist.all_reduce(reduced)
-    return (reduced / dist.get_world_size()).cpu()
 
 
 def _pruned_masks(tuner, name: str) -> dict:
@@ -60,13 +50,35 @@ def _start(mask, scores: torch.Tensor, protected: torch.Tensor, margin: float) -
 
 
 def _rescale(scale: torch.nn.Parameter, ratio: torch.Tensor) -> None:
-    scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
+    """s <- s ⊙ ratio, in place (a sharded s takes its own rows; every rank holds the same ratio)."""
+    write_(scale, full(scale).float() * ratio.to(scale.device))
+
+
+def _statistics_forward(tuner, model: nn.Module | None) -> nn.Module:
+    """The module to run the calibration forward through: the tuner's base model, or, when ``fully_shard`` has
+    sharded the parameters, the sharded ``model`` itself, whose forward gathers them (refused without it)."""
+    sharded = sharded_parameters(tuner.model)
+    if not sharded:
+        return tuner.model
+    if model is None or not any(m is tuner for m in model.modules()):
+        raise PATStateError(
+            f"calibrate: the parameters of this model are sharded by fully_shard (FSDP2; e.g. {sharded[0]}), and "
+            "only the sharded model's own forward gathers them, which PATModel.calibrate cannot reach. Call "
+            "peft_pat.calibrate(model, batches) on every rank with the model you passed to fully_shard (PATCallback "
+            "does this for the Trainer)."
+        )
+    return model
 
 
 @torch.no_grad()
-def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict:
+def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]], model: nn.Module | None = None) -> dict:
     """The importance-aware start of adapter ``name`` from the first ``calibration_batches`` of ``batches``
-    (module docstring). Returns a summary (tokens, protected channels and their energy ratio to the median)."""
+    (module docstring). Returns a summary (tokens, protected channels and their energy ratio to the median).
+
+    In a distributed job every rank calls it with its own batches; the statistics are those of all ranks'
+    batches together (:func:`~peft_pat.calibration.channel_statistics` with ``all_ranks``), so every rank starts
+    from the same mask. ``model``: the outer module (a ``fully_shard``-ed PeftModel) whose forward runs the
+    statistics pass when the parameters are sharded."""
     config = tuner.peft_config[name]
     masks = _pruned_masks(tuner, name)
     mask = masks["hidden"] if "hidden" in masks else next(iter(masks.values()))
@@ -90,9 +102,13 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
     if not chosen:
         raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
     check_calibration_batches(chosen)
-    with teacher_pass(tuner):
-        stats = channel_statistics(tuner.model, chosen, tuner.family, mlp="mlp" in masks)
-    score, energy = all_reduce_mean(stats.score, tuner.model), all_reduce_mean(stats.energy, tuner.model)
+    forward = _statistics_forward(tuner, model)
+    try:
+        with teacher_pass(tuner):
+            stats = channel_statistics(forward, chosen, tuner.family, mlp="mlp" in masks, all_ranks=True)
+    finally:
+        reshard(forward)  # the root keeps its gathered parameters after a forward; the writes below go to shards
+    score, energy = stats.score, stats.energy
     protected = torch.zeros(tuner.pat_mask[name].hidden_size, dtype=torch.bool)
     layers = [m for m in tuner.model.modules() if isinstance(m, PATLayer)]
     if "hidden" in masks:
@@ -103,8 +119,8 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
             if layer.has_hsm(name):
                 _rescale(layer.pat_hsm_scale[name], ratio)
     if "mlp" in masks:  # per layer; the gate s ⊙ M[layer] sits on the MLP output linear's input
-        mlp_score = all_reduce_mean(stats.mlp_score, tuner.model)
-        ratio = _start(masks["mlp"], mlp_score, torch.zeros_like(masks["mlp"].protected), config.calibration_margin)
+        unprotected = torch.zeros_like(masks["mlp"].protected)
+        ratio = _start(masks["mlp"], stats.mlp_score, unprotected, config.calibration_margin)
         for layer in layers:
             if name in layer.pat_unit_gate:
                 _rescale(layer.pat_unit_scale[name], ratio[layer.pat_unit_gate[name][1]])
