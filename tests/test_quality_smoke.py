@@ -162,14 +162,16 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
         twins = {c["method"]: c["best_posthoc"] for c in payload["comparisons"]
                  if c["sparsity"] == sparsity and c["reference"] == "same shape"}  # fmt: skip
         assert twins == {"pat": "prune_then_tune", "pat_hidden": "prune_hidden_then_tune"}
+        assert [c["best_posthoc"] for c in payload["comparisons"]
+                if c["sparsity"] == sparsity and c["reference"] == "hidden-only PAT"] == ["pat_hidden"]  # fmt: skip
         assert all(math.isfinite(c["nll_difference_stderr"]) and c["ppl_ratio"] > 0 for c in payload["comparisons"])
     targets = {t["reference"]: t for t in payload["pat_targets"] if t["sparsity"] == 0.25}
     for reference, target in targets.items():
         assert target["ppl_ratio_pat_over_best_posthoc"] == pytest.approx(
             pat_quarter["wikitext2"]["perplexity"] / runs[(target["best_posthoc"], 0.25)]["wikitext2"]["perplexity"]
         )
-        assert target["ppl_target"] == {"same shape": 0.85, "best post-hoc": 0.75}[reference]
-    assert set(targets) == {"same shape", "best post-hoc"}
+        assert target["ppl_target"] == {"same shape": 0.85, "best post-hoc": 0.75, "hidden-only PAT": 0.75}[reference]
+    assert set(targets) == {"same shape", "best post-hoc", "hidden-only PAT"}
     assert payload["estimate"]["train_runs"] == 1 + 2 * (5 if tp_missing else 6)
     for name in ("quality.json", "quality.md", "quality.png"):
         assert (out / name).stat().st_size > 0

@@ -11,8 +11,9 @@ WikiText-2 perplexity. Every other pruned method (PAT first) is compared with it
   interval exp(mean ± 2 se).
 
 A difference is called real only beyond 2 paired standard errors. Each PAT run is also compared with its
-post-hoc twin of the same shape (:data:`.methods.SAME_SHAPE_RIVAL`). Targets: PAT's PPL at most
-:data:`SAME_SHAPE_TARGET` x its same-shape twin's, with the accuracy difference not negative.
+post-hoc twin of the same shape (:data:`.methods.SAME_SHAPE_RIVAL`) and the default PAT with the hidden-only
+PAT at the same parameter count. Targets: PAT's PPL at most :data:`SAME_SHAPE_TARGET` x its same-shape
+twin's and :data:`PPL_TARGET` x the hidden-only PAT's, with the accuracy difference not negative.
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ def comparisons(runs: list[dict], mode: str) -> list[dict]:
             if best is not None and run is not best:
                 out.append({**head, "reference": "best post-hoc", "best_posthoc": best["method"],
                             "best_posthoc_label": best["label"], **_paired(run, best, key)})  # fmt: skip
-            twin = at.get(SAME_SHAPE_RIVAL.get(run["method"], ""))
-            if twin is not None:
-                out.append({**head, "reference": "same shape", "best_posthoc": twin["method"],
-                            "best_posthoc_label": twin["label"], **_paired(run, twin, key)})  # fmt: skip
+            twin, hidden_pat = SAME_SHAPE_RIVAL.get(run["method"]), "pat_hidden" if run["method"] == "pat" else None
+            for reference, other in (("same shape", twin), ("hidden-only PAT", hidden_pat)):
+                if other in at:
+                    out.append({**head, "reference": reference, "best_posthoc": other,
+                                "best_posthoc_label": at[other]["label"], **_paired(run, at[other], key)})  # fmt: skip
     return out
 
 
@@ -90,7 +92,7 @@ def pat_targets(comps: list[dict]) -> list[dict]:
             continue
         ratio = c.get("ppl_ratio", float("nan"))
         acc = c.get("mean_acc_norm_difference", float("nan"))
-        target = SAME_SHAPE_TARGET if c["reference"] == "same shape" else PPL_TARGET
+        target = SAME_SHAPE_TARGET if c["reference"] == "same shape" else PPL_TARGET  # hidden-only PAT: 0.75 too
         out.append(
             {
                 "sparsity": c["sparsity"],
@@ -175,7 +177,8 @@ def markdown_table(payload: dict) -> str:
             ratio_cell = f"{ratio:.3f}" if ratio is not None else "—"
             band = f"{low:.3f} – {high:.3f}" if low is not None and math.isfinite(low) else "—"
             lines.append(
-                f"| {c['sparsity']:.0%} | {c['label']} | {c['best_posthoc_label']} | {acc_cell} | {se_cell} | "
+                f"| {c['sparsity']:.0%} | {c['label']} | {c['reference']}: {c['best_posthoc_label']} | {acc_cell} | "
+                f"{se_cell} | "
                 f"{ratio_cell} | {band} |"
             )
     targets = payload.get("pat_targets") or []
