@@ -82,7 +82,8 @@ def test_merge_and_unload_folds_the_soft_mlp_gate_at_full_width():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_axes": ["heads"]}, "not supported by this version yet"),
+        ({"prune_axes": ["mlp"], "target_num_attention_heads": 2}, "add 'heads' to prune_axes"),
+        ({"target_num_key_value_heads": 1}, "add 'kv_heads' to prune_axes"),
         ({"prune_axes": ["width"]}, "unknown axes"),
         ({"prune_axes": "mlp"}, "must be a list of axis names"),
         ({"prune_axes": ["hidden"], "target_intermediate_size": 64}, "add 'mlp' to prune_axes"),
@@ -140,7 +141,7 @@ def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_the_mlp_axis
     mlp = model.base_model.pat_unit_masks["default"]["mlp"]
     assert bool(mlp.calibrated) and mlp.hardened
     kept = model.peft_config["default"].kept_intermediate_size
-    assert mlp.hard_mask.sum(-1).tolist() == [float(kept)] * mlp.groups
+    assert mlp.hard_mask.sum(-1).tolist() == [float(kept)] * mlp.groups[0]
     logged = [e for e in model.base_model.pat_stats().keys()]
     assert "mlp_kept_channels" in logged and model.base_model.pat_stats()["mlp_kept_channels"] == kept
     model.eval()
@@ -180,7 +181,7 @@ def test_both_axes_and_only_target_sparsity_split_the_budget(shape, sparsity, ex
         model = AutoModelForCausalLM.from_config(config)
     family, layout = family_for_model(model), stock_layout(model)
     cfg = PATConfig(prune_axes=["hidden", "mlp"], target_sparsity=sparsity)
-    width, mlp = resolve_widths(cfg, family, config.to_dict(), layout)
+    width, mlp, _, _ = resolve_widths(cfg, family, config.to_dict(), layout)
     assert (width, mlp) == expected
     full = cut_parameter_count(family, config, layout, config.hidden_size, {})
     assert cut_parameter_count(family, config, layout, width, {"mlp": mlp}) / full == pytest.approx(

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..axes import column_gate
 from ..calibration import channel_statistics, massive_channels
 from ..checks import check_calibration_batches, check_calibration_source
 from ..config import DEFAULT_CALIBRATION_BATCHES
@@ -59,6 +60,33 @@ def _start(mask, scores: torch.Tensor, protected: torch.Tensor, margin: float) -
     return gate_before / mask.start_from_importance(scores, protected, margin)
 
 
+class _Rows:
+    """A tensor of per-layer rows read like a mask's gate (``gate(layer)``), for :func:`column_gate`."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def gate(self, layer: int) -> torch.Tensor:
+        return self.rows[layer]
+
+
+def _unit_scores(stats, masks: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each pruned per-layer axis' unit scores in its mask's shape: MLP channels; query heads per (layer, KV
+    group); KV heads (layer, group) as the sum of their query heads' scores."""
+    scores = {}
+    if "mlp" in masks:
+        scores["mlp"] = all_reduce_mean(stats.mlp_score, model)
+    if "heads" in masks or "kv_heads" in masks:
+        head = all_reduce_mean(stats.head_score, model)
+        groups = masks["heads"].groups[1] if "heads" in masks else masks["kv_heads"].hidden_size
+        grouped = head.view(head.shape[0], groups, -1)  # query head h in group h // (H / G)
+        if "heads" in masks:
+            scores["heads"] = grouped
+        if "kv_heads" in masks:
+            scores["kv_heads"] = grouped.sum(-1)
+    return scores
+
+
 def _rescale(scale: torch.nn.Parameter, ratio: torch.Tensor) -> None:
     scale.data = (scale.data.float() * ratio.to(scale.device)).to(scale.dtype)
 
@@ -91,7 +119,8 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
         raise PATConfigError("calibrate: got no batch; pass the first batches of the training data.")
     check_calibration_batches(chosen)
     with teacher_pass(tuner):
-        stats = channel_statistics(tuner.model, chosen, tuner.family, mlp="mlp" in masks)
+        stats = channel_statistics(tuner.model, chosen, tuner.family, mlp="mlp" in masks,
+                                   heads=bool({"heads", "kv_heads"} & set(masks)))  # fmt: skip
     score, energy = all_reduce_mean(stats.score, tuner.model), all_reduce_mean(stats.energy, tuner.model)
     protected = torch.zeros(tuner.pat_mask[name].hidden_size, dtype=torch.bool)
     layers = [m for m in tuner.model.modules() if isinstance(m, PATLayer)]
@@ -102,12 +131,15 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
         for layer in layers:
             if layer.has_hsm(name):
                 _rescale(layer.pat_hsm_scale[name], ratio)
-    if "mlp" in masks:  # per layer; the gate s ⊙ M[layer] sits on the MLP output linear's input
-        mlp_score = all_reduce_mean(stats.mlp_score, tuner.model)
-        ratio = _start(masks["mlp"], mlp_score, torch.zeros_like(masks["mlp"].protected), config.calibration_margin)
-        for layer in layers:
-            if name in layer.pat_unit_gate:
-                _rescale(layer.pat_unit_scale[name], ratio[layer.pat_unit_gate[name][1]])
+    ratios = {}  # per-layer axes: the gate s ⊙ M sits on the input of each axis' output linear
+    for axis, scores in _unit_scores(stats, masks, tuner.model).items():
+        unit_mask = masks[axis]
+        ratios[axis] = _start(unit_mask, scores, torch.zeros_like(unit_mask.protected), config.calibration_margin)
+    for layer in layers:
+        if name in layer.pat_unit_gate and ratios:
+            axes, index = layer.pat_unit_gate[name]
+            scale = layer.pat_unit_scale[name]
+            _rescale(scale, column_gate({a: _Rows(ratios[a]) for a in axes}, axes, index, scale.numel()))
     median = float(energy.median())
     summary = {
         "tokens": stats.tokens,
