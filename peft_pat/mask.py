@@ -156,7 +156,8 @@ class PATMask(nn.Module):
         self.hidden_size = int(hidden_size)  # units per group (the hidden width for the hidden axis)
         self.kept_width = int(kept_width)  # units each group keeps
         # None: one vector (the hidden axis); else the rows' shape: (layers,) or (layers, KV groups)
-        self.groups = None if groups is None else tuple(int(g) for g in ((groups,) if isinstance(groups, int) else groups))
+        rows = (groups,) if isinstance(groups, int) else groups
+        self.groups = None if groups is None else tuple(int(g) for g in rows)
         self.width_setting = width_setting  # the PATConfig field N came from, for error messages
         # (field, factor): the PATConfig setting that keeps n units per row is field=n * factor (error messages)
         self.restore_setting = restore_setting or ("target_width", 1)

@@ -34,30 +34,52 @@ def test_identity_at_start_also_after_the_importance_start(axes):
     assert bool(mlp.calibrated) and mlp.logits.shape == (base.config.num_hidden_layers, base.config.intermediate_size)
 
 
+# axes -> (PATConfig kwargs on the tiny model: 4 query heads in 2 KV groups, 96 MLP units; the pruned config)
+AXIS_CASES = {
+    "mlp": ({"prune_axes": ["mlp"], "target_sparsity": 0.3}, {"hidden_size": 64, "num_attention_heads": 4}),
+    "hidden+mlp": ({"prune_axes": ["hidden", "mlp"], "target_width": 48, "target_sparsity": 0.3}, {"hidden_size": 48}),
+    "heads": ({"prune_axes": ["heads"], "target_num_attention_heads": 2},
+              {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}),
+    "kv_heads": ({"prune_axes": ["kv_heads"], "target_num_key_value_heads": 1},
+                 {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}),
+    "hidden+mlp+heads": ({"prune_axes": ["hidden", "mlp", "heads"], "target_width": 48, "target_sparsity": 0.4,
+                          "target_num_attention_heads": 2}, {"hidden_size": 48, "num_attention_heads": 2}),
+    "heads+kv_heads": ({"prune_axes": ["heads", "kv_heads"], "target_num_attention_heads": 1,
+                        "target_num_key_value_heads": 1}, {"num_attention_heads": 1, "num_key_value_heads": 1}),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-@pytest.mark.parametrize("axes", ["mlp", "hidden+mlp"])
-def test_trained_mlp_cut_merges_exactly_in_memory_and_from_disk(family, axes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("axes", list(AXIS_CASES))
+def test_trained_unit_cut_merges_exactly_in_memory_and_from_disk(family, axes, tmp_path, monkeypatch):
+    """Every per-layer axis alone and combined, every family: the trained PAT model, its reloaded adapter, the
+    in-memory merge and the stock reload of the disk merge compute the same logits; both merges agree bit for bit."""
+    from transformers import AutoModelForCausalLM
+
     monkeypatch.setattr(fold, "CHUNK_BYTES", 4096)
-    base = tiny_model(family, seed=3)
+    base = tiny_model(family, seed=3, attention_bias=True) if family == "llama" else tiny_model(family, seed=3)
     full = _params(base)
     save_checkpoint(base, tmp_path / "base")
-    pat = {"prune_axes": ["mlp"]} if axes == "mlp" else {"prune_axes": ["hidden", "mlp"], "target_width": 48}
+    pat, expected_config = AXIS_CASES[axes]
     torch.manual_seed(0)
-    model = wrap(base, init_weights=False, target_sparsity=0.3, **pat)
+    model = wrap(base, init_weights=False, **pat)
     train_steps(model, IDS, steps=4, total=4)  # the masks harden at the freeze step
     masks = model.base_model.masks_of("default")
     assert all(m.hardened for m in masks.values())
-    kept_mlp = model.peft_config["default"].kept_intermediate_size
+    config = model.peft_config["default"]
     expected = logits(model, IDS)
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(tiny_model(family, seed=3), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model(family, seed=3, **({"attention_bias": True} if family == "llama"
+                                         else {})), tmp_path / "adapter")  # fmt: skip
     assert torch.equal(logits(reloaded, IDS), expected)
 
     small = model.merge_and_prune()
-    assert small.config.intermediate_size == kept_mlp
-    assert small.config.hidden_size == (48 if axes != "mlp" else base.config.hidden_size)
+    for key, value in expected_config.items():
+        assert getattr(small.config, key) == value, key
+    if "mlp" in axes:
+        assert small.config.intermediate_size == config.kept_intermediate_size
+        assert _params(small) / full == pytest.approx(1 - pat["target_sparsity"], abs=0.05)  # the parameter budget
     assert_logits_close(logits(small, IDS), expected)
-    assert _params(small) / full == pytest.approx(0.7, abs=0.05)  # the budget: 30% of the parameters
 
     merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progressbar=False)
     disk = load_file(tmp_path / "out" / "model.safetensors")
@@ -67,6 +89,8 @@ def test_trained_mlp_cut_merges_exactly_in_memory_and_from_disk(family, axes, tm
     assert set(disk) == set(memory)
     for name, tensor in memory.items():
         assert torch.equal(disk[name], tensor), name
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # no peft_pat, no custom code
+    assert_logits_close(logits(stock, IDS), expected)
 
 
 def test_merge_and_unload_folds_the_soft_mlp_gate_at_full_width():

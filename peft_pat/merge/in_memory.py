@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..axes import space_units
 from ..families import FamilySpec
 from .plan import MergePlan, TensorInfo, TensorOp, TensorSource, build_plan
 
@@ -101,10 +102,10 @@ def _finish(model: nn.Module, plan: MergePlan) -> None:
             getattr(embedding, family.embedding_scale_attr).fill_(scale)
             if hasattr(embedding, "scalar_embed_scale"):
                 embedding.scalar_embed_scale = scale
-    if "heads" in plan.unit_keeps or "kv_heads" in plan.unit_keeps:  # counts the attention modules computed once
-        heads, groups = (int(plan.unit_keeps[s].shape[1]) if s in plan.unit_keeps else None for s in ("heads", "kv_heads"))
-        groups = groups or int(getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads)
-        values = {"num_key_value_groups": heads // groups, "num_key_value_heads": groups}
+    keeps = plan.unit_keeps
+    if "heads" in keeps:  # the head counts the attention modules computed once (a KV cut cuts query heads too)
+        groups = int(keeps["kv_heads"].shape[1]) if "kv_heads" in keeps else space_units(model.config, "kv_heads")[0]
+        values = {"num_key_value_groups": int(keeps["heads"].shape[1]) // groups, "num_key_value_heads": groups}
         for layer in model.get_submodule(family.layers):
             attention = layer.get_submodule(family.attention)
             for name in family.attention_count_attributes:
