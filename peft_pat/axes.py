@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 PER_LAYER_AXES = ("mlp", "heads", "kv_heads")  # in the order their gates multiply
 AXIS_SPACE = {"mlp": "mlp", "heads": "heads", "kv_heads": "heads"}  # the space whose columns each axis gates
 SPACE_FIELDS = {"mlp": "intermediate_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads"}
+AXIS_UNITS = {  # what one row of each axis' mask counts, for messages
+    "hidden": "hidden channels",
+    "mlp": "mlp channels in every layer",
+    "heads": "query heads of every KV head in every layer",
+    "kv_heads": "KV heads in every layer",
+}
 TARGET_FIELDS = {  # axis -> the PATConfig field of its explicit target, and the field recording the resolved one
     "mlp": ("target_intermediate_size", "kept_intermediate_size"),
     "heads": ("target_num_attention_heads", "kept_num_attention_heads"),

@@ -148,30 +148,41 @@ def test_adapter_saved_and_loaded_under_another_name_keeps_its_mlp_mask(tmp_path
     assert torch.equal(logits(other, IDS), expected)
 
 
-def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_the_mlp_axis(tmp_path):
+@pytest.mark.parametrize(
+    ("axis", "pat"),
+    [
+        ("mlp", {"prune_axes": ["mlp"], "target_sparsity": 0.3}),
+        ("heads", {"prune_axes": ["heads", "kv_heads"], "target_num_attention_heads": 2,
+                   "target_num_key_value_heads": 1}),
+    ],
+)  # fmt: skip
+def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_a_per_layer_axis(tmp_path, axis, pat):
     from transformers import Trainer, TrainingArguments
 
     from peft_pat import PATCallback
 
     from helpers import TokenDataset
 
-    model = wrap(tiny_model("llama", seed=3), prune_axes=["mlp"], target_sparsity=0.3, calibration_batches=2,
-                 distillation_weight=1.0)  # fmt: skip
+    model = wrap(tiny_model("llama", seed=3, num_attention_heads=8, head_dim=16), calibration_batches=2,
+                 distillation_weight=1.0, **pat)  # fmt: skip
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, weight_decay=0.1,
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PATCallback()]).train()
-    mlp = model.base_model.pat_unit_masks["default"]["mlp"]
-    assert bool(mlp.calibrated) and mlp.hardened
-    kept = model.peft_config["default"].kept_intermediate_size
-    assert mlp.hard_mask.sum(-1).tolist() == [float(kept)] * mlp.groups[0]
-    logged = [e for e in model.base_model.pat_stats().keys()]
-    assert "mlp_kept_channels" in logged and model.base_model.pat_stats()["mlp_kept_channels"] == kept
+    mask = model.base_model.pat_unit_masks["default"][axis]
+    assert bool(mask.calibrated) and mask.hardened
+    assert torch.equal(mask.hard_mask, mask.fade_target)  # it hardened to the calibrated set it faded to
+    assert set(mask.hard_mask.sum(-1).flatten().tolist()) == {float(mask.kept_width)}  # every row keeps N
+    assert model.base_model.pat_stats()[f"{axis}_kept_channels"] == mask.kept_width
     model.eval()
     expected = logits(model, IDS)
     small = model.merge_and_prune()
-    assert small.config.intermediate_size == kept
+    config = model.peft_config["default"]
+    if axis == "mlp":
+        assert small.config.intermediate_size == config.kept_intermediate_size
+    else:
+        assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
     assert_logits_close(logits(small, IDS), expected)
 
 
