@@ -53,7 +53,7 @@ def head_dim(config) -> int:
 
 def space_units(config, space: str) -> tuple[int, int]:
     """(units per layer, tensor entries per unit) of a unit space in a model of ``config``."""
-    units = int(getattr(config, SPACE_FIELDS[space]) or config.num_attention_heads)  # no num_key_value_heads: MHA
+    units = int(getattr(config, SPACE_FIELDS[space], None) or config.num_attention_heads)  # none: one KV per head
     return units, (1 if space == "mlp" else head_dim(config))
 
 

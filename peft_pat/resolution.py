@@ -75,6 +75,7 @@ def resolve_for_base(peft_config: PATConfig, model_config: dict, layout: list[Te
         peft_config, model_type, hidden, vocab,
         adapter="This PAT adapter", base="the base model it is being applied to", action="Load it onto",
         num_hidden_layers=layers, note=REUSED_CONFIG_NOTE,
+        heads=(int(model_config["num_attention_heads"]), model_config.get("num_key_value_heads")),
     )  # fmt: skip
     peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
         model_type,

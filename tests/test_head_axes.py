@@ -153,3 +153,21 @@ def test_soft_head_masks_fold_at_full_width_with_merge_and_unload():
     merged = model.merge_and_unload()
     assert merged.config.num_attention_heads == 8
     assert_logits_close(logits(merged, IDS), expected)
+
+
+def test_a_head_pruning_adapter_is_refused_on_a_base_with_other_head_counts(tmp_path):
+    from peft import PeftModel
+
+    from peft_pat import AdapterMismatchError
+    from peft_pat.merge.checkpoint import merge_checkpoint
+
+    from helpers import save_checkpoint
+
+    model = wrap(tiny_model("llama", seed=1, **SHAPE), prune_axes=["heads"], target_num_attention_heads=4)
+    model.save_pretrained(tmp_path / "adapter")
+    other = tiny_model("llama", seed=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(AdapterMismatchError, match="num_attention_heads=8, but .* has num_attention_heads=4"):
+        PeftModel.from_pretrained(other, tmp_path / "adapter")
+    save_checkpoint(other, tmp_path / "base")
+    with pytest.raises(AdapterMismatchError, match="num_attention_heads=8, but the base checkpoint has"):
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progressbar=False)

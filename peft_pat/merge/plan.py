@@ -17,6 +17,10 @@ Per role (K kept channels, g = s ⊙ M of the module's HSM, D = I + L1 L0, facto
 * consumers and an untied ``lm_head``: ``W' = (W + dW)[:, K]``;
 * norms: the gain is sliced to K and rescaled (residual, branch and final norms differ);
 * anything else (q/k norms, biases of consumers, ...) is copied, with any LoRA update folded in.
+* per-layer unit spaces (MLP channels, query heads, KV heads; ``FamilySpec.unit_rows`` / ``unit_columns``,
+  :mod:`peft_pat.axes`), before the fold above: an input linear keeps the rows of its layer's kept units (a head
+  is ``head_dim`` rows; fused linears by segments), an output linear the columns, times the folded gate
+  c = s ⊙ M of its input; LoRA factors are restricted alike.
 
 Which axis of a tensor a role cuts is data (:data:`CUT_DIMS`): an axis is a set of kept indices, and a
 role's tensor keeps its rows or its columns by them. A plan without a cut (``cut=False``) folds at full

@@ -4,7 +4,10 @@
 model (PAT bypassed), averaged over the processes of a distributed run, protects massive-activation
 channels, orders the mask logits by rank within +-``calibration_margin`` (the mask starts at the activation
 top-N) and divides the change of the step-0 gate out of every HSM scale g: the product g ⊙ M, and so
-the network, computes exactly what it computed before (the base model, for a fresh adapter).
+the network, computes exactly what it computed before (the base model, for a fresh adapter). The
+per-layer axes start the same way from their own scores (per layer: MLP units; query heads within each KV
+head; KV heads by the sum of their query heads' scores), the change divided out of the input scales of the
+linear they gate (``down_proj``, ``o_proj``).
 """
 
 from __future__ import annotations
