@@ -8,9 +8,12 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from peft_pat import PATConfig, PATConfigError
+from peft_pat import PATConfig, PATConfigError, family_for_model
+from peft_pat.budget import recorded_widths, unit_widths
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
+from peft_pat.merge.in_memory import stock_layout
+from peft_pat.merge.plan import cut_parameter_count
 from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits, save_checkpoint, train_steps, wrap
@@ -58,7 +61,7 @@ def test_trained_unit_cut_merges_exactly_in_memory_and_from_disk(family, axes, t
 
     monkeypatch.setattr(fold, "CHUNK_BYTES", 4096)
     base = tiny_model(family, seed=3, attention_bias=True) if family == "llama" else tiny_model(family, seed=3)
-    full = _params(base)
+    full, layout = _params(base), stock_layout(base)
     save_checkpoint(base, tmp_path / "base")
     pat, expected_config = AXIS_CASES[axes]
     torch.manual_seed(0)
@@ -76,6 +79,10 @@ def test_trained_unit_cut_merges_exactly_in_memory_and_from_disk(family, axes, t
     small = model.merge_and_prune()
     for key, value in expected_config.items():
         assert getattr(small.config, key) == value, key
+    base_config = tiny_model(family).config  # the base's shape (the merge rewrote base.config in place)
+    units = unit_widths(recorded_widths(config), base_config.to_dict())
+    predicted = cut_parameter_count(family_for_model(small), base_config, layout, config.kept_width, units)
+    assert _params(small) == predicted  # the budget's count is the merged model's
     if "mlp" in axes:
         assert small.config.intermediate_size == config.kept_intermediate_size
         assert _params(small) / full == pytest.approx(1 - pat["target_sparsity"], abs=0.05)  # the parameter budget
