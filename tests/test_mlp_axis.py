@@ -114,7 +114,7 @@ def test_merge_and_unload_folds_the_soft_mlp_gate_at_full_width():
     ("kwargs", "match"),
     [
         ({"prune_axes": ["mlp"], "target_num_attention_heads": 2}, "add 'heads' to prune_axes"),
-        ({"target_num_key_value_heads": 1}, "add 'kv_heads' to prune_axes"),
+        ({"target_sparsity": 0.25, "target_num_key_value_heads": 1}, "add 'kv_heads' to prune_axes"),
         ({"prune_axes": ["width"]}, "unknown axes"),
         ({"prune_axes": "mlp"}, "must be a list of axis names"),
         ({"prune_axes": ["hidden"], "target_intermediate_size": 64}, "add 'mlp' to prune_axes"),

@@ -78,7 +78,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 # the hidden mask alone, and with the per-layer masks of every other axis (query heads, KV heads, MLP units)
 AXES = {
-    "hidden": {},
+    "hidden": {"prune_axes": ["hidden"]},
     "all-axes": {"prune_axes": ["hidden", "mlp", "heads", "kv_heads"], "target_width": 48,
                  "target_intermediate_size": 64, "target_num_attention_heads": 1, "target_num_key_value_heads": 1},
 }  # fmt: skip
