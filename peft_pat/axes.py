@@ -13,7 +13,8 @@ heads each, query head h in group h // (H / G), as transformers' ``repeat_kv`` p
 Tensors enumerate units of a *space* ("mlp", "heads": query heads, "kv_heads": key/value heads; the family table
 says which rows and columns, ``FamilySpec.unit_rows`` / ``unit_columns``); axis ``a`` gates the columns of space
 :data:`AXIS_SPACE` [a]. A gated linear computes W (c ⊙ x) with c = s ⊙ prod_a expand(M_a[layer]), one rule for
-training (:class:`~peft_pat.layer.PATLayer`), the in-memory merge and the disk merge (:func:`column_gate`).
+training (:class:`~peft_pat.layer.PATLayer`), the in-memory merge, the disk merge and the mask start
+(:func:`column_gate`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from .errors import PATConfigError
 
 if TYPE_CHECKING:
     from .families import FamilySpec
-    from .mask import PATMask
 
 PER_LAYER_AXES = ("mlp", "heads", "kv_heads")  # in the order their gates multiply
 AXIS_SPACE = {"mlp": "mlp", "heads": "heads", "kv_heads": "heads"}  # the space whose columns each axis gates
@@ -72,12 +72,13 @@ def to_columns(row: torch.Tensor, width: int) -> torch.Tensor:
     return row if repeat == 1 else row.repeat_interleave(repeat)
 
 
-def column_gate(masks: Mapping[str, PATMask], axes: Sequence[str], layer: int, width: int) -> torch.Tensor:
-    """M over a gated linear's ``width`` input columns in ``layer``: the product over ``axes`` of each axis' row of
-    this layer, expanded by :func:`to_columns` (one axis: its row itself)."""
+def column_gate(rows: Mapping[str, torch.Tensor], width: int) -> torch.Tensor:
+    """M over a gated linear's ``width`` input columns from each gating axis' row of this layer (``rows``, in
+    :data:`PER_LAYER_AXES` order: a mask's ``gate(layer)``, or any per-unit factor of that shape): the product of
+    the rows expanded by :func:`to_columns` (one axis: its row itself)."""
     gate = None
-    for axis in axes:
-        expanded = to_columns(masks[axis].gate(layer), width)
+    for row in rows.values():
+        expanded = to_columns(row, width)
         gate = expanded if gate is None else gate * expanded
     return gate
 

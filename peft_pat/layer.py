@@ -141,7 +141,8 @@ class PATLayer(BaseTunerLayer):
         """c = s ⊙ M[layer] on the input units (the per-layer axis masks' rows of this layer only), float32."""
         axes, layer = self.pat_unit_gate[adapter_name]
         scale = self.pat_unit_scale[adapter_name]
-        return gate_scale(scale, column_gate(self._pat_unit_masks[adapter_name], axes, layer, scale.numel()))
+        masks = self._pat_unit_masks[adapter_name]
+        return gate_scale(scale, column_gate({axis: masks[axis].gate(layer) for axis in axes}, scale.numel()))
 
     def _apply_hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s ⊙ M ⊙ (y + L1 L0 y), computed in the activation dtype (weights are cast, not activations).

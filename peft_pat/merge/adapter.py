@@ -72,7 +72,7 @@ class AdapterWeights:
         """c = s ⊙ M[layer] on the input units of a gated module, float32 (as PATLayer.unit_gate_scale)."""
         scale = self.unit_scales[module]
         axes = gating_axes(family, module, self.config.pruned_axes)
-        return gate_scale(scale, column_gate(self.unit_masks, axes, layer, scale.numel()))
+        return gate_scale(scale, column_gate({axis: self.unit_masks[axis].gate(layer) for axis in axes}, scale.numel()))
 
     def lora_update(self, module: str) -> fold.LoRAUpdate | None:
         if module not in self.lora:

@@ -63,16 +63,6 @@ def _start(mask, scores: torch.Tensor, protected: torch.Tensor, margin: float) -
     return gate_before / mask.start_from_importance(scores, protected, margin)
 
 
-class _Rows:
-    """A tensor of per-layer rows read like a mask's gate (``gate(layer)``), for :func:`column_gate`."""
-
-    def __init__(self, rows: torch.Tensor) -> None:
-        self.rows = rows
-
-    def gate(self, layer: int) -> torch.Tensor:
-        return self.rows[layer]
-
-
 def _unit_scores(stats, masks: dict, model: nn.Module) -> dict[str, torch.Tensor]:
     """Each pruned per-layer axis' unit scores in its mask's shape: MLP channels; query heads per (layer, KV
     group); KV heads (layer, group) as the sum of their query heads' scores."""
@@ -142,7 +132,7 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]]) -
         if name in layer.pat_unit_gate and ratios:
             axes, index = layer.pat_unit_gate[name]
             scale = layer.pat_unit_scale[name]
-            _rescale(scale, column_gate({a: _Rows(ratios[a]) for a in axes}, axes, index, scale.numel()))
+            _rescale(scale, column_gate({axis: ratios[axis][index] for axis in axes}, scale.numel()))
     median = float(energy.median())
     summary = {
         "tokens": stats.tokens,
