@@ -171,3 +171,18 @@ def test_a_head_pruning_adapter_is_refused_on_a_base_with_other_head_counts(tmp_
     save_checkpoint(other, tmp_path / "base")
     with pytest.raises(AdapterMismatchError, match="num_attention_heads=8, but the base checkpoint has"):
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progressbar=False)
+
+
+def test_posthoc_rival_of_a_head_shape_keeps_the_loudest_kv_heads_and_query_heads():
+    from benchmarks.quality.posthoc import cut_shape_by_activation
+
+    model = tiny_model("llama", seed=4, **SHAPE)
+    stats = channel_statistics(model, [{"input_ids": IDS}], mlp=True, heads=True)
+    q = [layer.self_attn.q_proj.weight.detach().clone() for layer in model.model.layers]
+    small = cut_shape_by_activation(model, family_for_model(model), stats, None, None, 2, 1)
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    for layer, (weight, scores) in enumerate(zip(q, stats.head_score.view(2, 2, 4))):
+        group = int(scores.sum(-1).argmax())
+        heads = group * 4 + torch.topk(scores[group], 2).indices.sort().values
+        rows = (heads[:, None] * 8 + torch.arange(8)).flatten()
+        assert torch.equal(small.model.layers[layer].self_attn.q_proj.weight, weight[rows])
