@@ -9,7 +9,7 @@ import torch
 
 from peft_pat import PATConfig, PATConfigError, family_for_model, prune_model
 from peft_pat.calibration import channel_statistics
-from peft_pat.testing import tiny_inputs, tiny_model
+from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits, train_steps, wrap
 
@@ -186,3 +186,28 @@ def test_posthoc_rival_of_a_head_shape_keeps_the_loudest_kv_heads_and_query_head
         heads = group * 4 + torch.topk(scores[group], 2).indices.sort().values
         rows = (heads[:, None] * 8 + torch.arange(8)).flatten()
         assert torch.equal(small.model.layers[layer].self_attn.q_proj.weight, weight[rows])
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_head_cut_is_exact_when_the_cut_heads_carry_nothing(family, tmp_path):
+    """A different random choice in every layer: 1 of 2 KV heads, 2 of its 4 query heads; the other heads' blocks of
+    o_proj's input zeroed, so the cut (q/k/v rows and biases, Phi-3's fused qkv_proj, o_proj columns) is exact."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family, seed=5, **SHAPE)
+    generator = torch.Generator().manual_seed(0)
+    kv = torch.randint(0, 2, (2, 1), generator=generator)
+    heads = torch.stack([g * 4 + torch.randperm(4, generator=generator)[:2].sort().values for g in kv[:, 0]])
+    fam = family_for_model(model)
+    with torch.no_grad():
+        for layer, kept in zip(model.get_submodule(fam.layers), heads):
+            o = layer.get_submodule(fam.unit_output("heads")).weight.view(-1, 8, 8)  # (out, heads, head_dim)
+            drop = torch.ones(8, dtype=torch.bool)
+            drop[kept] = False
+            o[:, drop] = 0.0
+    expected = logits(model, IDS)
+    small = prune_model(model, fam, heads=heads, kv_heads=kv)
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    assert_logits_close(logits(small, IDS), expected)
+    small.save_pretrained(tmp_path / "small")
+    assert_logits_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "small"), IDS), expected)
