@@ -162,7 +162,8 @@ def full_depth_widths(shape: str, sparsity: float, axes: tuple[str, ...] = ("hid
     with torch.device("meta"):
         full = LlamaForCausalLM(llama_config(shape))
     cfg = PATConfig(target_sparsity=sparsity, prune_axes=list(axes))
-    width, mlp = resolve_widths(cfg, family_for_model_type("llama"), full.config.to_dict(), stock_layout(full))
+    widths = resolve_widths(cfg, family_for_model_type("llama"), full.config.to_dict(), stock_layout(full))
+    width, mlp = widths.hidden, widths.mlp
     fields = {"prune_axes": list(axes), "target_width": width}
     if mlp is not None:
         fields["target_intermediate_size"] = mlp

@@ -39,6 +39,7 @@ class ChannelStatistics:
     energy: torch.Tensor
     tokens: int
     mlp_score: torch.Tensor | None = None  # (layers, intermediate): RMS of each MLP output linear's input channel
+    head_score: torch.Tensor | None = None  # (layers, query heads): RMS of each head's block of o_proj's input
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -58,26 +59,24 @@ def residual_norms(model: nn.Module, family: FamilySpec) -> list[nn.Module]:
     return [*norms, lm.get_submodule(family.final_norm)]
 
 
-def mlp_output_linears(model: nn.Module, family: FamilySpec) -> list[nn.Linear]:
-    """Each layer's MLP output linear (``down_proj``), unwrapped from an adapter layer."""
+def unit_output_linears(model: nn.Module, family: FamilySpec, space: str) -> list[nn.Linear]:
+    """Each layer's linear whose input columns are the units of ``space`` (``down_proj`` for "mlp", ``o_proj``
+    for "heads"), unwrapped from an adapter layer."""
     layers = causal_lm(model).get_submodule(family.layers)
-    linears = [layer.get_submodule(family.mlp_output) for layer in layers]
+    linears = [layer.get_submodule(family.unit_output(space)) for layer in layers]
     return [m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for m in linears]
 
 
-def _sum_over_ranks(
-    y_sums: list[torch.Tensor], h_sums: list[torch.Tensor], m_sums: list[torch.Tensor], tokens: int, device
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
-    """The per-norm (and per-layer MLP) sums and the token count, each summed over the processes of a running
+def _sum_over_ranks(sums: list[torch.Tensor], tokens: int, device) -> tuple[list[torch.Tensor], int]:
+    """Every per-norm and per-unit sum and the token count, each summed over the processes of a running
     torch.distributed job in one all-reduce (float64; on the model's device for nccl); unchanged without one."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return y_sums, h_sums, m_sums, tokens
-    parts = [*y_sums, *h_sums, *m_sums, torch.tensor([float(tokens)], dtype=torch.float64)]
+        return sums, tokens
+    parts = [*sums, torch.tensor([float(tokens)], dtype=torch.float64)]
     flat = torch.cat([p.flatten() for p in parts]).to(device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(flat)
     pieces = list(torch.split(flat.cpu(), [p.numel() for p in parts]))
-    n, m = len(y_sums), len(m_sums)
-    return pieces[:n], pieces[n : 2 * n], pieces[2 * n : 2 * n + m], round(float(pieces[-1]))
+    return pieces[:-1], round(float(pieces[-1]))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -92,11 +91,14 @@ def channel_statistics(
     batches: Iterable[Mapping[str, torch.Tensor]],
     family: FamilySpec | None = None,
     mlp: bool = False,
+    heads: bool = False,
     all_ranks: bool = False,
 ) -> ChannelStatistics:
     """``score`` and ``energy`` of the module docstring, from a forward pass over ``batches``; with ``mlp``
     also ``mlp_score``: per layer, the RMS over tokens of each input channel of the MLP's output linear
-    (``down_proj``: act(gate) * up), Minitron's MLP-neuron importance.
+    (``down_proj``: act(gate) * up), Minitron's MLP-neuron importance; with ``heads`` also ``head_score``: per
+    layer and query head, the RMS over tokens and the head's ``head_dim`` entries of its block of ``o_proj``'s
+    input (the head's attention output), Minitron's head importance (a KV head's is the sum over its query heads).
 
     Each batch needs ``input_ids`` and may have ``attention_mask`` (padding is excluded); other keys
     (``labels``, ...) are ignored. The model runs in eval mode and is put back in its previous mode.
@@ -109,8 +111,9 @@ def channel_statistics(
     hidden = causal_lm(model).config.hidden_size
     y_sums = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
     h_sums = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
-    mlp_outputs = mlp_output_linears(model, family) if mlp else []
-    m_sums = [torch.zeros(linear.in_features, dtype=torch.float64) for linear in mlp_outputs]
+    outputs = {space: unit_output_linears(model, family, space) for space, wanted in (("mlp", mlp), ("heads", heads))
+               if wanted}  # fmt: skip
+    u_sums = {space: [torch.zeros(m.in_features, dtype=torch.float64) for m in ms] for space, ms in outputs.items()}
     tokens = 0
     keep: list[torch.Tensor | None] = [None]
 
@@ -127,15 +130,16 @@ def channel_statistics(
 
         return fn
 
-    def mlp_hook(index: int):
+    def unit_hook(sums: list[torch.Tensor], index: int):
         def fn(_module, inputs):
-            m_sums[index] += squares(inputs[0])
+            sums[index] += squares(inputs[0])
 
         return fn
 
     device = _model_device(model)
     handles = [norm.register_forward_hook(hook(i)) for i, norm in enumerate(norms)]
-    handles += [linear.register_forward_pre_hook(mlp_hook(i)) for i, linear in enumerate(mlp_outputs)]
+    for space, linears in outputs.items():
+        handles += [linear.register_forward_pre_hook(unit_hook(u_sums[space], i)) for i, linear in enumerate(linears)]
     was_training = model.training
     model.eval()
     try:
@@ -152,7 +156,12 @@ def channel_statistics(
             handle.remove()
         model.train(was_training)
     if all_ranks:
-        y_sums, h_sums, m_sums, tokens = _sum_over_ranks(y_sums, h_sums, m_sums, tokens, device)
+        spaces = list(u_sums)
+        flat, tokens = _sum_over_ranks([*y_sums, *h_sums, *(t for sp in spaces for t in u_sums[sp])], tokens, device)
+        n = len(y_sums)
+        y_sums, h_sums, rest = flat[:n], flat[n : 2 * n], flat[2 * n :]
+        for space in spaces:
+            u_sums[space], rest = rest[: len(u_sums[space])], rest[len(u_sums[space]) :]
     if tokens == 0:
         raise PATConfigError(
             "channel_statistics: the calibration batches hold no (non-padding) token; pass batches whose "
@@ -160,8 +169,12 @@ def channel_statistics(
         )
     score = sum(torch.sqrt(s / tokens) for s in y_sums)
     energy = torch.stack([s / tokens for s in h_sums]).max(dim=0).values
-    mlp_score = torch.stack([torch.sqrt(s / tokens) for s in m_sums]) if mlp else None
-    return ChannelStatistics(score=score, energy=energy, tokens=tokens, mlp_score=mlp_score)
+    mlp_score = torch.stack([torch.sqrt(s / tokens) for s in u_sums["mlp"]]) if mlp else None
+    head_score = None
+    if heads:
+        count = int(causal_lm(model).config.num_attention_heads)
+        head_score = torch.stack([torch.sqrt(s.view(count, -1).mean(-1) / tokens) for s in u_sums["heads"]])
+    return ChannelStatistics(score=score, energy=energy, tokens=tokens, mlp_score=mlp_score, head_score=head_score)
 
 
 def activation_channel_scores(

@@ -56,10 +56,11 @@ def check_adapter_matches_base(
     base: str,
     action: str,
     num_hidden_layers: int | None = None,
+    heads: tuple[int, int | None] | None = None,
     note: str = "",
 ) -> None:
     """Refuse an adapter whose recorded base (family, ``hidden_size``, ``vocab_size``, number of decoder
-    layers) is not this base.
+    layers, and with a head axis pruned ``heads`` = (num_attention_heads, num_key_value_heads)) is not this base.
 
     ``adapter`` names the adapter, ``base`` the base it meets and ``action`` what to do with it instead
     ("Load it onto", "Merge it into"); ``note`` is appended to the message. Values not recorded (older
@@ -71,6 +72,11 @@ def check_adapter_matches_base(
         ("vocab_size", pat_config.base_vocab_size, vocab_size),
         ("num_hidden_layers", getattr(pat_config, "base_num_hidden_layers", None), num_hidden_layers),
     )
+    if heads is not None:
+        recorded += (
+            ("num_attention_heads", getattr(pat_config, "base_num_attention_heads", None), heads[0]),
+            ("num_key_value_heads", getattr(pat_config, "base_num_key_value_heads", None), heads[1] or heads[0]),
+        )
     for what, saved, actual in recorded:
         if saved is not None and actual is not None and saved != actual:
             raise AdapterMismatchError(

@@ -11,11 +11,11 @@ from ._registry import PatPeftType
 from .errors import PATConfigError, PATTypeError
 
 DEFAULT_TARGET_SPARSITY = 0.25  # used when neither target_sparsity nor target_width is given
-PRUNE_AXES = ("hidden", "mlp")  # what this version prunes
+PRUNE_AXES = ("hidden", "mlp", "heads", "kv_heads")  # what this version prunes
+HEAD_AXES = ("heads", "kv_heads")
 # What PATConfig(target_sparsity=...) prunes. At -25% / -50% parameters on SmolLM2-135M, hidden + MLP reached 98.4 / 306
 # WikiText-2 PPL against 129.5 / ~550 for the hidden width alone (docs/quality.md, Multi-axis).
 DEFAULT_PRUNE_AXES = ("hidden", "mlp")
-PLANNED_AXES = ("heads", "kv_heads")  # named by the API, not yet supported
 DEFAULT_CALIBRATION_BATCHES = 8  # batches of the importance-aware start (also when calibrate() is called by hand)
 IDENTITY_LOSS_FORMS = ("l0_gram", "none")
 EMBEDDING_HSM_FORMS = ("auto", "full", "diagonal")
@@ -76,16 +76,30 @@ class PATConfig(PeftConfig):
     prune_axes: list[str] | None = field(
         default=None,
         metadata={
-            "help": "What the masks prune: a subset of ('hidden', 'mlp'); 'mlp' is the MLP intermediate width "
-            "(every layer keeps the same count of its own choice). None: ('hidden', 'mlp'), or just the axes "
-            "whose explicit targets (target_width, target_intermediate_size) are given without target_sparsity. "
-            "With 'mlp', target_sparsity is the fraction of the base's parameters removed (tied embeddings "
-            "counted once); with 'hidden' alone, the fraction of hidden channels (nearly the same)."
+            "help": "What the masks prune: a subset of ('hidden', 'mlp', 'heads', 'kv_heads'); 'mlp' is the MLP "
+            "intermediate width, 'heads' the query heads (every KV group keeps the same number of its own), "
+            "'kv_heads' whole KV groups (a KV head with its query heads); every layer keeps the same counts of its "
+            "own choice. None: ('hidden', 'mlp'), or just the axes whose explicit targets (target_width, "
+            "target_intermediate_size, target_num_attention_heads, target_num_key_value_heads) are given without "
+            "target_sparsity. With any axis beyond 'hidden', target_sparsity is the fraction of the base's "
+            "parameters removed (tied embeddings counted once; docs/config.md says how the axes share it); with "
+            "'hidden' alone, the fraction of hidden channels (nearly the same)."
         },
     )
     target_intermediate_size: int | None = field(
         default=None,
         metadata={"help": "MLP intermediate channels each layer keeps: the pruned config's intermediate_size."},
+    )
+    target_num_attention_heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Query heads each layer keeps ('heads'): the pruned config's num_attention_heads, a multiple of "
+            "the kept KV heads."
+        },
+    )
+    target_num_key_value_heads: int | None = field(
+        default=None,
+        metadata={"help": "KV heads each layer keeps ('kv_heads'): the pruned config's num_key_value_heads."},
     )
     # --- HSM ---
     hsm_rank: int | None = field(
@@ -214,6 +228,14 @@ class PATConfig(PeftConfig):
     kept_intermediate_size: int | None = field(
         default=None, metadata={"help": "Resolved MLP width when 'mlp' is pruned, filled in automatically."}
     )
+    base_num_attention_heads: int | None = field(default=None, metadata={"help": "Filled in automatically."})
+    base_num_key_value_heads: int | None = field(default=None, metadata={"help": "Filled in automatically."})
+    kept_num_attention_heads: int | None = field(
+        default=None, metadata={"help": "Resolved query heads when heads are pruned, filled in automatically."}
+    )
+    kept_num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "Resolved KV heads when heads are pruned, filled in automatically."}
+    )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> PATConfig:
@@ -250,7 +272,8 @@ class PATConfig(PeftConfig):
             return tuple(a for a in PRUNE_AXES if a in self.prune_axes)
         if self.kept_width is not None and self.kept_intermediate_size is None:
             return ("hidden",)
-        explicit = {"hidden": self.target_width, "mlp": self.target_intermediate_size}
+        explicit = {"hidden": self.target_width, "mlp": self.target_intermediate_size,
+                    "heads": self.target_num_attention_heads, "kv_heads": self.target_num_key_value_heads}  # fmt: skip
         if self.target_sparsity is None and any(v is not None for v in explicit.values()):
             return tuple(a for a in PRUNE_AXES if explicit[a] is not None)
         return DEFAULT_PRUNE_AXES
@@ -262,12 +285,6 @@ class PATConfig(PeftConfig):
         if isinstance(axes, str) or not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
             raise PATTypeError(
                 f"PATConfig.prune_axes must be a list of axis names such as ['hidden', 'mlp'], got {axes!r}."
-            )
-        later = [a for a in axes if a in PLANNED_AXES]
-        if later:
-            raise PATConfigError(
-                f"PATConfig.prune_axes={list(axes)}: pruning {later} is not supported by this version yet; it prunes "
-                f"{list(PRUNE_AXES)}. Remove {later} from prune_axes."
             )
         unknown = [a for a in axes if a not in PRUNE_AXES]
         if unknown or not axes:
@@ -286,6 +303,19 @@ class PATConfig(PeftConfig):
                 f"target_width={self.target_width} cuts the hidden width, but prune_axes={list(axes)} leaves it: add "
                 "'hidden' to prune_axes (or drop target_width)."
             )
+
+    def _validate_head_targets(self) -> None:
+        """Head targets need their axis; with kv_heads alone every kept group keeps all its query heads."""
+        for name, axis, what in (
+            ("target_num_attention_heads", "heads", "query heads"),
+            ("target_num_key_value_heads", "kv_heads", "KV heads"),
+        ):
+            value = getattr(self, name)
+            if value is not None and axis not in self.pruned_axes:
+                raise PATConfigError(
+                    f"{name}={value} cuts the {what}, but prune_axes={self.prune_axes!r} (pruning "
+                    f"{list(self.pruned_axes)}) leaves them: add {axis!r} to prune_axes (or drop {name})."
+                )
 
     def _validate(self) -> None:
         if self.task_type != "CAUSAL_LM":
@@ -325,13 +355,15 @@ class PATConfig(PeftConfig):
                 )
         for name in (
             "target_width", "width_multiple", "hsm_rank", "kept_width", "base_num_hidden_layers",
-            "target_intermediate_size", "kept_intermediate_size",
+            "target_intermediate_size", "kept_intermediate_size", "target_num_attention_heads",
+            "target_num_key_value_heads", "kept_num_attention_heads", "kept_num_key_value_heads",
         ):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, (int,))
                 if value < 1:
                     raise PATConfigError(f"PATConfig.{name} must be a positive integer, got {value}.")
+        self._validate_head_targets()
         if self.target_width is not None and self.kept_width is not None and self.kept_width != self.target_width:
             raise PATConfigError(
                 f"PATConfig.kept_width={self.kept_width} contradicts target_width={self.target_width}. kept_width is "

@@ -13,7 +13,7 @@ Hidden-width pruning needs to know, per family, three kinds of modules (docs/met
 
 Everything here is data: one :class:`FamilySpec` per family in :data:`FAMILIES`. Adding a family is
 one entry plus its tests. Per-head norms (Qwen3 / Gemma3 ``q_norm``/``k_norm``) act on ``head_dim``,
-which hidden-width pruning leaves alone, so they are simply not listed.
+which neither hidden-width nor head pruning changes, so they are simply not listed.
 """
 
 from __future__ import annotations
@@ -50,10 +50,22 @@ class FamilySpec:
     norm_offset: float = 0.0
     embedding_scale_attr: str | None = None
     lora_targets: tuple[str, ...] = _LLAMA_LORA
-    # The MLP intermediate width (the "mlp" axis): its input linears keep rows, its output linear columns.
-    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
-    mlp_input_blocks: int = 1  # row blocks of I channels each input stacks (Phi-3's gate_up_proj: 2)
-    mlp_output: str = "mlp.down_proj"
+    # Per-layer unit spaces (the per-layer axes, :mod:`peft_pat.axes`): "mlp" (intermediate channels), "heads"
+    # (query heads), "kv_heads" (key/value heads). ``unit_rows``: a layer linear whose rows (and bias) are
+    # consecutive segments of those units (Phi-3's fused qkv_proj: query, key, value heads); ``unit_columns``: the
+    # linear whose input columns are one space's units, the module the axes of that space gate.
+    unit_rows: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("self_attn.q_proj", ("heads",)),
+        ("self_attn.k_proj", ("kv_heads",)),
+        ("self_attn.v_proj", ("kv_heads",)),
+        ("mlp.gate_proj", ("mlp",)),
+        ("mlp.up_proj", ("mlp",)),
+    )
+    unit_columns: tuple[tuple[str, str], ...] = (("self_attn.o_proj", "heads"), ("mlp.down_proj", "mlp"))
+    # A layer's attention module: what transformers derived from the head counts when it built it
+    # (num_key_value_groups, and num_key_value_heads where kept) an in-memory head cut sets anew.
+    attention: str = "self_attn"
+    attention_count_attributes: tuple[str, ...] = ("num_key_value_groups", "num_key_value_heads")
 
     def layer_module_names(self, num_layers: int, relative: tuple[str, ...]) -> list[str]:
         """Full module names of ``relative`` paths in every decoder layer."""
@@ -77,18 +89,25 @@ class FamilySpec:
         match = re.search(re.escape(self.layers) + r"\.(\d+)\.", module_name + ".")
         return int(match.group(1)) if match else None
 
-    def is_mlp_output(self, module_name: str) -> bool:
-        """True for a layer's MLP output linear (``down_proj``): the module the MLP axis gates (accepts PEFT names)."""
-        return self._layer_relative(module_name) == self.mlp_output
+    def unit_output(self, space: str) -> str:
+        """The layer-relative linear whose input columns are the units of ``space`` (``mlp.down_proj``, ``o_proj``)."""
+        return dict((space_, module) for module, space_ in self.unit_columns)[space]
 
-    def unit_cuts(self, module_name: str, param: str) -> list[tuple[str, int, int]]:
-        """(axis, dimension, blocks) for each per-layer axis that cuts this parameter: an MLP input keeps rows
-        (weight and bias; ``blocks`` stacked blocks of the intermediate width), the MLP output keeps columns."""
+    def column_space(self, module_name: str) -> str | None:
+        """The unit space a layer linear's input columns enumerate (None: the hidden width or not a layer linear;
+        accepts PEFT-prefixed names)."""
+        return dict(self.unit_columns).get(self._layer_relative(module_name))
+
+    def unit_cuts(self, module_name: str, param: str) -> list[tuple[int, tuple[str, ...]]]:
+        """(dimension, unit-space segments) of each per-layer cut of this parameter: a ``unit_rows`` linear keeps
+        rows (weight and bias), a ``unit_columns`` linear columns (weight)."""
         relative = self._layer_relative(module_name)
-        if relative in self.mlp_inputs and param in ("weight", "bias"):
-            return [("mlp", 0, self.mlp_input_blocks)]
-        if self.is_mlp_output(module_name) and param == "weight":
-            return [("mlp", 1, 1)]
+        rows = dict(self.unit_rows).get(relative)
+        if rows is not None and param in ("weight", "bias"):
+            return [(0, rows)]
+        space = self.column_space(module_name)
+        if space is not None and param == "weight":
+            return [(1, (space,))]
         return []
 
     def module_roles(self, num_layers: int, tied: bool) -> dict[str, str]:
@@ -133,8 +152,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("phi3",),
         consumers=("self_attn.qkv_proj", "mlp.gate_up_proj"),
         lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-        mlp_inputs=("mlp.gate_up_proj",),
-        mlp_input_blocks=2,
+        unit_rows=(("self_attn.qkv_proj", ("heads", "kv_heads", "kv_heads")), ("mlp.gate_up_proj", ("mlp", "mlp"))),
     ),
 )
 

@@ -20,6 +20,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .axes import column_gate
 from .errors import PATStateError
 from .hsm import low_rank_hsm
 from .merge import fold
@@ -42,9 +43,10 @@ class PATLayer(BaseTunerLayer):
         self.pat_hsm_down = nn.ModuleDict()
         self.pat_hsm_up = nn.ModuleDict()
         self.pat_hsm_scale = nn.ParameterDict()
-        # A per-layer axis gating this layer's input units (the MLP output linear): s ⊙ M[layer] on the input.
+        # Per-layer axes gating this layer's input units (down_proj: mlp; o_proj: heads, kv_heads): s ⊙ M on the
+        # input, M the product of the axes' rows of this layer over the input columns (peft_pat.axes.column_gate).
         self.pat_unit_scale = nn.ParameterDict()
-        self.pat_unit_gate: dict[str, tuple[str, int]] = {}  # adapter -> (axis, layer index)
+        self.pat_unit_gate: dict[str, tuple[tuple[str, ...], int]] = {}  # adapter -> (axes, layer index)
         self.pat_r: dict[str, int] = {}
         self.pat_scaling: dict[str, float] = {}
         self._disable_adapters = False
@@ -68,11 +70,11 @@ class PATLayer(BaseTunerLayer):
         with_hsm: bool,
         init_weights: bool,
         inference_mode: bool = False,
-        unit_gate: tuple[str, int] | None = None,
+        unit_gate: tuple[tuple[str, ...], int] | None = None,
         unit_masks: nn.ModuleDict | None = None,
     ) -> None:
         """Add ``adapter_name``: LoRA if ``lora_rank`` > 0, an HSM if ``with_hsm`` (low-rank if ``hsm_rank``), and
-        a gate s ⊙ M on the input units if ``unit_gate`` = (axis, layer) names a per-layer axis mask."""
+        a gate s ⊙ M on the input units if ``unit_gate`` = (axes, layer) names per-layer axis masks."""
         object.__setattr__(self, "_pat_masks", masks)
         if unit_gate is not None:
             object.__setattr__(self, "_pat_unit_masks", unit_masks)
@@ -137,10 +139,11 @@ class PATLayer(BaseTunerLayer):
         return gate_scale(self.pat_hsm_scale[adapter_name], self._pat_masks[adapter_name].gate())
 
     def unit_gate_scale(self, adapter_name: str) -> torch.Tensor:
-        """c = s ⊙ M[layer] on the input units (the per-layer axis mask's row of this layer), float32."""
-        axis, layer = self.pat_unit_gate[adapter_name]
-        gate = self._pat_unit_masks[adapter_name][axis].gate(layer)  # this layer's row only
-        return gate_scale(self.pat_unit_scale[adapter_name], gate)
+        """c = s ⊙ M[layer] on the input units (the per-layer axis masks' rows of this layer only), float32."""
+        axes, layer = self.pat_unit_gate[adapter_name]
+        scale = self.pat_unit_scale[adapter_name]
+        masks = self._pat_unit_masks[adapter_name]
+        return gate_scale(scale, column_gate({axis: masks[axis].gate(layer) for axis in axes}, scale.numel()))
 
     def _apply_hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s ⊙ M ⊙ (y + L1 L0 y), computed in the activation dtype (weights are cast, not activations).

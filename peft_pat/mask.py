@@ -32,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from .axes import TARGET_FIELDS, axis_shapes
 from .errors import AdapterMismatchError, PATConfigError, PATStateError, PATTypeError
 from .sharding import full, replicated, write_
 
@@ -143,20 +144,25 @@ class PATMask(nn.Module):
         hidden_size: int,
         kept_width: int,
         *,
-        groups: int | None = None,
+        groups: int | tuple[int, ...] | None = None,
         milestone: float,
         freeze: float,
         mask_lr: float | None = None,
         random_init: bool = False,
         fade_to_hard: bool = False,
         width_setting: str | None = None,
+        restore_setting: tuple[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)  # units per group (the hidden width for the hidden axis)
         self.kept_width = int(kept_width)  # units each group keeps
-        self.groups = None if groups is None else int(groups)  # None: one vector (the hidden axis); else per layer
+        # None: one vector (the hidden axis); else the rows' shape: (layers,) or (layers, KV groups)
+        rows = (groups,) if isinstance(groups, int) else groups
+        self.groups = None if groups is None else tuple(int(g) for g in rows)
         self.width_setting = width_setting  # the PATConfig field N came from, for error messages
-        shape = (hidden_size,) if groups is None else (int(groups), hidden_size)
+        # (field, factor): the PATConfig setting that keeps n units per row is field=n * factor (error messages)
+        self.restore_setting = restore_setting or ("target_width", 1)
+        shape = (hidden_size,) if groups is None else (*self.groups, hidden_size)
         self.milestone_fraction = float(milestone)
         self.freeze_fraction = float(freeze)
         self.mask_lr = mask_lr
@@ -229,12 +235,13 @@ class PATMask(nn.Module):
         if saved is None or saved == self.kept_width:
             return
         setting = f" ({self.width_setting})" if self.width_setting else ""
-        units = "hidden channels" if self.groups is None else "units in each layer"
+        units = "hidden channels" if self.groups is None else "units in each row"
+        field, factor = self.restore_setting
         raise AdapterMismatchError(
             f"The saved PAT mask being loaded keeps {saved} of {self.hidden_size} {units}, but this model's "
             f"PATConfig{setting} keeps {self.kept_width}: the width setting was changed after the checkpoint was "
             f"written, and the restored mask would disagree with the config. To resume, restore the original setting "
-            f"({'target_width' if self.groups is None else 'target_intermediate_size'}={saved}, or the settings in "
+            f"({field}={saved * factor}, or the settings in "
             "the checkpoint's adapter_config.json); to train the new width, start a new run in another output_dir "
             "(without resume_from_checkpoint)."
         )
@@ -248,14 +255,17 @@ class PATMask(nn.Module):
 
     @classmethod
     def unit_masks_from_config(cls, config, random_init: bool = False) -> dict[str, PATMask]:
-        """The per-layer axis masks a resolved ``PATConfig`` prunes: {"mlp": (layers, intermediate) mask}."""
+        """The per-layer axis masks a resolved ``PATConfig`` prunes (:func:`peft_pat.axes.axis_shapes`): "mlp"
+        (layers, intermediate), "heads" (layers, KV groups, query heads per group), "kv_heads" (layers, KV groups)."""
         masks = {}
-        if "mlp" in config.pruned_axes:
-            setting = (f"target_intermediate_size={config.target_intermediate_size}"
-                       if config.target_intermediate_size is not None else _width_setting(config))  # fmt: skip
-            masks["mlp"] = cls(
-                config.base_intermediate_size, config.kept_intermediate_size, groups=config.base_num_hidden_layers,
-                **_schedule_kwargs(config, random_init), width_setting=setting,
+        for axis, shape in axis_shapes(config).items():
+            target_field = TARGET_FIELDS[axis][0]
+            target = getattr(config, target_field)
+            setting = f"{target_field}={target}" if target is not None else _width_setting(config)
+            factor = config.kept_num_key_value_heads if axis == "heads" else 1  # heads: kept per group x groups
+            masks[axis] = cls(
+                shape.units, shape.kept, groups=shape.groups, **_schedule_kwargs(config, random_init),
+                width_setting=setting, restore_setting=(target_field, factor),
             )  # fmt: skip
         return masks
 
@@ -387,8 +397,9 @@ class PATMask(nn.Module):
         return _ScaledLogits.apply(theta, self._kappa, self.bad_grad_events)
 
     def gate(self, row: int | None = None) -> torch.Tensor:
-        """M in Eq. 10 (soft phase) or the exact 0/1 top-N mask (after the freeze); shape (d,), or (groups, d).
-        ``row``: the gate of one group (one layer of a per-layer mask) only, computed from that row's logits."""
+        """M in Eq. 10 (soft phase) or the exact 0/1 top-N mask (after the freeze); shape (d,), or (*groups, d).
+        ``row``: one layer's rows of a per-layer mask only ((d,), or (KV groups, d) for the query heads), computed
+        from those rows' logits."""
         pick = (lambda t: t) if row is None else (lambda t: t[row])
         if self._hard:
             return pick(self.hard_mask)
@@ -477,13 +488,13 @@ class PATMask(nn.Module):
         return top_n_indicator(full(self.logits), self.kept_width, self.protected) > 0.5
 
     def kept_indices(self) -> torch.Tensor:
-        """Sorted indices of the kept units (the mask must be hard): shape (N,), or (groups, N) per layer."""
+        """Sorted indices of the kept units (the mask must be hard): shape (N,), or (*groups, N) per row."""
         if not self._hard:
             raise PATStateError("The mask is still soft; call harden() (or train past the freeze step) first.")
         kept = torch.nonzero(self.hard_mask > 0.5, as_tuple=False)
         if self.groups is None:
             return kept.flatten()
-        return kept[:, 1].reshape(self.groups, -1)  # nonzero walks row by row, each row holds N
+        return kept[:, -1].reshape(*self.groups, -1)  # nonzero walks row by row, each row holds N
 
     # ------------------------------------------------------------------ losses
     def mask_losses(self) -> dict[str, torch.Tensor]:
@@ -508,7 +519,7 @@ class PATMask(nn.Module):
     def stats(self) -> dict[str, float]:
         """Numbers for logs: kept channels (hard count, or #{w >= 0} while soft), temperature, offset."""
         kept = float(self.hard_mask.sum()) if self._hard else float(((full(self.logits) >= 0) | self.protected).sum())
-        kept /= self.groups or 1  # per group
+        kept /= math.prod(self.groups or (1,))  # per group
         return {
             "kept_channels": kept,
             "gate_mean": float(self.gate().mean()),

@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from .axes import gating_axes
 from .checks import (
     check_adapter_name,
     check_causal_lm_layout,
@@ -88,7 +89,7 @@ class PATModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: PATConfig, adapter_name: str) -> None:
         if "pat_mask" not in self._modules:  # the first adapter: the tuner's own state, once
             self.pat_mask = nn.ModuleDict()  # adapter -> the hidden-axis PATMask
-            self.pat_unit_masks = nn.ModuleDict()  # adapter -> {axis: PATMask} of the per-layer axes (MLP)
+            self.pat_unit_masks = nn.ModuleDict()  # adapter -> {axis: PATMask} of the per-layer axes (mlp, heads, ...)
             self.telemetry = TrainingTelemetry()
             self._pruned = False
             self._pending_merge: InMemoryMerge | None = None
@@ -125,8 +126,8 @@ class PATModel(BaseTuner):
         axes = peft_config.pruned_axes
         if family.is_producer(key) and "hidden" in axes:
             return True  # an HSM
-        if "mlp" in axes and family.is_mlp_output(key):
-            return True  # the gate on the MLP output linear's input units
+        if gating_axes(family, key, axes):
+            return True  # the gate on a per-layer axis' output linear's input units (down_proj, o_proj)
         if peft_config.r == 0:
             return False
         return check_target_module_exists(peft_config, key)
@@ -169,7 +170,7 @@ class PATModel(BaseTuner):
         masks = self._ensure_mask(peft_config, adapter_name)
         is_embedding = family.is_embedding(current_key)
         with_hsm = family.is_producer(current_key) and "hidden" in peft_config.pruned_axes
-        gates_units = "mlp" in peft_config.pruned_axes and family.is_mlp_output(current_key)
+        gates_units = gating_axes(family, current_key, peft_config.pruned_axes)
         wants_lora = peft_config.r > 0 and bool(check_target_module_exists(peft_config, current_key))
         diagonal = is_embedding and peft_config.embedding_hsm == "diagonal"
         kwargs: dict[str, Any] = {
@@ -180,7 +181,7 @@ class PATModel(BaseTuner):
             "with_hsm": with_hsm,
             "init_weights": peft_config.init_weights,
             "inference_mode": peft_config.inference_mode,
-            "unit_gate": ("mlp", family.layer_index(current_key)) if gates_units else None,
+            "unit_gate": (gates_units, family.layer_index(current_key)) if gates_units else None,
             "unit_masks": self.pat_unit_masks,
         }
         if isinstance(target, PATLayer):

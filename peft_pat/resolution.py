@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from .budget import resolve_widths
+from .budget import recorded_widths, resolve_widths, unit_widths
 from .checks import check_adapter_matches_base, check_not_quantized
 from .config import PATConfig
 from .errors import PATConfigError
@@ -51,11 +51,12 @@ def pruned_fraction(cfg: PATConfig, family, model_config: dict, layout: list[Ten
     """What the cut removes, which sets the length of the soft phase: the fraction of hidden channels for a
     hidden cut alone (as before the MLP axis), else the fraction of parameters."""
     d = int(model_config["hidden_size"])
-    if cfg.kept_intermediate_size is None:
+    if cfg.pruned_axes == ("hidden",):
         return (d - cfg.kept_width) / d
     config = SimpleNamespace(**model_config)
     full = cut_parameter_count(family, config, layout, d, {})
-    return 1.0 - cut_parameter_count(family, config, layout, cfg.kept_width, {"mlp": cfg.kept_intermediate_size}) / full
+    units = unit_widths(recorded_widths(cfg), model_config)
+    return 1.0 - cut_parameter_count(family, config, layout, cfg.kept_width, units) / full
 
 
 def resolve_for_base(peft_config: PATConfig, model_config: dict, layout: list[TensorInfo]) -> PATConfig:
@@ -74,6 +75,7 @@ def resolve_for_base(peft_config: PATConfig, model_config: dict, layout: list[Te
         peft_config, model_type, hidden, vocab,
         adapter="This PAT adapter", base="the base model it is being applied to", action="Load it onto",
         num_hidden_layers=layers, note=REUSED_CONFIG_NOTE,
+        heads=(int(model_config["num_attention_heads"]), model_config.get("num_key_value_heads")),
     )  # fmt: skip
     peft_config.base_model_type, peft_config.base_hidden_size, peft_config.base_vocab_size = (
         model_type,
@@ -82,11 +84,16 @@ def resolve_for_base(peft_config: PATConfig, model_config: dict, layout: list[Te
     )
     peft_config.base_num_hidden_layers = layers
     peft_config.prune_axes = list(peft_config.pruned_axes)  # recorded: a later default does not change this adapter
-    peft_config.kept_width, peft_config.kept_intermediate_size = resolve_widths(
-        peft_config, family, model_config, layout
-    )
+    widths = resolve_widths(peft_config, family, model_config, layout)
+    peft_config.kept_width, peft_config.kept_intermediate_size = widths.hidden, widths.mlp
     if "mlp" in peft_config.pruned_axes:
         peft_config.base_intermediate_size = int(model_config["intermediate_size"])
+    if widths.heads is not None:  # a head axis is pruned
+        peft_config.base_num_attention_heads = int(model_config["num_attention_heads"])
+        peft_config.base_num_key_value_heads = int(
+            model_config.get("num_key_value_heads") or model_config["num_attention_heads"]
+        )
+        peft_config.kept_num_attention_heads, peft_config.kept_num_key_value_heads = widths.heads, widths.kv_heads
     if "hidden" not in peft_config.pruned_axes:  # no hidden cut, no HSMs: the rank is unused
         peft_config.hsm_rank = None
     elif peft_config.hsm_rank is None:

@@ -8,9 +8,12 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from peft_pat import PATConfig, PATConfigError
+from peft_pat import PATConfig, PATConfigError, family_for_model
+from peft_pat.budget import recorded_widths, unit_widths
 from peft_pat.merge import fold
 from peft_pat.merge.checkpoint import merge_checkpoint
+from peft_pat.merge.in_memory import stock_layout
+from peft_pat.merge.plan import cut_parameter_count
 from peft_pat.testing import ALL_FAMILIES, tiny_inputs, tiny_model
 
 from helpers import assert_logits_close, logits, save_checkpoint, train_steps, wrap
@@ -34,30 +37,56 @@ def test_identity_at_start_also_after_the_importance_start(axes):
     assert bool(mlp.calibrated) and mlp.logits.shape == (base.config.num_hidden_layers, base.config.intermediate_size)
 
 
+# axes -> (PATConfig kwargs on the tiny model: 4 query heads in 2 KV groups, 96 MLP units; the pruned config)
+AXIS_CASES = {
+    "mlp": ({"prune_axes": ["mlp"], "target_sparsity": 0.3}, {"hidden_size": 64, "num_attention_heads": 4}),
+    "hidden+mlp": ({"prune_axes": ["hidden", "mlp"], "target_width": 48, "target_sparsity": 0.3}, {"hidden_size": 48}),
+    "heads": ({"prune_axes": ["heads"], "target_num_attention_heads": 2},
+              {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}),
+    "kv_heads": ({"prune_axes": ["kv_heads"], "target_num_key_value_heads": 1},
+                 {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}),
+    "hidden+mlp+heads": ({"prune_axes": ["hidden", "mlp", "heads"], "target_width": 48, "target_sparsity": 0.4,
+                          "target_num_attention_heads": 2}, {"hidden_size": 48, "num_attention_heads": 2}),
+    "heads+kv_heads": ({"prune_axes": ["heads", "kv_heads"], "target_num_attention_heads": 1,
+                        "target_num_key_value_heads": 1}, {"num_attention_heads": 1, "num_key_value_heads": 1}),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-@pytest.mark.parametrize("axes", ["mlp", "hidden+mlp"])
-def test_trained_mlp_cut_merges_exactly_in_memory_and_from_disk(family, axes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("axes", list(AXIS_CASES))
+def test_trained_unit_cut_merges_exactly_in_memory_and_from_disk(family, axes, tmp_path, monkeypatch):
+    """Every per-layer axis alone and combined, every family: the trained PAT model, its reloaded adapter, the
+    in-memory merge and the stock reload of the disk merge compute the same logits; both merges agree bit for bit."""
+    from transformers import AutoModelForCausalLM
+
     monkeypatch.setattr(fold, "CHUNK_BYTES", 4096)
-    base = tiny_model(family, seed=3)
-    full = _params(base)
+    base = tiny_model(family, seed=3, attention_bias=True) if family == "llama" else tiny_model(family, seed=3)
+    full, layout = _params(base), stock_layout(base)
     save_checkpoint(base, tmp_path / "base")
-    pat = {"prune_axes": ["mlp"]} if axes == "mlp" else {"prune_axes": ["hidden", "mlp"], "target_width": 48}
+    pat, expected_config = AXIS_CASES[axes]
     torch.manual_seed(0)
-    model = wrap(base, init_weights=False, target_sparsity=0.3, **pat)
+    model = wrap(base, init_weights=False, **pat)
     train_steps(model, IDS, steps=4, total=4)  # the masks harden at the freeze step
     masks = model.base_model.masks_of("default")
     assert all(m.hardened for m in masks.values())
-    kept_mlp = model.peft_config["default"].kept_intermediate_size
+    config = model.peft_config["default"]
     expected = logits(model, IDS)
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(tiny_model(family, seed=3), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model(family, seed=3, **({"attention_bias": True} if family == "llama"
+                                         else {})), tmp_path / "adapter")  # fmt: skip
     assert torch.equal(logits(reloaded, IDS), expected)
 
     small = model.merge_and_prune()
-    assert small.config.intermediate_size == kept_mlp
-    assert small.config.hidden_size == (48 if axes != "mlp" else base.config.hidden_size)
+    for key, value in expected_config.items():
+        assert getattr(small.config, key) == value, key
+    base_config = tiny_model(family).config  # the base's shape (the merge rewrote base.config in place)
+    units = unit_widths(recorded_widths(config), base_config.to_dict())
+    predicted = cut_parameter_count(family_for_model(small), base_config, layout, config.kept_width, units)
+    assert _params(small) == predicted  # the budget's count is the merged model's
+    if "mlp" in axes:
+        assert small.config.intermediate_size == config.kept_intermediate_size
+        assert _params(small) / full == pytest.approx(1 - pat["target_sparsity"], abs=0.05)  # the parameter budget
     assert_logits_close(logits(small, IDS), expected)
-    assert _params(small) / full == pytest.approx(0.7, abs=0.05)  # the budget: 30% of the parameters
 
     merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progressbar=False)
     disk = load_file(tmp_path / "out" / "model.safetensors")
@@ -67,6 +96,8 @@ def test_trained_mlp_cut_merges_exactly_in_memory_and_from_disk(family, axes, tm
     assert set(disk) == set(memory)
     for name, tensor in memory.items():
         assert torch.equal(disk[name], tensor), name
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # no peft_pat, no custom code
+    assert_logits_close(logits(stock, IDS), expected)
 
 
 def test_merge_and_unload_folds_the_soft_mlp_gate_at_full_width():
@@ -82,7 +113,8 @@ def test_merge_and_unload_folds_the_soft_mlp_gate_at_full_width():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_axes": ["heads"]}, "not supported by this version yet"),
+        ({"prune_axes": ["mlp"], "target_num_attention_heads": 2}, "add 'heads' to prune_axes"),
+        ({"target_sparsity": 0.25, "target_num_key_value_heads": 1}, "add 'kv_heads' to prune_axes"),
         ({"prune_axes": ["width"]}, "unknown axes"),
         ({"prune_axes": "mlp"}, "must be a list of axis names"),
         ({"prune_axes": ["hidden"], "target_intermediate_size": 64}, "add 'mlp' to prune_axes"),
@@ -123,30 +155,41 @@ def test_adapter_saved_and_loaded_under_another_name_keeps_its_mlp_mask(tmp_path
     assert torch.equal(logits(other, IDS), expected)
 
 
-def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_the_mlp_axis(tmp_path):
+@pytest.mark.parametrize(
+    ("axis", "pat"),
+    [
+        ("mlp", {"prune_axes": ["mlp"], "target_sparsity": 0.3}),
+        ("heads", {"prune_axes": ["heads", "kv_heads"], "target_num_attention_heads": 2,
+                   "target_num_key_value_heads": 1}),
+    ],
+)  # fmt: skip
+def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_a_per_layer_axis(tmp_path, axis, pat):
     from transformers import Trainer, TrainingArguments
 
     from peft_pat import PATCallback
 
     from helpers import TokenDataset
 
-    model = wrap(tiny_model("llama", seed=3), prune_axes=["mlp"], target_sparsity=0.3, calibration_batches=2,
-                 distillation_weight=1.0)  # fmt: skip
+    model = wrap(tiny_model("llama", seed=3, num_attention_heads=8, head_dim=16), calibration_batches=2,
+                 distillation_weight=1.0, **pat)  # fmt: skip
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, weight_decay=0.1,
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[PATCallback()]).train()
-    mlp = model.base_model.pat_unit_masks["default"]["mlp"]
-    assert bool(mlp.calibrated) and mlp.hardened
-    kept = model.peft_config["default"].kept_intermediate_size
-    assert mlp.hard_mask.sum(-1).tolist() == [float(kept)] * mlp.groups
-    logged = [e for e in model.base_model.pat_stats().keys()]
-    assert "mlp_kept_channels" in logged and model.base_model.pat_stats()["mlp_kept_channels"] == kept
+    mask = model.base_model.pat_unit_masks["default"][axis]
+    assert bool(mask.calibrated) and mask.hardened
+    assert torch.equal(mask.hard_mask, mask.fade_target)  # it hardened to the calibrated set it faded to
+    assert set(mask.hard_mask.sum(-1).flatten().tolist()) == {float(mask.kept_width)}  # every row keeps N
+    assert model.base_model.pat_stats()[f"{axis}_kept_channels"] == mask.kept_width
     model.eval()
     expected = logits(model, IDS)
     small = model.merge_and_prune()
-    assert small.config.intermediate_size == kept
+    config = model.peft_config["default"]
+    if axis == "mlp":
+        assert small.config.intermediate_size == config.kept_intermediate_size
+    else:
+        assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
     assert_logits_close(logits(small, IDS), expected)
 
 
@@ -180,7 +223,7 @@ def test_both_axes_and_only_target_sparsity_split_the_budget(shape, sparsity, ex
         model = AutoModelForCausalLM.from_config(config)
     family, layout = family_for_model(model), stock_layout(model)
     cfg = PATConfig(prune_axes=["hidden", "mlp"], target_sparsity=sparsity)
-    width, mlp = resolve_widths(cfg, family, config.to_dict(), layout)
+    width, mlp, _, _ = resolve_widths(cfg, family, config.to_dict(), layout)
     assert (width, mlp) == expected
     full = cut_parameter_count(family, config, layout, config.hidden_size, {})
     assert cut_parameter_count(family, config, layout, width, {"mlp": mlp}) / full == pytest.approx(

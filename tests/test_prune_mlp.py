@@ -28,7 +28,7 @@ def _silence_other_channels(model, keep: torch.Tensor) -> None:
     """Zero the down_proj columns of the channels ``keep`` drops: cutting them is then exact."""
     family = family_for_model(model)
     for layer, kept in zip(model.get_submodule(family.layers), keep):
-        down = layer.get_submodule(family.mlp_output).weight
+        down = layer.get_submodule(family.unit_output("mlp")).weight
         drop = torch.ones(down.shape[1], dtype=torch.bool)
         drop[kept] = False
         down[:, drop] = 0.0

@@ -72,22 +72,32 @@ def train(output_dir, kill_at=None, resume_from=None, **pat_settings):
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """Every adapter parameter and every mask buffer (the full trained state), cloned."""
     state = {k: v.detach().clone() for k, v in model.named_parameters() if "pat_" in k}
-    state.update({k: v.clone() for k, v in model.named_buffers() if "pat_mask" in k})
+    state.update({k: v.clone() for k, v in model.named_buffers() if "pat_mask" in k or "pat_unit_masks" in k})
     return state
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    model = train(tmp_path_factory.mktemp("uninterrupted"))
-    mask = model.base_model.pat_mask["default"]
-    assert mask.hardened and int(mask.step) == TOTAL
-    return adapter_state(model)
+# the hidden mask alone, and with the per-layer masks of every other axis (query heads, KV heads, MLP units)
+AXES = {
+    "hidden": {"prune_axes": ["hidden"]},
+    "all-axes": {"prune_axes": ["hidden", "mlp", "heads", "kv_heads"], "target_width": 48,
+                 "target_intermediate_size": 64, "target_num_attention_heads": 1, "target_num_key_value_heads": 1},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(AXES))
+def uninterrupted(request, tmp_path_factory):
+    model = train(tmp_path_factory.mktemp("uninterrupted"), **AXES[request.param])
+    masks = model.base_model.masks_of("default")
+    assert len(masks) == 1 + 3 * (request.param != "hidden")
+    assert all(mask.hardened and int(mask.step) == TOTAL for mask in masks.values())
+    return request.param, adapter_state(model)
 
 
 @pytest.mark.parametrize("kill_at", [6, 9], ids=["before-freeze", "after-freeze"])
 def test_killed_and_resumed_run_is_bit_exact(tmp_path, uninterrupted, kill_at):
+    axes, uninterrupted = uninterrupted
     with pytest.raises(Killed):
-        train(tmp_path, kill_at=kill_at)
+        train(tmp_path, kill_at=kill_at, **AXES[axes])
     checkpoint = tmp_path / f"checkpoint-{kill_at}"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == [
         f"checkpoint-{s}" for s in range(3, kill_at + 1, 3)
@@ -110,7 +120,7 @@ def test_killed_and_resumed_run_is_bit_exact(tmp_path, uninterrupted, kill_at):
     assert float(mask.tau) == pytest.approx(temperature(kill_at, S0))
     assert float(mask.beta) == pytest.approx(offset(kill_at, S0))
 
-    resumed = adapter_state(train(tmp_path, resume_from=checkpoint))
+    resumed = adapter_state(train(tmp_path, resume_from=checkpoint, **AXES[axes]))
     assert resumed.keys() == uninterrupted.keys()
     different = [k for k in uninterrupted if not torch.equal(resumed[k], uninterrupted[k])]
     assert not different, f"resumed run differs from the uninterrupted one in {different}"

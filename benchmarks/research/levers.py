@@ -10,7 +10,8 @@ process, WikiText-2 perplexity on 40 windows of 512 tokens, one JSON line append
   first 8 training batches), so the package defaults are what is measured.
 * ``--method posthoc``: the activation cut of the same 8 batches (massive-activation channels
   protected, as PAT's start protects them; with ``--opts prune_axes=[...]`` the shape PAT would prune
-  to, MLP units ranked per layer by their RMS input to ``down_proj``), then LoRA r=20 on every decoder
+  to, MLP units ranked per layer by their RMS input to ``down_proj``, heads by their RMS attention output
+  within each KV head, KV heads by the sum), then LoRA r=20 on every decoder
   linear, distilled from a frozen dense copy with ``peft_pat.training.distillation.distillation_loss``
   (``--loss distill``) or trained on cross-entropy (``--loss full``).
 
@@ -19,6 +20,7 @@ process, WikiText-2 perplexity on 40 windows of 512 tokens, one JSON line append
     python -m benchmarks.research.levers --method posthoc --sparsity 0.25 --loss distill
     python -m benchmarks.research.levers --method pat --sparsity 0.25 --opts "prune_axes=['mlp']"
     python -m benchmarks.research.levers --method posthoc --sparsity 0.25 --opts "prune_axes=['mlp']"
+    python -m benchmarks.research.levers --method pat --opts "prune_axes=['heads'],target_num_attention_heads=6"
 
 A research loop, not maintained as a product (benchmarks/research/README.md): the maintained comparison
 is ``python -m benchmarks.quality`` (the Trainer + PATCallback path, ``--pat-options`` for ablations).
@@ -163,16 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
         tuner = model.base_model
         config = model.peft_config["default"]
         kept, kept_mlp = (config.kept_width if "hidden" in config.pruned_axes else None), config.kept_intermediate_size
+        kept_heads = (config.kept_num_attention_heads, config.kept_num_key_value_heads)
     else:
         teacher = copy.deepcopy(base).eval().requires_grad_(False) if args.loss == "distill" else None
         family = family_for_model(base)
-        if "mlp" in PATConfig(target_sparsity=args.sparsity, **args.opts).pruned_axes:  # the same shape as PAT's
+        kept_heads = (None, None)
+        if PATConfig(target_sparsity=args.sparsity, **args.opts).pruned_axes != ("hidden",):  # PAT's shape
             shape = get_peft_model(copy.deepcopy(base), PATConfig(target_sparsity=args.sparsity, **args.opts))
             config = shape.peft_config["default"]
             kept = config.kept_width if "hidden" in config.pruned_axes else None
             kept_mlp = config.kept_intermediate_size
-            stats = channel_statistics(base, batches[:CALIBRATION_BATCHES], mlp=True)
-            cut_shape_by_activation(base, family, stats, kept, kept_mlp)
+            kept_heads = (config.kept_num_attention_heads, config.kept_num_key_value_heads)
+            stats = channel_statistics(base, batches[:CALIBRATION_BATCHES], mlp=True, heads=True)
+            cut_shape_by_activation(base, family, stats, kept, kept_mlp, *kept_heads)
             del shape
         else:
             kept_mlp = None
@@ -232,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"method": args.method, "sparsity": args.sparsity, "kept": kept, "loss": args.loss}
     if kept_mlp is not None:
         result["kept_intermediate"] = kept_mlp
+    if kept_heads[0] is not None:
+        result["kept_heads"], result["kept_kv_heads"] = kept_heads
     result["opts"] = {k: repr(v) for k, v in args.opts.items()}
     if args.layerwise:
         result["layerwise"] = args.layerwise

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..axes import column_gate, gating_axes, space_keeps
 from ..config import PATConfig
 from ..errors import AdapterMismatchError, CheckpointError, PATStateError
 from ..mask import PATMask
@@ -63,12 +64,15 @@ class AdapterWeights:
         return [self.mask, *self.unit_masks.values()]
 
     def unit_keeps(self) -> dict[str, torch.Tensor]:
-        """Each per-layer axis' kept units, (layers, kept) (the masks must be hard)."""
-        return {axis: mask.kept_indices() for axis, mask in self.unit_masks.items()}
+        """Each unit space's kept units, (layers, kept), from the per-layer masks (they must be hard)."""
+        keeps = {axis: mask.kept_indices() for axis, mask in self.unit_masks.items()}
+        return space_keeps(keeps, self.config.base_num_attention_heads, self.config.base_num_key_value_heads)
 
-    def unit_column_scale(self, module: str, layer: int) -> torch.Tensor:
+    def unit_column_scale(self, module: str, layer: int, family) -> torch.Tensor:
         """c = s ⊙ M[layer] on the input units of a gated module, float32 (as PATLayer.unit_gate_scale)."""
-        return gate_scale(self.unit_scales[module], self.unit_masks["mlp"].gate(layer))
+        scale = self.unit_scales[module]
+        axes = gating_axes(family, module, self.config.pruned_axes)
+        return gate_scale(scale, column_gate({axis: self.unit_masks[axis].gate(layer) for axis in axes}, scale.numel()))
 
     def lora_update(self, module: str) -> fold.LoRAUpdate | None:
         if module not in self.lora:

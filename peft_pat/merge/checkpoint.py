@@ -108,6 +108,7 @@ def merge_checkpoint(
         adapter_weights.config, config.model_type, config.hidden_size, getattr(config, "vocab_size", None),
         adapter=adapter_weights.where, base="the base checkpoint", action="Merge it into",
         num_hidden_layers=getattr(config, "num_hidden_layers", None),
+        heads=(config.num_attention_heads, getattr(config, "num_key_value_heads", None)),
     )  # fmt: skip
     shards = checkpoint_shards(base)
     specs_by_shard = {shard: read_specs(shard) for shard in shards}

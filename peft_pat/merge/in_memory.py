@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..axes import space_units
 from ..families import FamilySpec
 from .plan import MergePlan, TensorInfo, TensorOp, TensorSource, build_plan
 
@@ -101,6 +102,15 @@ def _finish(model: nn.Module, plan: MergePlan) -> None:
             getattr(embedding, family.embedding_scale_attr).fill_(scale)
             if hasattr(embedding, "scalar_embed_scale"):
                 embedding.scalar_embed_scale = scale
+    keeps = plan.unit_keeps
+    if "heads" in keeps:  # the head counts the attention modules computed once (a KV cut cuts query heads too)
+        groups = int(keeps["kv_heads"].shape[1]) if "kv_heads" in keeps else space_units(model.config, "kv_heads")[0]
+        values = {"num_key_value_groups": int(keeps["heads"].shape[1]) // groups, "num_key_value_heads": groups}
+        for layer in model.get_submodule(family.layers):
+            attention = layer.get_submodule(family.attention)
+            for name in family.attention_count_attributes:
+                if hasattr(attention, name):
+                    setattr(attention, name, values[name])
     updates = plan.config_updates(model.config)
     if any(getattr(model.config, k, None) != v for k, v in updates.items()):
         config = own_config(model)
@@ -150,16 +160,20 @@ def prune_model(
     *,
     hidden: torch.Tensor | None = None,
     mlp: torch.Tensor | None = None,
+    heads: torch.Tensor | None = None,
+    kv_heads: torch.Tensor | None = None,
     progressbar: bool = False,
 ) -> nn.Module:
-    """Cut ``model`` (a stock ``*ForCausalLM``) in place to the kept hidden channels ``hidden`` (N,) and/or
-    the kept MLP intermediate channels ``mlp`` (layers, I': the same count in every layer); returns ``model``.
+    """Cut ``model`` (a stock ``*ForCausalLM``) in place to the kept hidden channels ``hidden`` (N,), the kept
+    MLP intermediate channels ``mlp``, query heads ``heads`` and KV heads ``kv_heads`` (each (layers, kept): the
+    same count in every layer; kept query heads in kept KV heads, the same number in each); returns ``model``.
 
     Exact when what is removed carries nothing (a folded, hardened PAT adapter: the residual stream is zero
-    outside ``hidden``, a hard MLP mask zeroes the other intermediate channels); on any other model it is
+    outside ``hidden``, hard per-layer masks zero the other units' inputs to down_proj / o_proj); on any other
+    model it is
     plain post-hoc pruning. The model gets its own copy of its config (:func:`own_config`): the config
     object it was built from is left as it was."""
-    units = {} if mlp is None else {"mlp": mlp}
+    units = {name: keep for name, keep in (("mlp", mlp), ("heads", heads), ("kv_heads", kv_heads)) if keep is not None}
     plan = build_plan(family, model.config, stock_layout(model), None, keep=hidden, unit_keeps=units,
                       embedding_scale=embedding_scale(model, family))  # fmt: skip
     return InMemoryMerge([(plan, {})]).run(model, progressbar=progressbar)

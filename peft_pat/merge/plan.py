@@ -17,6 +17,10 @@ Per role (K kept channels, g = s ⊙ M of the module's HSM, D = I + L1 L0, facto
 * consumers and an untied ``lm_head``: ``W' = (W + dW)[:, K]``;
 * norms: the gain is sliced to K and rescaled (residual, branch and final norms differ);
 * anything else (q/k norms, biases of consumers, ...) is copied, with any LoRA update folded in.
+* per-layer unit spaces (MLP channels, query heads, KV heads; ``FamilySpec.unit_rows`` / ``unit_columns``,
+  :mod:`peft_pat.axes`), before the fold above: an input linear keeps the rows of its layer's kept units (a head
+  is ``head_dim`` rows; fused linears by segments), an output linear the columns, times the folded gate
+  c = s ⊙ M of its input; LoRA factors are restricted alike.
 
 Which axis of a tensor a role cuts is data (:data:`CUT_DIMS`): an axis is a set of kept indices, and a
 role's tensor keeps its rows or its columns by them. A plan without a cut (``cut=False``) folds at full
@@ -32,13 +36,14 @@ from typing import Protocol
 
 import torch
 
+from ..axes import SPACE_FIELDS, complete_head_keeps, head_dim, space_units
 from ..errors import AdapterMismatchError, CheckpointError, PATConfigError
 from ..families import FamilySpec
 from ..width import check_kept_channels
 from . import fold
 from .adapter import AdapterWeights
 
-HIDDEN = "hidden"  # the residual-stream axis: the one axis the plan cuts today
+HIDDEN = "hidden"  # the residual-stream axis (the per-layer unit spaces are in peft_pat.axes)
 
 # (role, parameter) -> the dimension of the tensor cut to the hidden axis' kept channels; None: not cut.
 CUT_DIMS: dict[tuple[str, str], int | None] = {
@@ -188,7 +193,7 @@ class MergePlan:
     tied_in: bool  # the base ties lm_head to the embedding
     tied_out: bool  # ... and the merged model does too
     ops: dict[str, list[TensorOp]] = field(default_factory=dict)  # base tensor -> the outputs made from it
-    unit_keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # per-layer axes: (layers, kept) indices
+    unit_keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # unit spaces: (layers, kept) indices
 
     @property
     def kept(self) -> int:
@@ -202,13 +207,16 @@ class MergePlan:
         return [op for ops in self.ops.values() for op in ops]
 
     def config_updates(self, config) -> dict:
-        """The config fields the merge changes: the kept width with ``head_dim`` pinned, the tie."""
+        """The config fields the merge changes: the kept width, the per-layer widths (intermediate_size,
+        num_attention_heads, num_key_value_heads) with ``head_dim`` pinned (hidden_size / heads no longer is it),
+        the tie."""
         updates: dict = {"tie_word_embeddings": self.tied_out} if self.tied_in else {}
         if self.keep is not None:
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            updates.update(hidden_size=self.kept, head_dim=int(head_dim))
-        if "mlp" in self.unit_keeps:
-            updates["intermediate_size"] = int(self.unit_keeps["mlp"].shape[1])
+            updates["hidden_size"] = self.kept
+        if self.keep is not None or "heads" in self.unit_keeps:
+            updates["head_dim"] = head_dim(config)
+        for space, keep in self.unit_keeps.items():
+            updates[SPACE_FIELDS[space]] = int(keep.shape[1])
         return updates
 
 
@@ -248,23 +256,31 @@ def build_plan(
     the hidden width to ``keep`` (None: fold at full width). ``dtype``: cast floating base tensors to it.
     ``embedding_scale``: the sqrt(hidden_size) a loaded Gemma-style model really multiplies by (a bfloat16
     buffer stays rounded after ``.float()``); default: sqrt(d) as a model loaded in the embedding's dtype has it.
-    ``unit_keeps``: per-layer axes cut too, {"mlp": (layers, I') kept intermediate channels of each layer}.
+    ``unit_keeps``: per-layer unit spaces cut too, each (layers, kept) indices of every layer: "mlp" intermediate
+    channels, "heads" query heads, "kv_heads" KV heads (the two head spaces are completed from each other and
+    checked, :func:`peft_pat.axes.complete_head_keeps`).
 
     Refuses, before anything is written, a base that is not the adapter's (another depth, producers the
     adapter has no HSM for, LoRA or saved copies of tensors the base lacks) or a ``keep`` that a stock
     config cannot hold."""
     d = int(config.hidden_size)
+    num_layers = int(config.num_hidden_layers)
+    units = _checked_unit_keeps(unit_keeps or {}, config, num_layers, where)
+    heads = int(units["heads"].shape[1]) if "heads" in units else int(config.num_attention_heads)
     if keep is not None:
         keep = torch.as_tensor(keep, dtype=torch.long).flatten().sort().values.cpu()
-        problem = check_kept_channels(keep, d, int(config.num_attention_heads))
+        problem = check_kept_channels(keep, d, heads)
         if problem:
             raise (AdapterMismatchError if adapter is not None else PATConfigError)(
                 f"The kept channels do not fit {where}: {problem}"
             )
+    elif d % heads:
+        raise PATConfigError(
+            f"Keeping {heads} query heads in {where} does not divide its hidden_size {d}: transformers needs "
+            "hidden_size % num_attention_heads == 0. Keep a number of heads that divides it, or cut the hidden width."
+        )
     specs = {s.name: s for s in layout}
     tied_in = bool(getattr(config, "tie_word_embeddings", False))
-    num_layers = int(config.num_hidden_layers)
-    units = _checked_unit_keeps(unit_keeps or {}, config, num_layers, where)
     roles = family.module_roles(num_layers, tied=tied_in)
     missing = [m for m in roles if f"{m}.weight" not in specs]
     if missing:
@@ -305,7 +321,7 @@ def build_plan(
             continue  # a tied lm_head has no tensor of its own; written below if it gets one
         out_dtype = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
         op = _op(family, spec, role, param, out_dtype, adapter, keep, factors)
-        _add_unit_gates(op, family, units, adapter)
+        _add_unit_gates(op, family, config, units, adapter)
         if role == "final_norm" and tied_out and g_embedding is not None:
             op.norm_divisor = g_embedding
         plan.ops[spec.name] = [op]
@@ -339,47 +355,60 @@ def _op(family, spec: TensorInfo, role, param, dtype, adapter, keep, factors) ->
     return op
 
 
-UNIT_AXES = {"mlp": "intermediate_size"}  # per-layer axis -> the config field holding its width
-
-
 def _checked_unit_keeps(unit_keeps: Mapping[str, torch.Tensor], config, num_layers: int, where: str) -> dict:
-    """Each per-layer axis' kept indices as a sorted (layers, kept) long tensor; a clear error for a shape a
-    stock config cannot hold (every layer keeps the same count, between 1 and the width minus 1)."""
+    """Each unit space's kept indices as a sorted (layers, kept) long tensor, the head spaces completed from each
+    other; a clear error for a shape a stock config cannot hold (every layer keeps the same count, between 1 and
+    the width minus 1, query heads grouped as the kept KV heads need)."""
     checked = {}
-    for axis, keep in unit_keeps.items():
-        if axis not in UNIT_AXES:
-            raise PATConfigError(f"Unknown per-layer axis {axis!r}; known: {sorted(UNIT_AXES)}.")
-        width = int(getattr(config, UNIT_AXES[axis]))
+    for space, keep in unit_keeps.items():
+        if space not in SPACE_FIELDS:
+            raise PATConfigError(f"Unknown per-layer unit space {space!r}; known: {sorted(SPACE_FIELDS)}.")
+        width = space_units(config, space)[0]
         keep = torch.as_tensor(keep, dtype=torch.long).cpu()
         if keep.dim() != 2 or keep.shape[0] != num_layers:
             raise PATConfigError(
-                f"The kept {axis} units must be one row per decoder layer ({num_layers} rows, the same count in each: "
-                f"a stock config holds one {UNIT_AXES[axis]}), got shape {tuple(keep.shape)}."
+                f"The kept {space} units must be one row per decoder layer ({num_layers} rows, the same count in "
+                f"each: a stock config holds one {SPACE_FIELDS[space]}), got shape {tuple(keep.shape)}."
             )
         keep = keep.sort(dim=1).values
         if not 0 < keep.shape[1] < width:
-            raise PATConfigError(f"Cannot keep {keep.shape[1]} of {width} {axis} units per layer in {where}.")
+            raise PATConfigError(f"Cannot keep {keep.shape[1]} of {width} {space} units per layer in {where}.")
         if int(keep.min()) < 0 or int(keep.max()) >= width or bool((keep[:, 1:] == keep[:, :-1]).any()):
-            raise PATConfigError(f"Kept {axis} unit indices must be distinct and in [0, {width}) in every layer.")
-        checked[axis] = keep
-    return checked
+            raise PATConfigError(f"Kept {space} unit indices must be distinct and in [0, {width}) in every layer.")
+        checked[space] = keep
+    return complete_head_keeps(checked, config, where)
 
 
-def _add_unit_gates(op: TensorOp, family: FamilySpec, units: dict[str, torch.Tensor], adapter) -> None:
-    """Restrict ``op`` to each per-layer axis' kept units of its layer (its source and its LoRA factors), and
-    fold the gate c = s ⊙ M[layer] on a gated module's input units: (W + dW) diag(c), i.e. W's and A's columns
-    times c (restricted to the kept units when cutting)."""
+def _unit_index(config, spaces: tuple[str, ...], units: dict[str, torch.Tensor], layer: int) -> torch.Tensor | None:
+    """The kept entries of a dimension made of consecutive segments of ``spaces`` units (each unit a block of
+    entries: 1 for MLP channels, head_dim for heads), in one layer; None when no segment is cut."""
+    if not any(space in units for space in spaces):
+        return None
+    parts, offset = [], 0
+    for space in spaces:
+        count, size = space_units(config, space)
+        if space in units:
+            kept = units[space][layer]
+            parts.append(offset + (kept if size == 1 else (kept[:, None] * size + torch.arange(size)).flatten()))
+        else:
+            parts.append(offset + torch.arange(count * size))
+        offset += count * size
+    return torch.cat(parts)
+
+
+def _add_unit_gates(op: TensorOp, family: FamilySpec, config, units: dict[str, torch.Tensor], adapter) -> None:
+    """Restrict ``op`` to each unit space's kept units of its layer (its source and its LoRA factors), and fold
+    the gate c = s ⊙ M[layer] on a gated module's input units: (W + dW) diag(c), i.e. W's and A's columns times c
+    (restricted to the kept units when cutting)."""
     module = op.name.rpartition(".")[0]
     scale = None
     if adapter is not None and op.param == "weight" and module in adapter.unit_scales:
-        scale = adapter.unit_column_scale(module, family.layer_index(module))
+        scale = adapter.unit_column_scale(module, family.layer_index(module), family)
     lora_a, lora_b = (op.lora.lora_a, op.lora.lora_b) if op.lora is not None else (None, None)
-    for axis, dim, blocks in family.unit_cuts(module, op.param):
-        if axis not in units:
+    for dim, spaces in family.unit_cuts(module, op.param):
+        index = _unit_index(config, spaces, units, family.layer_index(module))
+        if index is None:
             continue
-        layer_keep = units[axis][family.layer_index(module)]
-        width = op.shape[dim] // blocks
-        index = torch.cat([layer_keep + b * width for b in range(blocks)])
         op.unit_cuts = (*op.unit_cuts, (dim, index))
         shape = list(op.shape)
         shape[dim] = int(index.numel())
@@ -427,7 +456,8 @@ def cut_parameter_count(
     family: FamilySpec, config, layout: list[TensorInfo], kept_width: int, unit_widths: Mapping[str, int]
 ) -> int:
     """Parameters (unique: a tied lm_head counted once) of the model ``layout`` describes after a cut to
-    ``kept_width`` hidden channels and the per-layer widths ``unit_widths`` ({"mlp": I'}); the same shape rules
+    ``kept_width`` hidden channels and the per-layer widths ``unit_widths`` ({"mlp": I', "heads": H',
+    "kv_heads": G'}: kept units of each space cut); the same shape rules
     the plan applies (:data:`CUT_DIMS`, ``FamilySpec.unit_cuts``)."""
     tied = bool(getattr(config, "tie_word_embeddings", False))
     roles = family.module_roles(int(config.num_hidden_layers), tied=tied)
@@ -440,8 +470,8 @@ def cut_parameter_count(
         dim = CUT_DIMS.get((roles.get(module), param))
         if dim is not None:
             shape[dim] = kept_width
-        for axis, dim, blocks in family.unit_cuts(module, param):
-            if axis in unit_widths:
-                shape[dim] = unit_widths[axis] * blocks
+        for dim, spaces in family.unit_cuts(module, param):
+            sizes = [space_units(config, space) for space in spaces]
+            shape[dim] = sum(unit_widths.get(space, count) * size for space, (count, size) in zip(spaces, sizes))
         total += int(torch.Size(shape).numel())
     return total

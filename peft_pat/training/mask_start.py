@@ -4,7 +4,10 @@
 model (PAT bypassed), on all processes' batches together in a distributed run, protects massive-activation
 channels, orders the mask logits by rank within +-``calibration_margin`` (the mask starts at the activation
 top-N) and divides the change of the step-0 gate out of every HSM scale g: the product g ⊙ M, and so
-the network, computes exactly what it computed before (the base model, for a fresh adapter).
+the network, computes exactly what it computed before (the base model, for a fresh adapter). The
+per-layer axes start the same way from their own scores (per layer: MLP units; query heads within each KV
+head; KV heads by the sum of their query heads' scores), the change divided out of the input scales of the
+linear they gate (``down_proj``, ``o_proj``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..axes import column_gate
 from ..calibration import channel_statistics, massive_channels
 from ..checks import check_calibration_batches, check_calibration_source
 from ..config import DEFAULT_CALIBRATION_BATCHES
@@ -47,6 +51,23 @@ def _start(mask, scores: torch.Tensor, protected: torch.Tensor, margin: float) -
     multiplied by, so s ⊙ M (and the network) is unchanged."""
     gate_before = mask.gate().detach().float().cpu()
     return gate_before / mask.start_from_importance(scores, protected, margin)
+
+
+def _unit_scores(stats, masks: dict) -> dict[str, torch.Tensor]:
+    """Each pruned per-layer axis' unit scores in its mask's shape: MLP channels; query heads per (layer, KV
+    group); KV heads (layer, group) as the sum of their query heads' scores."""
+    scores = {}
+    if "mlp" in masks:
+        scores["mlp"] = stats.mlp_score
+    if "heads" in masks or "kv_heads" in masks:
+        head = stats.head_score
+        groups = masks["heads"].groups[1] if "heads" in masks else masks["kv_heads"].hidden_size
+        grouped = head.view(head.shape[0], groups, -1)  # query head h in group h // (H / G)
+        if "heads" in masks:
+            scores["heads"] = grouped
+        if "kv_heads" in masks:
+            scores["kv_heads"] = grouped.sum(-1)
+    return scores
 
 
 def _rescale(scale: torch.nn.Parameter, ratio: torch.Tensor) -> None:
@@ -105,7 +126,8 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]], m
     forward = _statistics_forward(tuner, model)
     try:
         with teacher_pass(tuner):
-            stats = channel_statistics(forward, chosen, tuner.family, mlp="mlp" in masks, all_ranks=True)
+            stats = channel_statistics(forward, chosen, tuner.family, mlp="mlp" in masks,
+                                       heads=bool({"heads", "kv_heads"} & set(masks)), all_ranks=True)  # fmt: skip
     finally:
         reshard(forward)  # the root keeps its gathered parameters after a forward; the writes below go to shards
     score, energy = stats.score, stats.energy
@@ -118,12 +140,15 @@ def calibrate(tuner, name: str, batches: Iterable[Mapping[str, torch.Tensor]], m
         for layer in layers:
             if layer.has_hsm(name):
                 _rescale(layer.pat_hsm_scale[name], ratio)
-    if "mlp" in masks:  # per layer; the gate s ⊙ M[layer] sits on the MLP output linear's input
-        unprotected = torch.zeros_like(masks["mlp"].protected)
-        ratio = _start(masks["mlp"], stats.mlp_score, unprotected, config.calibration_margin)
-        for layer in layers:
-            if name in layer.pat_unit_gate:
-                _rescale(layer.pat_unit_scale[name], ratio[layer.pat_unit_gate[name][1]])
+    ratios = {}  # per-layer axes: the gate s ⊙ M sits on the input of each axis' output linear
+    for axis, scores in _unit_scores(stats, masks).items():
+        unit_mask = masks[axis]
+        ratios[axis] = _start(unit_mask, scores, torch.zeros_like(unit_mask.protected), config.calibration_margin)
+    for layer in layers:
+        if name in layer.pat_unit_gate and ratios:
+            axes, index = layer.pat_unit_gate[name]
+            scale = layer.pat_unit_scale[name]
+            _rescale(scale, column_gate({axis: ratios[axis][index] for axis in axes}, scale.numel()))
     median = float(energy.median())
     summary = {
         "tokens": stats.tokens,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..axes import AXIS_UNITS
 from ..errors import PATStateError
 
 logger = logging.getLogger("peft_pat")
@@ -78,7 +79,7 @@ def drive_schedule(tuner, step: int, total_steps: int, learning_rate: float | No
         for axis, mask in tuner.masks_of(name).items():
             if mask.set_step(step, total_steps, learning_rate=learning_rate):
                 telemetry.hardened_at = step
-                what = "hidden channels" if axis == "hidden" else f"{axis} channels in every layer"
+                what = AXIS_UNITS[axis]
                 warnings.warn(
                     f"PAT adapter '{name}': mask hardened at step {step}/{total_steps}; {mask.kept_width} of "
                     f"{mask.hidden_size} {what} kept.",
