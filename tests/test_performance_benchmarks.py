@@ -150,3 +150,30 @@ def test_inference_benchmark_tiny_run(tmp_path):
         assert math.isfinite(row["efficiency"]) and row["efficiency"] > 0
         assert row["ideal"] == pytest.approx({"p25": 1.33, "p50": 1.98}[row["pruned"]], abs=0.03)
     assert [r["width"] for r in result["width_sweep"]["float32"]] == [64, 63]
+
+
+def test_inference_benchmark_multi_axis_cuts(tmp_path):
+    """--cuts HIDDEN:INTERMEDIATE cuts post hoc; the ideal of each shape comes from its own config."""
+    from benchmarks import inference
+
+    out = tmp_path / "inference.json"
+    grid = ["--batches", "1", "--prompt-lengths", "8", "--decode-batches", "1", "--decode-context", "4"]
+    runs = ["--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--no-width-sweep", "--out", str(out)]
+    inference.main(["--models", "tiny-llama", "--sparsities=", "--cuts", "48:64,64:48", *grid, *runs])
+    (model,) = json.loads(out.read_text())["models"]
+    assert model["shapes"]["h48-m64"] == dict(hidden=48, intermediate=64, heads=4, kv_heads=2, head_dim=16)
+    assert model["shapes"]["h64-m48"] == dict(hidden=64, intermediate=48, heads=4, kv_heads=2, head_dim=16)
+    dense = DecoderShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=97)
+    for key, row in {r["pruned"]: r for r in model["prefill"]}.items():
+        cut = DecoderShape(**{**vars(dense), **model["shapes"][key]})
+        assert model["parameters"][key] == cut.parameters
+        assert row["ideal"] == pytest.approx(dense.prefill_flops(1, 8) / cut.prefill_flops(1, 8))
+
+
+def test_inference_benchmark_refuses_a_cut_wider_than_the_model():
+    from benchmarks import inference
+
+    with pytest.raises(SystemExit, match="MLP size must be between 1 and 96"):
+        inference.main(["--models", "tiny-llama", "--sparsities=", "--cuts", "48:200", "--no-width-sweep"])
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--cuts", "48-64"])
