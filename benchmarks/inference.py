@@ -353,7 +353,7 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def _cuts(text: str) -> list[tuple[int, int]]:
+def parse_cuts(text: str) -> list[tuple[int, int]]:
     """``504:1168,432:672`` -> [(504, 1168), (432, 672)]: (hidden, intermediate) sizes."""
     cuts = []
     for item in (x for x in text.split(",") if x):
@@ -371,7 +371,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default="smollm2-135m,llama2-7b-shape,llama3-8b-shape")
     p.add_argument("--sparsities", type=_floats, default=[0.25, 0.5], help="PAT-pruned hidden widths (empty: none)")
     p.add_argument(
-        "--cuts", type=_cuts, default=[], help="multi-axis shapes HIDDEN:INTERMEDIATE,... cut post hoc (prune_model)"
+        "--cuts", type=parse_cuts, default=[], help="multi-axis shapes HIDDEN:INTERMEDIATE,... (prune_model)"
     )
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the random Llama-shaped models")
     p.add_argument(
