@@ -3,15 +3,19 @@ ideal speed-up from shapes next to each measured one.
 
     python -m benchmarks.engine_speed                                   # f32 GGUF, 1 thread
     python -m benchmarks.engine_speed --outtype q8_0 --threads 2 --repeats 9
+    python -m benchmarks.engine_speed --cuts 504:1168,432:672          # multi-axis shapes beside them
 
-The pruned models keep 432 (25% pruned) and 288 (50%) of the 576 hidden channels: ``merge_and_prune()``
-of a fresh PAT adapter after its calibration on 4 WikiText-2 windows, without training (the kept width,
-not which channels or the training, sets the speed). Each model is pruned, saved and converted with
-llama.cpp's own ``convert_hf_to_gguf.py`` by ``examples/deploy_llamacpp.py``, run as a user runs it
-(``--model smollm2-135m [--sparsity p] --outtype T``, a subprocess; it finds or fetches the converter and
-checks the GGUF's logits against transformers'), once per model into ``--work``; then each GGUF is loaded
-once, all three live in one process and are measured round-robin (the order rotates every round),
-medians of ``--repeats`` after ``--warmup`` discarded rounds.
+The pruned models (``--sparsities``) keep 432 (25% pruned) and 288 (50%) of the 576 hidden channels:
+``merge_and_prune()`` of a fresh PAT adapter after its calibration on 4 WikiText-2 windows, without
+training (the shapes, not which channels or the training, set the speed); ``examples/deploy_llamacpp.py``
+(``--model smollm2-135m --sparsity p``) prunes and saves them. ``--cuts HIDDEN:INTERMEDIATE`` adds
+multi-axis shapes, cut post hoc by ``benchmarks.inference.cut_post_hoc`` (``peft_pat.prune_model``,
+seeded random hidden and per-layer MLP channels) and saved here. Every model is converted with llama.cpp's
+own ``convert_hf_to_gguf.py`` by ``examples/deploy_llamacpp.py``, run as a user runs it (``--model FOLDER
+--outtype T``, a subprocess; it finds or fetches the converter and checks the GGUF's logits and greedy
+tokens against transformers'), once per model into ``--work``; then each GGUF is loaded once, all live in
+one process and are measured round-robin (the order rotates every round), medians of ``--repeats`` after
+``--warmup`` discarded rounds.
 
   prefill  one ``eval`` of a ``--prompt-lengths`` prompt from an empty KV cache (logits of the last
            position only); tokens/s = prompt tokens / seconds
@@ -40,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .cost_model import DecoderShape
+from .inference import parse_cuts
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_EXAMPLE = REPO / "examples" / "deploy_llamacpp.py"
@@ -74,9 +79,22 @@ def run_deploy_example(model: str, output: Path, outtype: str, sparsity: float |
         )
 
 
+def save_cut(model_name: str, hidden: int, intermediate: int, folder: Path, seed: int) -> None:
+    """``model_name`` cut post hoc to ``hidden`` x ``intermediate`` (benchmarks.inference.cut_post_hoc), saved
+    into ``folder`` with its tokenizer."""
+    import peft_pat
+    from peft_pat.offline_models import load_causal_lm
+
+    from .inference import cut_post_hoc
+
+    dense, tokenizer = load_causal_lm(model_name)
+    peft_pat.save_pruned(cut_post_hoc(dense, hidden, intermediate, seed), folder, tokenizer=tokenizer, overwrite=True)
+
+
 def prepare(args) -> dict[str, dict[str, Path]]:
-    """{'folders': {'dense': folder, 'p25': folder, ...}, 'ggufs': {...}}, made once into --work and reused:
-    ``WORK/dense/model-T.gguf``, ``WORK/pNN/pruned-NN/`` and ``WORK/pNN/model-T.gguf``."""
+    """{'folders': {'dense': folder, 'p25': folder, 'hN-mM': folder, ...}, 'ggufs': {...}}, made once into
+    --work and reused: ``WORK/dense/model-T.gguf``, ``WORK/pNN/pruned-NN/``, ``WORK/pNN/model-T.gguf``,
+    ``WORK/hN-mM/model/`` and ``WORK/hN-mM/model-T.gguf``."""
     from peft_pat.offline_models import resolve_model_path
 
     work = Path(args.work)
@@ -95,6 +113,15 @@ def prepare(args) -> dict[str, dict[str, Path]]:
             run_deploy_example(str(folders[key]), work / key, args.outtype)
         else:
             run_deploy_example(args.model, work / key, args.outtype, sparsity=p)
+    for hidden, intermediate in args.cuts:
+        key = f"h{hidden}-m{intermediate}"
+        folders[key] = work / key / "model"
+        ggufs[key] = work / key / f"model-{args.outtype}.gguf"
+        if ggufs[key].is_file():
+            continue
+        if not (folders[key] / "config.json").is_file():
+            save_cut(args.model, hidden, intermediate, folders[key], args.seed + 2)
+        run_deploy_example(str(folders[key]), work / key, args.outtype)
     return {"folders": folders, "ggufs": ggufs}
 
 
@@ -150,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.5], help="PAT-pruned hidden widths")
+    parser.add_argument(
+        "--cuts", type=parse_cuts, default=[], help="multi-axis shapes HIDDEN:INTERMEDIATE,... cut post hoc"
+    )
     parser.add_argument("--outtype", default="f32", choices=OUTTYPES)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
@@ -168,8 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     llama_cpp = import_llama_cpp()
     prepared = prepare(args)
-    configs = {key: json.loads((folder / "config.json").read_text()) for key, folder in prepared["folders"].items()}
-    shapes = {key: DecoderShape.from_config(argparse.Namespace(**c)) for key, c in configs.items()}
+    from transformers import AutoConfig
+
+    shapes = {key: DecoderShape.from_config(AutoConfig.from_pretrained(f)) for key, f in prepared["folders"].items()}
     n_ctx = max(max(args.prompt_lengths), args.decode_context + args.new_tokens) + 8
     llms = {
         key: load_gguf(llama_cpp, path, n_ctx=n_ctx, threads=args.threads) for key, path in prepared["ggufs"].items()
@@ -184,6 +215,14 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "loadavg_start": os.getloadavg()},
         "widths": {key: s.hidden for key, s in shapes.items()},
+        "shapes": {
+            key: dict(
+                hidden=s.hidden, intermediate=s.intermediate, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim
+            )
+            for key, s in shapes.items()
+        },
+        "parameters": {key: s.parameters for key, s in shapes.items()},
+        "parameter_fraction": {key: s.parameters / shapes["dense"].parameters for key, s in shapes.items()},
         "gguf_mib": {key: round(p.stat().st_size / 2**20, 1) for key, p in prepared["ggufs"].items()},
         "prefill": [],
         "decode": [],
@@ -235,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         for row in report[phase]:
             what = f"{row['tokens']} tok" if phase == "prefill" else f"ctx {row['context']}"
             print(
-                f"{phase:7s} {what:8s} {row['model']:5s} {row['tokens_per_s']:9.1f} tok/s  "
+                f"{phase:7s} {what:8s} {row['model']:10s} {row['tokens_per_s']:9.1f} tok/s  "
                 f"speed-up {row['speedup']:.2f}x  ideal {row['ideal']:.2f}x  efficiency {row['efficiency']:.2f}"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)

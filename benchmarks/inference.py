@@ -5,12 +5,18 @@ Models (``--models``):
   smollm2-135m      the real SmolLM2-135M-Instruct (offline pip package, see peft_pat.offline_models)
   llama2-7b-shape   random weights, Llama-2-7B layer shapes: d=4096, 32 heads (MHA), I=11008, V=32000
   llama3-8b-shape   random weights, Llama-3-8B layer shapes: d=4096, 32 heads, 8 KV heads, I=14336, V=128256
+  tiny-llama        peft_pat.testing's 2-layer random Llama (d=64, 4 heads of 16, I=96): seconds, for tests
 
 The random models have ``--layers`` decoder layers (default 2) so that they fit and run on a laptop
-CPU; their per-layer shapes, lm_head and embedding are the real ones. Each pruned model is produced
-exactly as a user would: ``get_peft_model(dense copy, PATConfig(target_sparsity=p))``, a hardened
-*random* mask (seeded logits, exact top-N; the kept-channel choice does not change the speed, so no
-training is needed), then ``merge_and_prune()`` to a stock transformers model of width N.
+CPU; their per-layer shapes, lm_head and embedding are the real ones. Two kinds of pruned model, both
+stock transformers models; which channels are kept does not change the speed, so no training is needed:
+
+  pNN       ``--sparsities``: produced exactly as a user would, ``get_peft_model(dense copy,
+            PATConfig(target_sparsity=p))``, a hardened *random* mask (seeded logits, exact top-N), then
+            ``merge_and_prune()`` to hidden width N
+  hN-mM     ``--cuts N:M,...``: multi-axis shapes, the dense copy cut post hoc by ``peft_pat.prune_model``
+            to N seeded random hidden channels and M seeded random MLP channels per layer (every layer
+            keeps the same count; N or M equal to the dense size leaves that axis alone)
 
 Measured, alternately in one process with medians of ``--repeats`` after ``--warmup`` discarded
 rounds (benchmarks/measure.py):
@@ -28,6 +34,7 @@ one Llama-2-7B-shaped layer at hidden widths near 3/4 and 1/2 of 4096 (multiples
     python -m benchmarks.inference --threads 1                      # 391 s on one core (docs/performance.md)
     python -m benchmarks.inference --models llama2-7b-shape --layers 4 --repeats 9
     python -m benchmarks.inference --device cuda --layers 32 --dtype bfloat16 --batches 1,8,32 --prompt-lengths 128,512
+    python -m benchmarks.inference --models smollm2-135m --sparsities= --cuts 504:1168,432:672 --no-width-sweep
 
 Writes ``--out`` (default benchmarks/results/inference.json) and prints the tables.
 """
@@ -68,14 +75,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # ---------------------------------------------------------------------------------------- models
 def build_dense(name: str, layers: int, dtype: torch.dtype, device: str, seed: int):
-    """The dense parent: the real SmolLM2 or a random Llama-shaped model."""
+    """The dense parent: the real SmolLM2, a random Llama-shaped model or the tiny test Llama."""
     if name == "smollm2-135m":
         from peft_pat.offline_models import load_causal_lm
 
         model, _ = load_causal_lm("smollm2-135m", dtype=dtype)
         return model.to(device).eval()
+    if name == "tiny-llama":
+        from peft_pat.testing import tiny_model
+
+        return tiny_model("llama", seed=seed, dtype=dtype).to(device).eval()
     if name not in LLAMA_SHAPES:
-        raise SystemExit(f"unknown model {name!r}; choose from smollm2-135m, {', '.join(LLAMA_SHAPES)}")
+        raise SystemExit(f"unknown model {name!r}; choose from smollm2-135m, tiny-llama, {', '.join(LLAMA_SHAPES)}")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -108,6 +119,31 @@ def prune_with_pat(dense, sparsity: float, seed: int):
         warnings.simplefilter("ignore")
         pruned = peft_model.base_model.merge_and_prune()
     return pruned.eval()
+
+
+def cut_post_hoc(dense, hidden: int, intermediate: int, seed: int):
+    """A copy of ``dense`` cut by ``peft_pat.prune_model`` to ``hidden`` random hidden channels and, in every
+    layer, ``intermediate`` random MLP channels (seeded; a size equal to the dense one leaves that axis)."""
+    import peft_pat
+    from peft_pat.families import family_for_model
+
+    shape = DecoderShape.from_config(dense.config)
+    for axis, kept, width in (("hidden", hidden, shape.hidden), ("MLP", intermediate, shape.intermediate)):
+        if not 1 <= kept <= width:
+            raise SystemExit(f"--cuts {hidden}:{intermediate}: the {axis} size must be between 1 and {width}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def kept_of(width: int, kept: int) -> torch.Tensor:
+        return torch.randperm(width, generator=generator)[:kept].sort().values
+
+    keep_hidden = None if hidden == shape.hidden else kept_of(shape.hidden, hidden)
+    keep_mlp = None
+    if intermediate != shape.intermediate:
+        keep_mlp = torch.stack([kept_of(shape.intermediate, intermediate) for _ in range(shape.layers)])
+    device = next(dense.parameters()).device
+    model = copy.deepcopy(dense).cpu()  # cut on the CPU, where the index tensors are
+    model = peft_pat.prune_model(model, family_for_model(model), hidden=keep_hidden, mlp=keep_mlp)
+    return model.to(device).eval()
 
 
 def parameter_count(model) -> int:
@@ -162,14 +198,27 @@ def bench_model(name: str, args, dtype: torch.dtype) -> dict:
         start = time.perf_counter()
         models[f"p{round(100 * p)}"] = prune_with_pat(dense, p, args.seed + 1)
         prune_seconds[f"p{round(100 * p)}"] = time.perf_counter() - start
+    for hidden, intermediate in args.cuts:
+        models[f"h{hidden}-m{intermediate}"] = cut_post_hoc(dense, hidden, intermediate, args.seed + 2)
     shapes = {key: DecoderShape.from_config(m.config) for key, m in models.items()}
     bytes_per_value = torch.finfo(dtype).bits // 8
+    parameters = {key: parameter_count(m) for key, m in models.items()}
+    mismatch = {key: (parameters[key], s.parameters) for key, s in shapes.items() if parameters[key] != s.parameters}
+    if mismatch:  # the ideal speed-ups below would be computed for other shapes than the models have
+        raise RuntimeError(f"cost model and models disagree on parameter counts (model, cost model): {mismatch}")
     info = {
         "model": name,
         "dtype": str(dtype).replace("torch.", ""),
         "layers": shapes["dense"].layers,
         "widths": {key: s.hidden for key, s in shapes.items()},
-        "parameters": {key: parameter_count(m) for key, m in models.items()},
+        "shapes": {
+            key: dict(
+                hidden=s.hidden, intermediate=s.intermediate, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim
+            )
+            for key, s in shapes.items()
+        },
+        "parameters": parameters,
+        "parameter_fraction": {key: parameters[key] / parameters["dense"] for key in models},
         "merge_and_prune_seconds": prune_seconds,
         "prefill": [],
         "decode": [],
@@ -304,18 +353,32 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def parse_cuts(text: str) -> list[tuple[int, int]]:
+    """``504:1168,432:672`` -> [(504, 1168), (432, 672)]: (hidden, intermediate) sizes."""
+    cuts = []
+    for item in (x for x in text.split(",") if x):
+        hidden, sep, intermediate = item.partition(":")
+        if not sep or not hidden.isdigit() or not intermediate.isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: write each cut as HIDDEN:INTERMEDIATE, e.g. 504:1168")
+        cuts.append((int(hidden), int(intermediate)))
+    return cuts
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--models", default="smollm2-135m,llama2-7b-shape,llama3-8b-shape")
-    p.add_argument("--sparsities", type=_floats, default=[0.25, 0.5])
+    p.add_argument("--sparsities", type=_floats, default=[0.25, 0.5], help="PAT-pruned hidden widths (empty: none)")
+    p.add_argument(
+        "--cuts", type=parse_cuts, default=[], help="multi-axis shapes HIDDEN:INTERMEDIATE,... (prune_model)"
+    )
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the random Llama-shaped models")
     p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", *DTYPES],
-        help="auto: float32 for smollm2-135m (its stored dtype), bfloat16 for the Llama shapes",
+        help="auto: float32 for smollm2-135m (its stored dtype) and tiny-llama, bfloat16 for the Llama shapes",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--batches", type=_ints, default=[1, 4], help="prefill batch sizes")
@@ -342,13 +405,31 @@ def parse_args(argv=None):
 def model_dtype(name: str, choice: str) -> torch.dtype:
     if choice != "auto":
         return DTYPES[choice]
-    return torch.float32 if name == "smollm2-135m" else torch.bfloat16
+    return torch.bfloat16 if name in LLAMA_SHAPES else torch.float32
 
 
 def print_tables(results: dict) -> None:
     for info in results["models"]:
-        widths = ", ".join(f"{k}={v}" for k, v in info["widths"].items())
-        print(f"\n== {info['model']} ({info['dtype']}, {info['layers']} layers; widths {widths})")
+        print(f"\n== {info['model']} ({info['dtype']}, {info['layers']} layers)")
+        shapes = [
+            dict(pruned=key, **shape, parameters=info["parameters"][key], fraction=info["parameter_fraction"][key])
+            for key, shape in info["shapes"].items()
+        ]
+        print(
+            format_table(
+                shapes,
+                [
+                    ("pruned", "model"),
+                    ("hidden", "hidden"),
+                    ("intermediate", "MLP"),
+                    ("heads", "heads"),
+                    ("kv_heads", "KV heads"),
+                    ("head_dim", "head_dim"),
+                    ("parameters", "parameters"),
+                    ("fraction", "of dense"),
+                ],
+            )
+        )
         print("prefill (time to first token)")
         print(
             format_table(

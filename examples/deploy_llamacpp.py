@@ -3,6 +3,8 @@ check its logits and greedy tokens against transformers'.
 
     python examples/deploy_llamacpp.py --model outputs/quickstart/pruned          # a folder saved by save_pruned
     python examples/deploy_llamacpp.py --tiny                                    # tiny random Llama, pruned, seconds
+    python examples/deploy_llamacpp.py --tiny hidden-mlp                         # hidden and MLP width cut
+    python examples/deploy_llamacpp.py --tiny heads                              # fewer query and KV heads too
     python examples/deploy_llamacpp.py --model smollm2-135m --sparsity 0.25      # prune the real SmolLM2 first
 
 What it needs (a separate environment; the package's own pins stay untouched):
@@ -39,6 +41,8 @@ import numpy as np
 
 CACHE = Path(os.environ.get("PEFT_PAT_CACHE", Path.home() / ".cache" / "peft_pat"))
 CONVERTER_ENV = "LLAMA_CPP_CONVERTER"
+# The config fields that size a Llama's tensors, each of which pruning may change (head_dim stays pinned).
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 # ---------------------------------------------------------------------------------------- converter
@@ -226,36 +230,50 @@ def tiny_bpe_tokenizer(vocab_size: int):
     return tokenizer, vocab_size_made
 
 
-def tiny_pruned_folder(folder: Path, sparsity: float = 0.25, seed: int = 0) -> Path:
-    """A tiny random Llama (hidden 64, 4 heads of 32, GQA 2 KV heads), wrapped in PAT with a random
-    non-trivial adapter, merge_and_prune()d to 48 channels and saved with a tokenizer the converter reads."""
-    import torch
-    from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_DENSE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+# The tiny engine cases (``--tiny SHAPE``): every one keeps head_dim 32, so hidden_size != heads * head_dim.
+TINY_SHAPES = {
+    "hidden": "PAT-pruned hidden width 64 -> 48 (merge_and_prune of a random non-trivial adapter)",
+    "hidden-mlp": "hidden 64 -> 48 and MLP 96 -> 64 in every layer, cut post hoc by peft_pat.prune_model",
+    "heads": "hidden 48, MLP 64, 2 query heads and 1 KV head (dense: 4 and 2), head_dim 32 pinned in the config",
+}
 
-    import peft_pat
+
+def tiny_llama(seed: int = 0, **shape):
+    """A tiny random 2-layer Llama of ``TINY_DENSE`` shapes (``shape`` overrides them) with non-trivial norm
+    gains, and a tokenizer the converter reads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer, vocab_size = tiny_bpe_tokenizer(97)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
         max_position_embeddings=256,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
         rms_norm_eps=1e-5,
+        **{**TINY_DENSE, **shape},
     )
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
-        for name, param in base.named_parameters():
+        for name, param in model.named_parameters():
             if "norm" in name:
                 param.copy_(1.0 + torch.rand_like(param) - 0.5)
+    return model, tokenizer
+
+
+def tiny_pruned_folder(folder: Path, sparsity: float = 0.25, seed: int = 0) -> Path:
+    """``TINY_SHAPES["hidden"]``: the tiny Llama (hidden 64, 4 heads of 32, GQA 2 KV heads) wrapped in PAT with
+    a random non-trivial adapter, merge_and_prune()d to 48 channels and saved with its tokenizer."""
+    import torch
+    from peft import get_peft_model
+
+    import peft_pat
+
+    base, tokenizer = tiny_llama(seed)
     model = get_peft_model(
         base, peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, init_weights=False)
     )
@@ -265,6 +283,35 @@ def tiny_pruned_folder(folder: Path, sparsity: float = 0.25, seed: int = 0) -> P
     mask.harden()
     pruned = model.merge_and_prune()
     return peft_pat.save_pruned(pruned, folder, tokenizer=tokenizer, overwrite=True)
+
+
+def tiny_multi_axis_folder(folder: Path, shape: str = "hidden-mlp", seed: int = 0) -> Path:
+    """``TINY_SHAPES[shape]`` for "hidden-mlp" and "heads", saved with its tokenizer. The head-count case is a
+    random model of that config: an engine reads only the config and the tensors' shapes."""
+    import torch
+
+    import peft_pat
+    from peft_pat.families import family_for_model
+
+    if shape == "heads":
+        model, tokenizer = tiny_llama(seed, hidden_size=48, intermediate_size=64, num_attention_heads=2,
+                                      num_key_value_heads=1)  # fmt: skip
+    elif shape == "hidden-mlp":
+        model, tokenizer = tiny_llama(seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        hidden = torch.randperm(64, generator=generator)[:48].sort().values
+        mlp = torch.stack([torch.randperm(96, generator=generator)[:64].sort().values for _ in range(2)])
+        model = peft_pat.prune_model(model, family_for_model(model), hidden=hidden, mlp=mlp)
+    else:
+        raise ValueError(f"unknown tiny multi-axis shape {shape!r}; choose hidden-mlp or heads")
+    return peft_pat.save_pruned(model, folder, tokenizer=tokenizer, overwrite=True)
+
+
+def tiny_folder(folder: Path, shape: str = "hidden") -> Path:
+    """The tiny engine case ``shape`` (a key of ``TINY_SHAPES``) saved into ``folder``."""
+    if shape not in TINY_SHAPES:
+        raise ValueError(f"unknown tiny shape {shape!r}; choose from {', '.join(TINY_SHAPES)}")
+    return tiny_pruned_folder(folder) if shape == "hidden" else tiny_multi_axis_folder(folder, shape)
 
 
 def calibration_batches(tokenizer, batches: int = 4, length: int = 256) -> list[dict]:
@@ -309,7 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="pruned folder, or a dense model to prune with --sparsity (smollm2-135m)")
-    source.add_argument("--tiny", action="store_true", help="tiny random Llama pruned by PAT (seconds)")
+    source.add_argument(
+        "--tiny",
+        nargs="?",
+        const="hidden",
+        choices=list(TINY_SHAPES),
+        help="a tiny random Llama of one engine case (seconds): "
+        + "; ".join(f"{k}: {v}" for k, v in TINY_SHAPES.items()),
+    )
     parser.add_argument("--sparsity", type=float, default=None, help="prune --model first (activation criterion)")
     parser.add_argument("--output", default="outputs/deploy_llamacpp")
     parser.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"])
@@ -321,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.tiny or not args.model:
-        folder = tiny_pruned_folder(out / "pruned")
+        folder = tiny_folder(out / "pruned", args.tiny or "hidden")
     elif args.sparsity:
         folder = prune_named(args.model, args.sparsity, out / f"pruned-{round(100 * args.sparsity)}")
     else:
@@ -335,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(args.prompt)["input_ids"]
     summary = {"folder": str(folder), "gguf": str(gguf), "gguf_mib": round(gguf.stat().st_size / 2**20, 1)}
-    summary["hidden_size"] = json.loads((folder / "config.json").read_text())["hidden_size"]
+    config = json.loads((folder / "config.json").read_text())
+    summary["shape"] = {k: config.get(k) for k in SHAPE_FIELDS}
     summary.update(compare(folder, gguf, ids, args.new_tokens))
     summary["text_llama_cpp"] = tokenizer.decode(summary["greedy_llama_cpp"])
     summary["text_transformers"] = tokenizer.decode(summary["greedy_transformers"])

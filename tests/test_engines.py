@@ -10,9 +10,11 @@ Three levels, each skipped with its reason when what it needs is absent (see REA
 * onnxruntime + onnxscript (marked slow, the export takes minutes on a busy CPU): ONNX Runtime's
   logits match transformers' (examples/deploy_onnxruntime.py).
 
-The tiny model is pruned by PAT itself (random non-trivial adapter, random hardened mask) from width 64 to
-48 with 4 heads of head_dim 32: ``hidden_size != num_attention_heads * head_dim``, the case engines may
-not expect.
+The converter and engine tests run on each tiny engine case of ``deploy_llamacpp.TINY_SHAPES``, all with
+head_dim 32 pinned so that ``hidden_size != num_attention_heads * head_dim``, the case engines may not
+expect: the hidden width PAT-pruned 64 -> 48 (random non-trivial adapter, random hardened mask); hidden 48
+and MLP 96 -> 64 cut post hoc by ``peft_pat.prune_model``; and that shape with 2 query heads and 1 KV head
+instead of 4 and 2.
 """
 
 import json
@@ -45,38 +47,58 @@ def converter(deploy):
     return path
 
 
+# (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim) of each tiny case
+TINY_CASES = {"hidden": (48, 96, 4, 2, 32), "hidden-mlp": (48, 64, 4, 2, 32), "heads": (48, 64, 2, 1, 32)}
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(deploy, tmp_path_factory):
     return deploy.tiny_pruned_folder(tmp_path_factory.mktemp("pruned") / "model")
 
 
-@pytest.fixture(scope="module")
-def converted(deploy, converter, tiny_folder):
-    folder = tiny_folder
+@pytest.fixture(scope="module", params=list(TINY_CASES))
+def converted(request, deploy, converter, tmp_path_factory):
+    folder = deploy.tiny_folder(tmp_path_factory.mktemp(request.param) / "model", request.param)
     gguf = deploy.convert(folder, folder.parent / "model-f32.gguf", "f32", converter)
-    return folder, gguf
+    return request.param, folder, gguf
 
 
-def test_pruned_config_is_the_engine_hard_case(converted):
-    config = json.loads((converted[0] / "config.json").read_text())
-    assert config["hidden_size"] == 48 and config["head_dim"] == 32 and config["num_attention_heads"] == 4
+def test_tiny_cases_are_every_engine_shape(deploy):
+    assert set(TINY_CASES) == set(deploy.TINY_SHAPES)
 
 
-def test_gguf_carries_head_dim(converted):
+def test_pruned_config_is_the_engine_hard_case(deploy, converted):
+    case, folder, _ = converted
+    config = json.loads((folder / "config.json").read_text())
+    assert tuple(config[k] for k in deploy.SHAPE_FIELDS) == TINY_CASES[case]
+    assert config["hidden_size"] != config["num_attention_heads"] * config["head_dim"]
+
+
+def test_gguf_carries_every_shape_and_head_dim(converted):
     from gguf import GGUFReader
 
-    reader = GGUFReader(converted[1])
+    case, _, gguf = converted
+    hidden, intermediate, heads, kv_heads, head_dim = TINY_CASES[case]
+    reader = GGUFReader(gguf)
     fields = {name: field.parts[field.data[0]][0] for name, field in reader.fields.items() if field.data}
-    assert int(fields["llama.embedding_length"]) == 48
-    assert int(fields["llama.attention.key_length"]) == 32
-    assert int(fields["llama.attention.value_length"]) == 32
-    assert int(fields["llama.rope.dimension_count"]) == 32
+    assert int(fields["llama.embedding_length"]) == hidden
+    assert int(fields["llama.feed_forward_length"]) == intermediate
+    assert int(fields["llama.attention.head_count"]) == heads
+    assert int(fields["llama.attention.head_count_kv"]) == kv_heads
+    assert int(fields["llama.attention.key_length"]) == head_dim
+    assert int(fields["llama.attention.value_length"]) == head_dim
+    assert int(fields["llama.rope.dimension_count"]) == head_dim
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}  # GGUF lists (in, out)
+    assert shapes["blk.0.attn_q.weight"] == (hidden, heads * head_dim)
+    assert shapes["blk.0.attn_k.weight"] == shapes["blk.0.attn_v.weight"] == (hidden, kv_heads * head_dim)
+    assert shapes["blk.0.attn_output.weight"] == (heads * head_dim, hidden)
+    assert shapes["blk.1.ffn_down.weight"] == (intermediate, hidden)
 
 
 def test_llama_cpp_logits_and_greedy_tokens_match_transformers(deploy, converted):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
     ids = [1, *list(np.random.default_rng(0).integers(3, 97, size=23))]
-    result = deploy.compare(converted[0], converted[1], [int(i) for i in ids], new_tokens=12)
+    result = deploy.compare(converted[1], converted[2], [int(i) for i in ids], new_tokens=12)
     # float32 GGUF: the engine and transformers differ only by summation order
     assert result["max_abs_logit_diff"] <= 1e-3 * max(1.0, result["max_abs_logit"]), result
     assert result["argmax_agreement"] == 1.0

@@ -79,8 +79,13 @@ def _assemble(op: TensorOp, source: TensorSource, keep: torch.Tensor | None) -> 
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """The module's parameter ``name`` becomes ``tensor``, trainable as the one it replaces (a frozen lm_head
+    sends transformers' ``logits_to_keep`` prefill down a slower matmul path, docs/performance.md)."""
     module_name, _, param = name.rpartition(".")
-    setattr(model.get_submodule(module_name), param, nn.Parameter(tensor, requires_grad=False))
+    module = model.get_submodule(module_name)
+    old = getattr(module, param, None)
+    trainable = bool(old is not None and old.requires_grad)
+    setattr(module, param, nn.Parameter(tensor, requires_grad=trainable))
 
 
 def _finish(model: nn.Module, plan: MergePlan) -> None:
