@@ -179,13 +179,16 @@ def transformers_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def transformers_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    """``new_tokens`` argmax steps, end-of-sequence included, as llama.cpp's ``generate`` takes them
+    (``model.generate(min_new_tokens=...)`` would suppress the EOS token and diverge where it wins)."""
     import torch
 
+    out: list[int] = []
     with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens, pad_token_id=0
-        )
-    return out[0, len(ids) :].tolist()
+        for _ in range(new_tokens):
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+    return out
 
 
 def compare(folder: Path, gguf: Path, ids: list[int], new_tokens: int = 8) -> dict:
@@ -275,7 +278,8 @@ def tiny_pruned_folder(folder: Path, sparsity: float = 0.25, seed: int = 0) -> P
 
     base, tokenizer = tiny_llama(seed)
     model = get_peft_model(
-        base, peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, init_weights=False)
+        base,
+        peft_pat.PATConfig(task_type="CAUSAL_LM", target_sparsity=sparsity, prune_axes=["hidden"], init_weights=False),
     )
     mask = model.base_model.pat_mask["default"]
     with torch.no_grad():
