@@ -155,3 +155,27 @@ def test_evaluation_under_sft_trainer_keeps_trl_log_probabilities(tmp_path):
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     torch.testing.assert_close(fused.log_probs[keep], expected[keep].gather(-1, labels[keep][:, None])[:, 0])
+
+
+def test_quality_benchmark_trains_pat_alike_with_both_trainers():
+    """`python -m benchmarks.quality --trainer trl`: the same batches and arguments give the Trainer's run."""
+    from benchmarks.quality.training import train
+
+    tokenizer = tiny_tokenizer()
+    generator = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(4, len(tokenizer), (2, 12), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    logs = {}
+    for name in ("trainer", "trl"):
+        base = tiny_model("llama", seed=0, vocab_size=len(tokenizer)).train()
+        torch.manual_seed(1)  # the same random adapter start both times, as the benchmark seeds it
+        model = get_peft_model(base, pat_config())
+        logs[name] = train(model, batches, lr=1e-3, pat=True, progress=False, trainer_name=name, tokenizer=tokenizer)
+    assert logs["trl"]["trainer"] == "trl"
+    for key in ("loss_curve", "train_loss_curve"):
+        assert logs["trl"][key] == pytest.approx(logs["trainer"][key], rel=1e-4)
+    assert logs["trl"]["pat_last"]["pat/distillation_loss"] > 0
