@@ -179,3 +179,25 @@ def test_quality_benchmark_trains_pat_alike_with_both_trainers():
     for key in ("loss_curve", "train_loss_curve"):
         assert logs["trl"][key] == pytest.approx(logs["trainer"][key], rel=1e-4)
     assert logs["trl"]["pat_last"]["pat/distillation_loss"] > 0
+
+
+def test_a_custom_loss_that_drops_the_pat_terms_warns(tmp_path):
+    """SFTTrainer with compute_loss_func builds the loss from a plain forward's logits: PAT's terms are left out,
+    which the tuner can only see from TRL's extra no-grad fused call for the metrics; it says what to remove."""
+    tokenizer = tiny_tokenizer()
+
+    def plain_loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
+        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    sft = SFTTrainer(
+        model=tiny_model("llama", seed=0, vocab_size=len(tokenizer)).train(),
+        args=SFTConfig(output_dir=str(tmp_path / "sft"), completion_only_loss=True, **common_args(1)),
+        train_dataset=tiny_dataset(),
+        processing_class=tokenizer,
+        peft_config=pat_config(),
+        callbacks=[peft_pat.PATCallback(), GradientCapture()],
+        compute_loss_func=plain_loss,
+    )
+    with pytest.warns(UserWarning, match="remove compute_loss_func"):
+        sft.train()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,6 +68,15 @@ def routes_fused_call(tuner, kwargs: dict[str, Any]) -> bool:
         and len(tuner.pat_mask) > 0
         and any(kwargs.get(k) is not None for k in LABEL_KWARGS)
     )
+
+
+UNROUTED_FUSED_WARNING = (
+    "PAT: a fused_lm_head=True call in training mode without gradients: TRL builds this step's loss elsewhere "
+    "(SFTTrainer with compute_loss_func or label smoothing computes it from a plain forward's logits; DPO, KTO "
+    "and GRPO use log-probabilities as such), and PAT's distillation and auxiliary losses are not in it. PAT "
+    "under TRL supports SFTTrainer's default loss: remove compute_loss_func / label_smoothing_factor, or train "
+    "with the Trainer."
+)
 
 
 def fused_objective_output(
@@ -198,6 +208,8 @@ def training_forward(tuner, args: tuple, kwargs: dict[str, Any]):
     docstring) in training mode; the model's own outputs otherwise. A ``fused_lm_head=True`` training call
     (TRL) runs the full forward and returns the objective as :class:`FusedObjectiveOutput`."""
     fused = routes_fused_call(tuner, kwargs)
+    if kwargs.get(FUSED_KWARG) and tuner.training and not torch.is_grad_enabled() and "pat_mask" in tuner._modules:
+        warnings.warn(UNROUTED_FUSED_WARNING, stacklevel=3)
     if fused:  # sum form: TRL divides by the step's label tokens itself
         kwargs = {**{k: v for k, v in kwargs.items() if k != FUSED_KWARG}, "num_items_in_batch": 1}
     # any other fused call (evaluation, no_grad metrics) goes to TRL's head, which builds no logits to distil from
