@@ -8,7 +8,10 @@ Needs ``pip install trl`` (tested with trl 1.16.0, which installs next to torch 
 and peft 0.21 without changing them). The data is the same prompt/completion pairs as
 examples/train_commonsense.py; SFTTrainer puts the loss on the completion only and appends EOS.
 SFTTrainer builds the PEFT model itself from ``peft_config``, so the PAT tuner goes in exactly where a
-LoraConfig would.
+LoraConfig would. It trains what the Trainer trains: SFTTrainer builds its loss from the per-token values
+of a ``fused_lm_head=True`` call, and the tuner answers that call with its objective (distillation from
+the dense model and the auxiliary losses; docs/training.md, TRL). The summary's
+``last_logged_distillation_loss`` shows the distillation term at work.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         trained_model(trainer), tokenizer, reload_base, args, pairs[0][0],
         data=source, examples=len(dataset), hidden_size_before=config.base_hidden_size,
         train_seconds=round(train_seconds, 1), last_logged_task_loss=last_logged(trainer, "pat/task_loss"),
+        last_logged_distillation_loss=last_logged(trainer, "pat/distillation_loss"),
         kept_channels_logged=last_logged(trainer, "pat/kept_channels"),
     )  # fmt: skip
 

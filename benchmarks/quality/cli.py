@@ -41,7 +41,7 @@ import torch
 
 from .methods import METHODS, PAT_FIELDS, PAT_TYPES
 from .runner import BenchmarkOptions, evaluate_checkpoint, run_benchmark
-from .training import LOSSES
+from .training import LOSSES, TRAINERS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PATConfig arguments on top of PATConfig(target_sparsity=s), for ablations "
         "(e.g. distillation_weight=0,calibration_batches=0,hsm_rank=8); unknown keys are refused",
     )
+    p.add_argument(
+        "--trainer",
+        choices=TRAINERS,
+        default="trainer",
+        help="what trains PAT: transformers' Trainer (default) or TRL's SFTTrainer (trl), same arguments and batches",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, the same for every method")
     p.add_argument("--lora-rank", type=int, default=20)
     p.add_argument("--lora-alpha", type=float, default=20.0)
@@ -212,6 +218,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         save_models=args.save_models,
         progress=not args.no_progress,
         preset=preset_name,
+        trainer=args.trainer,
     )
 
 

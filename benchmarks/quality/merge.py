@@ -28,6 +28,8 @@ from .results import write_results
 
 # Options that select which runs a piece contains (or where it writes), not what a run measures.
 SELECTION_OPTIONS = ("methods", "sparsities", "output", "progress")
+# Options added after pieces were recorded, with the value those pieces ran with.
+LATER_OPTIONS = {"trainer": "trainer"}
 
 
 class IncompatibleResults(ValueError):
@@ -65,11 +67,11 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
     if not payloads:
         raise IncompatibleResults("nothing to merge: pass at least one quality.json")
     first, first_name = payloads[0], names[0]
-    reference = {k: v for k, v in first["options"].items() if k not in SELECTION_OPTIONS}
+    reference = {**LATER_OPTIONS, **{k: v for k, v in first["options"].items() if k not in SELECTION_OPTIONS}}
     runs: dict[tuple, tuple[str, dict]] = {}  # run key -> (piece that holds it, run)
     replaced: dict[str, list[str]] = {name: [] for name in names}
     for payload, name in zip(payloads, names):
-        options = {k: v for k, v in payload["options"].items() if k not in SELECTION_OPTIONS}
+        options = {**LATER_OPTIONS, **{k: v for k, v in payload["options"].items() if k not in SELECTION_OPTIONS}}
         diff = sorted(k for k in reference.keys() | options.keys() if reference.get(k) != options.get(k))
         if diff:
             detail = "; ".join(f"{k}: {reference.get(k)!r} vs {options.get(k)!r}" for k in diff)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -108,6 +109,8 @@ class TuningSetup:
     loss: str = "distill"
     pat_options: dict = field(default_factory=dict)
     progress: bool = True
+    trainer: str = "trainer"  # training.TRAINERS; "trl" trains PAT with SFTTrainer
+    tokenizer: Any = None  # SFTTrainer's processing_class (it reads the padding token from it)
     _statistics: dict[str, ChannelStatistics] = field(default_factory=dict)
     _teacher: nn.Module | None = None
 
@@ -135,6 +138,8 @@ class TuningSetup:
             pat=pat,
             teacher=teacher,
             progress=self.progress,
+            trainer_name=self.trainer if pat else "trainer",
+            tokenizer=self.tokenizer,
         )
 
     def lora_config(self) -> LoraConfig:

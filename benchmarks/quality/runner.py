@@ -62,6 +62,7 @@ class BenchmarkOptions:
     save_models: bool = False
     progress: bool = True
     preset: str = "default"
+    trainer: str = "trainer"  # "trl": PAT trained by TRL's SFTTrainer (training.TRAINERS)
 
     @property
     def commonsense_dir(self) -> Path:
@@ -273,6 +274,8 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         loss=options.loss,
         pat_options=dict(options.pat_options),
         progress=options.progress,
+        trainer=options.trainer,
+        tokenizer=tokenizer,
     )
     data = prepare_evaluation_data(options, tokenizer)
     train_tokens = sum(int(b["attention_mask"].sum()) for b in setup.train_batches)

@@ -19,6 +19,12 @@ The loss (``--loss``):
   :func:`peft_pat.training.distillation.distillation_loss` (the same definition), through
   :class:`QualityTrainer`'s ``compute_loss``; nothing else of the Trainer changes.
 
+The trainer (``--trainer``): ``trainer`` is ``transformers.Trainer`` (every method); ``trl`` trains PAT
+with TRL's ``SFTTrainer`` instead (the same arguments, batches, collator and callback; SFTTrainer's own
+defaults that differ from the Trainer's, bf16 autocast and gradient checkpointing, set back to the
+Trainer's), so the two can be compared on the same PATConfig: SFTTrainer calls the model with
+``fused_lm_head=True`` and builds its loss from the per-token log-probabilities it gets back.
+
 Logged per step, for every method: the task cross-entropy on the batch labels (``loss_curve``, computed
 from the same forward's logits, no extra pass), the loss that was optimized (``train_loss_curve``),
 and for PAT every ``pat/*`` number ``PATCallback`` adds to the Trainer's logs.
@@ -37,9 +43,11 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from peft_pat import PATCallback
+from peft_pat.model import find_pat_tuner
 from peft_pat.training.distillation import distillation_loss
 
 LOSSES = ("answer", "full", "distill")
+TRAINERS = ("trainer", "trl")
 IGNORE = -100
 
 
@@ -54,6 +62,23 @@ class PrebuiltBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.batches[index]
+
+
+class IndexedBatches:
+    """Collator of a ``datasets.Dataset`` of batch indices (:meth:`dataset`): row ``{"batch": i}`` -> batch i."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    @staticmethod
+    def dataset(batches: list[dict[str, torch.Tensor]]):
+        from datasets import Dataset
+
+        return Dataset.from_dict({"batch": list(range(len(batches)))})
+
+    def __call__(self, features: list[dict[str, int]]) -> dict[str, torch.Tensor]:
+        (row,) = features
+        return self.batches[row["batch"]]
 
 
 def unwrap(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -98,11 +123,54 @@ class QualityTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def sft_trainer(**kwargs) -> Trainer:
+    """TRL's ``SFTTrainer`` over the pre-built batches, recording the task cross-entropy PAT computed in each
+    training step (SFTTrainer's forward returns per-token values, not logits, so it cannot be recomputed)."""
+    try:
+        from trl import SFTTrainer
+    except ImportError as error:
+        raise SystemExit(f"--trainer trl needs TRL: pip install trl ({error}).") from error
+
+    class RecordingSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.task_losses: list[float] = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                self.task_losses.append(float(find_pat_tuner(model).last_auxiliary_losses["task_loss"]))
+            return result
+
+    return RecordingSFTTrainer(**kwargs)
+
+
 def training_arguments(
-    output_dir: str, steps: int, lr: float, warmup: float, seed: int, device: str, progress: bool
+    output_dir: str,
+    steps: int,
+    lr: float,
+    warmup: float,
+    seed: int,
+    device: str,
+    progress: bool,
+    trainer: str = "trainer",
 ) -> TrainingArguments:
-    """The arguments every method trains with (module docstring)."""
-    return TrainingArguments(
+    """The arguments every method trains with (module docstring); ``trainer="trl"``: the same as an ``SFTConfig``."""
+    if trainer == "trl":
+        from trl import SFTConfig
+
+        config_class, extra = (
+            SFTConfig,
+            {
+                "bf16": False,  # SFTConfig's default is bf16 autocast, the Trainer's float32
+                "gradient_checkpointing": False,  # SFTConfig's default is on, the Trainer's off
+                "dataset_kwargs": {"skip_prepare_dataset": True},  # the batches are tokenized and collated already
+            },
+        )
+    else:
+        config_class, extra = TrainingArguments, {}
+    return config_class(
+        **extra,
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=1,  # one pre-collated batch per step
@@ -138,21 +206,39 @@ def train(
     pat: bool = False,
     teacher: nn.Module | None = None,
     progress: bool = True,
+    trainer_name: str = "trainer",
+    tokenizer=None,
 ) -> dict:
-    """Train ``model``'s trainable parameters on ``batches`` (one optimizer step each); returns the log."""
+    """Train ``model``'s trainable parameters on ``batches`` (one optimizer step each); returns the log.
+    ``trainer_name``: one of :data:`TRAINERS` (module docstring); ``"trl"`` trains PAT only."""
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters.")
+    if trainer_name not in TRAINERS:
+        raise ValueError(f"trainer {trainer_name!r}: expected one of {TRAINERS}.")
+    if trainer_name == "trl" and (not pat or teacher is not None):
+        raise ValueError("--trainer trl trains the PAT method only (--methods pat).")
     callbacks = [PATCallback()] if pat else []
     with tempfile.TemporaryDirectory(prefix="quality-trainer-") as output_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="PAT adapter .* mask hardened")
-        trainer = QualityTrainer(
-            model=model,
-            args=training_arguments(output_dir, len(batches), lr, warmup, seed, device, progress),
-            train_dataset=PrebuiltBatches(batches),
-            data_collator=unwrap,
-            callbacks=callbacks,
-            teacher=teacher,
-        )
+        arguments = training_arguments(output_dir, len(batches), lr, warmup, seed, device, progress, trainer_name)
+        if trainer_name == "trl":  # SFTTrainer takes a datasets.Dataset only: one row per batch, by index
+            trainer = sft_trainer(
+                model=model,
+                args=arguments,
+                train_dataset=IndexedBatches.dataset(batches),
+                data_collator=IndexedBatches(batches),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
+        else:
+            trainer = QualityTrainer(
+                model=model,
+                args=arguments,
+                train_dataset=PrebuiltBatches(batches),
+                data_collator=unwrap,
+                callbacks=callbacks,
+                teacher=teacher,
+            )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -169,6 +255,7 @@ def train(
         "loss_curve": [round(x, 4) for x in losses],
         "train_loss_curve": [round(float(e["loss"]), 4) for e in steps],
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainer": trainer_name,
     }
     pat_keys = sorted({k for e in steps for k in e if k.startswith("pat/")})
     if pat_keys:

@@ -197,3 +197,22 @@ def cross_entropy_from_lse(
     if bool(unknown.any()):
         lse_rows[unknown] = torch.logsumexp(flat[rows[unknown]].float(), -1)
     return (lse_rows - flat[rows, targets[rows]].float()).mean()
+
+
+@torch.no_grad()
+def next_token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy H = lse(s) - sum_v softmax(s)_v s_v, and whether the target is the argmax) per position, zero
+    where the target is ``IGNORE_INDEX``; ``logits`` (..., vocab) and ``targets`` (...) are aligned. Computed in
+    blocks of positions (:func:`block_rows`), so no tokens x vocab float32 copy is made."""
+    vocab = logits.shape[-1]
+    flat, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    entropy = torch.zeros(flat.shape[0], dtype=torch.float32, device=logits.device)
+    top1 = torch.zeros(flat.shape[0], dtype=torch.bool, device=logits.device)
+    block = block_rows(logits.device, vocab)
+    for start in range(0, flat.shape[0], block):
+        s = flat[start : start + block].float()
+        p = torch.softmax(s, -1)
+        entropy[start : start + block] = torch.logsumexp(s, -1) - torch.linalg.vecdot(p, s)
+        top1[start : start + block] = s.argmax(-1) == flat_targets[start : start + block]
+    labelled = flat_targets != IGNORE_INDEX
+    return (entropy * labelled).view(targets.shape), (top1 & labelled).view(targets.shape)

@@ -5,21 +5,109 @@ distillation loss from the base model (PAT bypassed, :func:`teacher_pass`), w th
 (default 1: distillation alone), and ``share`` this micro-batch's share of the optimizer step when the
 Trainer normalises by the step's token count (so the auxiliary losses count once per step under
 gradient accumulation and several processes). The parts are recorded, detached, for the logs.
+
+TRL's trainers call the model with ``fused_lm_head=True`` and build their loss from the per-token
+``log_probs`` they get back, as -sum(log_probs) / (the step's label tokens), never reading
+``outputs.loss``. In a training step the tuner answers that call with the objective above in sum form
+(``num_items_in_batch = 1``, so each term is weighted by this micro-batch's token count), spread evenly
+over the labelled positions as -objective_sum / labelled tokens: TRL's division by the step's label tokens then
+gives exactly the Trainer's loss, value and gradient (:func:`fused_objective_output`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from peft.utils.other import AuxiliaryTrainingWrapper
+from transformers.utils import ModelOutput
 
 from ..layer import PATLayer
-from .distillation import IGNORE_INDEX, distillation_and_task_loss, distillation_loss, next_token_targets
+from .distillation import (
+    IGNORE_INDEX,
+    distillation_and_task_loss,
+    distillation_loss,
+    next_token_statistics,
+    next_token_targets,
+)
 
 LABEL_KWARGS = ("labels", "shift_labels")  # the forward arguments a causal LM computes its own loss from
+FUSED_KWARG = "fused_lm_head"  # TRL's request for per-token log-probabilities instead of logits
+
+
+@dataclasses.dataclass
+class FusedObjectiveOutput(ModelOutput):
+    """What a ``fused_lm_head=True`` training call returns: the fields TRL's ``FusedCausalLMOutput`` has and
+    its trainers read, on TRL's shapes ((batch, seq_len - 1), or (batch, seq_len) with ``shift_labels``).
+
+    ``log_probs`` carries the PAT objective, not log-probabilities: -objective_sum / n at each of the n
+    labelled positions (0 elsewhere), so -sum(log_probs) / num_items_in_batch is the Trainer's loss.
+    ``loss``: objective_sum / n. ``entropy`` and ``is_top1`` are the student's own, without gradient.
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def routes_fused_call(tuner, kwargs: dict[str, Any]) -> bool:
+    """True for a ``fused_lm_head=True`` call in a training step of a PAT adapter with labels: the call whose
+    ``log_probs`` TRL turns into the loss it backpropagates."""
+    return (
+        bool(kwargs.get(FUSED_KWARG))
+        and tuner.training
+        and torch.is_grad_enabled()
+        and "pat_mask" in tuner._modules
+        and len(tuner.pat_mask) > 0
+        and any(kwargs.get(k) is not None for k in LABEL_KWARGS)
+    )
+
+
+UNROUTED_FUSED_WARNING = (
+    "PAT: a fused_lm_head=True call in training mode without gradients: TRL builds this step's loss elsewhere "
+    "(SFTTrainer with compute_loss_func or label smoothing computes it from a plain forward's logits; DPO, KTO "
+    "and GRPO use log-probabilities as such), and PAT's distillation and auxiliary losses are not in it. PAT "
+    "under TRL supports SFTTrainer's default loss: remove compute_loss_func / label_smoothing_factor, or train "
+    "with the Trainer."
+)
+
+
+def fused_objective_output(
+    objective_sum: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None,
+) -> FusedObjectiveOutput:
+    """The objective in sum form (``num_items_in_batch = 1``) as :class:`FusedObjectiveOutput`.
+
+    Targets as TRL's fused head reads them: ``shift_labels`` as given, else ``labels[:, 1:]`` scored at the
+    positions before. A micro-batch without a labelled position spreads the objective over every position
+    (the distillation term still counts there, as it does under the Trainer).
+    """
+    if shift_labels is not None:
+        targets, scored = shift_labels, logits
+    else:
+        targets, scored = labels[:, 1:], logits[:, :-1]
+    targets = targets.to(logits.device)
+    label_mask = targets != IGNORE_INDEX
+    count = label_mask.sum()
+    spread = label_mask if bool(count > 0) else torch.ones_like(label_mask)
+    weights = spread.to(objective_sum.dtype) / spread.sum().to(objective_sum.dtype)
+    entropy, is_top1 = next_token_statistics(scored, targets)
+    return FusedObjectiveOutput(
+        loss=objective_sum / count.clamp(min=1).to(objective_sum.dtype),
+        log_probs=-objective_sum * weights,
+        entropy=entropy,
+        is_top1=is_top1,
+        label_mask=label_mask,
+    )
 
 
 @contextlib.contextmanager
@@ -117,10 +205,15 @@ def distillation_share(kwargs: dict[str, Any], logits: torch.Tensor, fraction) -
 
 def training_forward(tuner, args: tuple, kwargs: dict[str, Any]):
     """The tuner's forward: the model's outputs with ``loss`` replaced by the training objective (module
-    docstring) in training mode; the model's own outputs otherwise."""
-    # TRL's SFTTrainer asks its patched forward for per-token log-probabilities (fused_lm_head=True) and builds
-    # no logits: nothing to distil from, so that call keeps the task loss only (docs/training.md).
-    distill = None if kwargs.get("fused_lm_head") else distillation_settings(tuner)
+    docstring) in training mode; the model's own outputs otherwise. A ``fused_lm_head=True`` training call
+    (TRL) runs the full forward and returns the objective as :class:`FusedObjectiveOutput`."""
+    fused = routes_fused_call(tuner, kwargs)
+    if kwargs.get(FUSED_KWARG) and tuner.training and not torch.is_grad_enabled() and "pat_mask" in tuner._modules:
+        warnings.warn(UNROUTED_FUSED_WARNING, stacklevel=3)
+    if fused:  # sum form: TRL divides by the step's label tokens itself
+        kwargs = {**{k: v for k, v in kwargs.items() if k != FUSED_KWARG}, "num_items_in_batch": 1}
+    # any other fused call (evaluation, no_grad metrics) goes to TRL's head, which builds no logits to distil from
+    distill = None if kwargs.get(FUSED_KWARG) else distillation_settings(tuner)
     teacher_logits = None
     student_kwargs = kwargs
     # distillation alone (w = 1, T = 1) scores the task loss from the distillation pass, not the model's own loss
@@ -165,4 +258,6 @@ def training_forward(tuner, args: tuple, kwargs: dict[str, Any]):
             task_loss = task_loss / fraction.to(task_loss.device).clamp(min=torch.finfo(torch.float32).tiny)
         last["task_loss"] = task_loss
     tuner.telemetry.last_losses = last
+    if fused:
+        return fused_objective_output(outputs.loss, outputs.logits, *(kwargs.get(k) for k in LABEL_KWARGS))
     return outputs
