@@ -37,9 +37,9 @@ def test_quickstart_notebook_runs_on_the_tiny_model(monkeypatch, tmp_path):
     out = text_outputs(notebook)
     assert "model: tiny-random-llama" in out
     assert "identical to the base model right after wrapping: True" in out
-    assert "kept width N = 48 of 64 hidden channels" in out
+    assert "kept width N = 56 of 64 hidden channels" in out  # the default axes: hidden -12.5% + MLP
     assert "stock reload gives the same logits: True" in out
-    assert "parameters: 80,704 -> 60,528" in out
+    assert "parameters: 80,704 -> 59,864" in out
     assert images(notebook) == 1  # the mask's evolution
 
 

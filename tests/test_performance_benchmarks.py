@@ -148,7 +148,14 @@ def test_inference_benchmark_tiny_run(tmp_path):
     assert model["parameters"]["p50"] < model["parameters"]["p25"] < model["parameters"]["dense"]
     for row in model["prefill"] + model["decode"]:
         assert math.isfinite(row["efficiency"]) and row["efficiency"] > 0
-        assert row["ideal"] == pytest.approx({"p25": 1.33, "p50": 1.98}[row["pruned"]], abs=0.03)
+    # prefill's ideal is the FLOP ratio of the decoder layers (logits_to_keep=1): the embedding, which the
+    # hidden cut shrinks less than the MLP cut shrinks the layers, is in the parameters but not the FLOPs
+    for row in model["prefill"]:
+        assert row["ideal"] == pytest.approx({"p25": 1.38, "p50": 2.25}[row["pruned"]], abs=0.02)
+    # decode's ideal is the bytes moved: at a short context that is the parameter ratio
+    for row in model["decode"]:
+        ratio = model["parameters"]["dense"] / model["parameters"][row["pruned"]]
+        assert row["ideal"] == pytest.approx(ratio, rel=0.01)
     assert [r["width"] for r in result["width_sweep"]["float32"]] == [64, 63]
 
 
