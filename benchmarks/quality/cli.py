@@ -4,20 +4,24 @@ Compares, at equal training budget (one transformers Trainer setup: same batches
 steps, batch size, sequence length, learning rate and schedule, LoRA rank/alpha on every decoder
 linear, seed, loss), on the real SmolLM2-135M by default:
 
-  dense            the untouched model
-  lora             dense LoRA fine-tune (upper reference), merged
-  pat              PATConfig(target_sparsity=s) + --pat-options, Trainer + PATCallback(), merge_and_prune()
-  prune_then_tune  activation cut (peft_pat.calibration, same kept width as PAT), then LoRA
-  tune_then_prune  the LoRA model (reused), then the same cut
-  torch_pruning    Torch-Pruning (PyPI torch-pruning) Taylor hidden-width cut, then LoRA
+  dense                   the untouched model
+  lora                    dense LoRA fine-tune (upper reference), merged
+  pat                     PATConfig(target_sparsity=s) + --pat-options, Trainer + PATCallback(), merge_and_prune()
+                          (the package default: hidden and MLP width under one parameter budget)
+  pat_hidden              the same with prune_axes=["hidden"] (the 0.4 default)
+  prune_then_tune         activation cut to PAT's shape (peft_pat.calibration, every axis), then LoRA
+  prune_mlp_then_tune     activation cut of the MLP width alone, same parameter count, then LoRA
+  prune_hidden_then_tune  activation cut of the hidden width alone, same parameter count, then LoRA
+  tune_then_prune         the LoRA model (reused), then the cut of PAT's shape
+  torch_pruning           Torch-Pruning (PyPI torch-pruning) Taylor hidden-width cut, then LoRA
 
 Tuning: the instruction-formatted commonsense train sets (tasks mixed) with --loss distill (default:
 logit distillation from the dense model on every token), full (cross-entropy on every token) or
 answer (cross-entropy on the answer only). Evaluation of every final stock model: WikiText-2
 perplexity (512-token windows), zero-shot accuracy on the commonsense test sets by log-likelihood of
 the answer texts (lm-eval-harness style, acc and length-normalised acc_norm, with standard errors),
-parameter count and kept width; every pruned model is compared paired (same items, same windows) with
-the best post-hoc pipeline, and "PPL ratio PAT / best post-hoc" is reported per sparsity.
+parameter count and kept widths; every pruned model is compared paired (same items, same windows) with
+the best post-hoc pipeline, PAT also with the post-hoc cut of its own shape and with the hidden-only PAT.
 
     python -m benchmarks.quality --quick             # smoke: one sparsity, short runs, small evaluation
     python -m benchmarks.quality                     # default preset (prints its estimated wall time)
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="results folder (default benchmarks/results/quality[-quick])"
     )
     p.add_argument("--methods", type=_names, default=METHODS, help=f"comma list from {','.join(METHODS)}")
-    p.add_argument("--sparsities", type=_floats, default=None, help="comma list of hidden-width sparsities")
+    p.add_argument("--sparsities", type=_floats, default=None, help="comma list of parameter fractions removed")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of every tuned method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=160, help="max training sequence length (prompt cut from the left)")

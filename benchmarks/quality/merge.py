@@ -101,13 +101,14 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
     options = dict(first["options"])
     options["methods"] = [m for m in METHODS if any(r["method"] == m for r in runs)]
     options["sparsities"] = sorted({s for p in payloads for s in p["options"]["sparsities"]})
-    kept = {}
-    for payload in payloads:
+    kept, model = {}, {}
+    for payload in payloads:  # a later piece may record more about the same model (e.g. its MLP width)
         kept.update(payload.get("model", {}).get("kept_width", {}))
+        model.update({k: v for k, v in payload.get("model", {}).items() if k not in model})
     return {
         "options": options,
         "hardware": first.get("hardware"),
-        "model": {**first.get("model", {}), "kept_width": kept},
+        "model": {**model, "kept_width": kept},
         "data": first.get("data"),
         "sources": [
             {

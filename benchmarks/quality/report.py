@@ -83,6 +83,19 @@ def comparisons(runs: list[dict], mode: str) -> list[dict]:
     return out
 
 
+def _one_row_per_reference_run(comps: list[dict]) -> list[dict]:
+    """The comparisons with a run compared twice to the same reference run (the best post-hoc pipeline *is*
+    the same-shape twin) shown once, its reference kinds joined."""
+    rows: dict[tuple, dict] = {}
+    for c in comps:
+        key = (c["sparsity"], c["method"], c["best_posthoc"])
+        if key in rows:
+            rows[key] = {**rows[key], "reference": f"{rows[key]['reference']} = {c['reference']}"}
+        else:
+            rows[key] = c
+    return list(rows.values())
+
+
 def pat_targets(comps: list[dict]) -> list[dict]:
     """Per sparsity and reference: PAT's PPL ratio to the best post-hoc pipeline and to its same-shape twin, and
     whether the target is met."""
@@ -129,6 +142,8 @@ def markdown_table(payload: dict) -> str:
                 tasks.append(task)
     head = ["method", "sparsity", "hidden / MLP", "params (M)", "WikiText-2 PPL", *tasks, "mean ± se", "train (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # runs recorded before the MLP axis existed kept the base's MLP width
+    base_mlp = payload.get("model", {}).get("intermediate_size", "base")
     for run in runs:
         sparsity = "—" if run.get("sparsity") in (None, 0.0) else f"{run['sparsity']:.0%}"
         if "error" in run:
@@ -145,7 +160,7 @@ def markdown_table(payload: dict) -> str:
                 [
                     run["label"],
                     sparsity,
-                    f"{run.get('kept_width', '—')} / {run.get('intermediate_size', '—')}",
+                    f"{run.get('kept_width', '—')} / {run.get('intermediate_size', base_mlp)}",
                     f"{run['parameters'] / 1e6:.1f}",
                     _fmt_ppl(run.get("wikitext2", {}).get("perplexity")),
                     *cells,
@@ -167,7 +182,7 @@ def markdown_table(payload: dict) -> str:
             "| sparsity | method | against | Δ mean acc (points) | paired se | PPL ratio | ratio ± 2 se |",
             "|---|---|---|---|---|---|---|",
         ]
-        for c in comps:
+        for c in _one_row_per_reference_run(comps):
             acc = c.get("mean_acc_norm_difference")
             star = " *" if c.get("significant_2se") else ""
             acc_cell = f"{100 * acc:+.1f}{star}" if acc is not None else "—"
@@ -186,9 +201,11 @@ def markdown_table(payload: dict) -> str:
         lines += ["", "**PPL ratio of PAT** (accuracy not lower):", ""]
         for t in targets:
             verdict = "met" if t["ppl_target_met"] and t["accuracy_not_lower"] else "not met"
+            ppl = "met" if t["ppl_target_met"] else "missed"
+            parts = f"PPL {ppl}, accuracy {'not lower' if t['accuracy_not_lower'] else 'lower'}"
             lines.append(
                 f"* {t['sparsity']:.0%}: PAT / {t['reference']} ({t['best_posthoc_label']}) = "
                 f"{t['ppl_ratio_pat_over_best_posthoc']:.3f}; Δ mean acc {100 * t['mean_acc_norm_difference']:+.1f} "
-                f"± {100 * t['paired_stderr']:.1f} points; target <= {t['ppl_target']}: {verdict}"
+                f"± {100 * t['paired_stderr']:.1f} points; target <= {t['ppl_target']}: {verdict} ({parts})"
             )
     return "\n".join(lines) + "\n"

@@ -239,7 +239,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {list(methods.METHODS)}.")
     base, tokenizer = load_causal_lm(options.model)
     family = family_for_model(base)
-    d = int(base.config.hidden_size)
+    d, mlp = int(base.config.hidden_size), int(base.config.intermediate_size)
     shapes = {  # per sparsity and PAT variant the shape the package resolves; the post-hoc twins cut the same
         s: {
             "pat": methods.resolved_shape(base, s, **options.pat_options),
@@ -286,6 +286,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
                 "name": options.model,
                 "family": family.name,
                 "hidden_size": d,
+                "intermediate_size": mlp,
                 "kept_width": kept,
                 "shapes": {str(s): {k: str(v) for k, v in shape.items()} for s, shape in shapes.items()},
             },
