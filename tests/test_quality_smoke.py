@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from benchmarks.quality import cli, merge
+from benchmarks.quality import budget, cli, merge
 from benchmarks.quality.results import write_results
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "tree", "big", "small", "runs", "eats", "the", "a", "is", "of"]
@@ -247,6 +247,33 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
         ("pat_hidden", "PAT, hidden width only"),
     ]
     assert joined["sources"][1]["renamed"] == {"pat": "pat_hidden", "prune_then_tune": "-"}
+
+    # the budget curve: one piece per step count, each PAT run against its same-shape twin, paired
+    longer = json.loads(json.dumps(whole))
+    longer["options"]["steps"] = 8
+    for path, piece in ((tmp_path / "s4.json", whole), (tmp_path / "s8.json", longer)):
+        path.write_text(json.dumps(piece))
+    rows = budget.main([str(tmp_path / "s8.json"), str(tmp_path / "s4.json"), "--output", str(tmp_path / "budget")])
+    same_shape = {(c["sparsity"], c["method"]): c for c in whole["comparisons"] if c["reference"] == "same shape"}
+    assert [(r["sparsity"], r["method"], r["steps"]) for r in rows] == [
+        (s, m, n) for s, m in sorted(same_shape) for n in (4, 8)
+    ]  # by sparsity, method, then steps, whatever the order of the files
+    for r in rows:
+        assert r["ppl_ratio"] == same_shape[r["sparsity"], r["method"]]["ppl_ratio"]
+        assert r["rival"] == {"pat": "prune_then_tune", "pat_hidden": "prune_hidden_then_tune"}[r["method"]]
+        assert r["ppl"] == runs[(r["method"], r["sparsity"])]["wikitext2"]["perplexity"]
+    for name in ("budget.json", "budget.md", "budget.png"):
+        assert (tmp_path / "budget" / name).stat().st_size > 0
+    other = json.loads(json.dumps(longer))
+    other["options"]["lr"] = 5e-4
+    with pytest.raises(merge.IncompatibleResults, match=r"lr: 0\.001 vs 0\.0005"):
+        budget.budget_rows([whole, other], ["s4.json", "lr.json"])  # only the steps may differ
+    with pytest.raises(merge.IncompatibleResults, match=r"after 4 steps is in both s4\.json and again\.json"):
+        budget.budget_rows([whole, whole], ["s4.json", "again.json"])
+    with pytest.raises(SystemExit) as exit_info:
+        budget.main([str(tmp_path / "dense.json"), "--output", str(tmp_path / "no-pairs")])
+    assert exit_info.value.code == 2 and not (tmp_path / "no-pairs").exists()
+    assert "no PAT run has its same-shape rival" in capsys.readouterr().err
 
 
 def test_candidates_are_read_from_the_instruction():

@@ -60,6 +60,45 @@ def renamed(payload: dict, renames: dict[str, str]) -> dict:
     return {**payload, "runs": runs, "renamed": renames}
 
 
+def measured_options(payload: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """The options that say what a piece measured: all but :data:`SELECTION_OPTIONS` and ``ignore``, with
+    :data:`LATER_OPTIONS` filled in for pieces recorded before those options existed."""
+    skip = (*SELECTION_OPTIONS, *ignore)
+    return {**LATER_OPTIONS, **{k: v for k, v in payload["options"].items() if k not in skip}}
+
+
+def check_same_measurement(payload: dict, name: str, first: dict, first_name: str, ignore: tuple[str, ...] = ()):
+    """Refuse (:class:`IncompatibleResults`, naming each option) a piece measured otherwise than ``first``."""
+    reference, options = measured_options(first, ignore), measured_options(payload, ignore)
+    diff = sorted(k for k in reference.keys() | options.keys() if reference.get(k) != options.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: {reference.get(k)!r} vs {options.get(k)!r}" for k in diff)
+        raise IncompatibleResults(
+            f"{name} was measured with other options than {first_name} ({detail}); "
+            "rerun the piece with the same options"
+        )
+    if payload.get("model", {}).get("name") != first.get("model", {}).get("name"):
+        model, first_model = payload.get("model", {}).get("name"), first.get("model", {}).get("name")
+        raise IncompatibleResults(f"{name} measured model {model!r}, {first_name} measured {first_model!r}")
+
+
+def load_pieces(specs: list[str]) -> tuple[list[dict], list[str]]:
+    """``FILE`` or ``FILE:OLD=NEW,OLD2=-`` arguments -> (payloads, as renamed; their file names)."""
+    pieces = []
+    for spec in specs:
+        path, _, mapping = spec.partition(":")
+        try:
+            renames = dict(pair.split("=", 1) for pair in mapping.split(",")) if mapping else {}
+        except ValueError:
+            raise IncompatibleResults(f"{spec}: renamings are FILE:OLD=NEW,OLD2=NEW2") from None
+        pieces.append((Path(path), renames))
+    missing = [str(f) for f, _ in pieces if not f.is_file()]
+    if missing:
+        raise IncompatibleResults(f"no such results file: {', '.join(missing)}")
+    payloads = [renamed(json.loads(f.read_text()), r) if r else json.loads(f.read_text()) for f, r in pieces]
+    return payloads, [str(f) for f, _ in pieces]
+
+
 def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False) -> dict:
     """One payload from several: options checked equal (module docstring), runs concatenated in the
     benchmark's order (sparsity, then method), sources recorded; comparisons are left to the writer.
@@ -67,21 +106,10 @@ def merge_payloads(payloads: list[dict], names: list[str], replace: bool = False
     if not payloads:
         raise IncompatibleResults("nothing to merge: pass at least one quality.json")
     first, first_name = payloads[0], names[0]
-    reference = {**LATER_OPTIONS, **{k: v for k, v in first["options"].items() if k not in SELECTION_OPTIONS}}
     runs: dict[tuple, tuple[str, dict]] = {}  # run key -> (piece that holds it, run)
     replaced: dict[str, list[str]] = {name: [] for name in names}
     for payload, name in zip(payloads, names):
-        options = {**LATER_OPTIONS, **{k: v for k, v in payload["options"].items() if k not in SELECTION_OPTIONS}}
-        diff = sorted(k for k in reference.keys() | options.keys() if reference.get(k) != options.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: {reference.get(k)!r} vs {options.get(k)!r}" for k in diff)
-            raise IncompatibleResults(
-                f"{name} was measured with other options than {first_name} ({detail}); "
-                "rerun the piece with the same options"
-            )
-        if payload.get("model", {}).get("name") != first.get("model", {}).get("name"):
-            model, first_model = payload.get("model", {}).get("name"), first.get("model", {}).get("name")
-            raise IncompatibleResults(f"{name} measured model {model!r}, {first_name} measured {first_model!r}")
+        check_same_measurement(payload, name, first, first_name)
         for run in payload["runs"]:
             key = _run_key(run)
             if key in runs:
@@ -144,20 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="a run held by two pieces is taken from the later one (e.g. a method re-measured after a default changed)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    pieces = []
-    for spec in args.files:
-        path, _, mapping = spec.partition(":")
-        try:
-            renames = dict(pair.split("=", 1) for pair in mapping.split(",")) if mapping else {}
-        except ValueError:
-            parser.error(f"{spec}: renamings are FILE:OLD=NEW,OLD2=NEW2")
-        pieces.append((Path(path), renames))
-    missing = [str(f) for f, _ in pieces if not f.is_file()]
-    if missing:
-        parser.error(f"no such results file: {', '.join(missing)}")
     try:
-        payloads = [renamed(json.loads(f.read_text()), r) if r else json.loads(f.read_text()) for f, r in pieces]
-        merged = merge_payloads(payloads, [str(f) for f, _ in pieces], replace=args.replace)
+        payloads, names = load_pieces(args.files)
+        merged = merge_payloads(payloads, names, replace=args.replace)
     except IncompatibleResults as exc:
         parser.error(str(exc))
     write_results(merged, args.output)

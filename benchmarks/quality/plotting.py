@@ -52,11 +52,11 @@ def plot_results(payload: dict, path: Path) -> Path:
         ax_acc.axhline(100 * chance, color="0.6", linestyle=":", linewidth=1, label="chance")
         ax_acc.legend(fontsize=8, loc="best")
     tasks = ", ".join(next((list(r[key]["tasks"]) for r in runs if key in r), []))
-    ax_acc.set(xlabel="hidden-width sparsity (%)", ylabel=f"mean zero-shot {HEADLINE} (%)", title=f"Accuracy ({tasks})")
+    ax_acc.set(xlabel="parameters removed (%)", ylabel=f"mean zero-shot {HEADLINE} (%)", title=f"Accuracy ({tasks})")
     ax_acc.title.set_fontsize(9)
     ppl_info = next((r["wikitext2"] for r in runs if "wikitext2" in r), None)
     ppl_title = f"WikiText-2 ({ppl_info['tokens_scored']} tokens, ctx {ppl_info['context']})" if ppl_info else ""
-    ax_ppl.set(xlabel="hidden-width sparsity (%)", ylabel="perplexity (log)", yscale="log", title=ppl_title)
+    ax_ppl.set(xlabel="parameters removed (%)", ylabel="perplexity (log)", yscale="log", title=ppl_title)
     ax_ppl.title.set_fontsize(9)
     for ax in (ax_acc, ax_ppl):
         ax.grid(alpha=0.3)

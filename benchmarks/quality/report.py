@@ -45,7 +45,7 @@ def best_posthoc(runs: list[dict], sparsity: float) -> dict | None:
     return min(candidates, key=_ppl) if candidates else None
 
 
-def _paired(run: dict, reference: dict, key: str) -> dict:
+def paired_against(run: dict, reference: dict, key: str) -> dict:
     """Accuracy and perplexity of ``run`` against ``reference`` on the same items and windows."""
     row: dict = {}
     if key in run and key in reference:
@@ -74,12 +74,13 @@ def comparisons(runs: list[dict], mode: str) -> list[dict]:
             head = {"sparsity": sparsity, "method": run["method"], "label": run["label"]}
             if best is not None and run is not best:
                 out.append({**head, "reference": "best post-hoc", "best_posthoc": best["method"],
-                            "best_posthoc_label": best["label"], **_paired(run, best, key)})  # fmt: skip
+                            "best_posthoc_label": best["label"], **paired_against(run, best, key)})  # fmt: skip
             twin, hidden_pat = SAME_SHAPE_RIVAL.get(run["method"]), "pat_hidden" if run["method"] == "pat" else None
             for reference, other in (("same shape", twin), ("hidden-only PAT", hidden_pat)):
                 if other in at:
+                    paired = paired_against(run, at[other], key)
                     out.append({**head, "reference": reference, "best_posthoc": other,
-                                "best_posthoc_label": at[other]["label"], **_paired(run, at[other], key)})  # fmt: skip
+                                "best_posthoc_label": at[other]["label"], **paired})  # fmt: skip
     return out
 
 
