@@ -105,8 +105,9 @@ class PATConfig(PeftConfig):
     hsm_rank: int | None = field(
         default=None,
         metadata={
-            "help": "Rank of the HSM operator I + L1 L0. None: the number of pruned channels d - N (at least ~5% of "
-            "d, the paper's rank), so the HSM can carry every removed channel into the kept ones."
+            "help": "Rank of the HSM operator I + L1 L0. None: min(d - N, 128), d - N the pruned hidden channels (at "
+            "least ~5% of d, the paper's rank): the HSM can carry every removed channel into the kept ones, and "
+            "the cap keeps its parameters a fixed multiple of LoRA's at 7B and beyond."
         },
     )
     embedding_hsm: str = field(
