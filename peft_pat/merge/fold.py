@@ -231,7 +231,7 @@ def can_divide_out(gate_scale: torch.Tensor) -> bool:
     Channels with g = 0 are pruned anyway; the kept ones must not be tiny next to the largest, or
     dividing by them loses precision (then the embeddings are untied instead).
     """
-    live = gate_scale[gate_scale != 0].abs()
+    live = gate_scale.detach()[gate_scale.detach() != 0].abs()  # read only: no autograd warning on a parameter
     return not (live.numel() and float(live.min()) < TIED_FOLD_MIN_RATIO * float(live.max()))
 
 
