@@ -31,7 +31,10 @@ from .width import kept_width_for
 # + MLP gave 98.4 PPL against 99.4 for the MLP alone and 129.5 for the hidden width alone; at -50%, hidden -25% +
 # MLP gave 306 against 886 and ~550.
 HIDDEN_SHARE = 0.5
-MLP_MULTIPLE = 8  # the kept MLP width is a multiple of this where the MLP is at least 8 times as wide
+# The kept MLP width is a multiple of this where the MLP is at least 8 times as wide: the K dimension of down_proj,
+# which llama.cpp's AVX-512 float32 GEMM tiles by 16 (SmolLM2 prefill, MLP 1160 vs 1168: 0.99x vs 1.12x dense;
+# docs/performance.md, Multi-axis shapes).
+MLP_MULTIPLE = 16
 
 
 def _budget_width(count, full: int, quantum: int, target_params: float, what: str, cfg: PATConfig) -> int:
@@ -194,7 +197,7 @@ def resolve_widths(cfg: PATConfig, family: FamilySpec, model_config: dict, layou
     mlp = None
     if "mlp" in axes and taker != "mlp":
         mlp = _checked_intermediate(cfg.target_intermediate_size, intermediate)
-    mlp_quantum = MLP_MULTIPLE if intermediate >= 8 * MLP_MULTIPLE else 1
+    mlp_quantum = next((q for q in (MLP_MULTIPLE, 8) if intermediate >= 8 * q), 1)  # 8 on narrow MLPs
     if "hidden" not in axes:
         width = d
     elif taker == "hidden":
@@ -204,8 +207,7 @@ def resolve_widths(cfg: PATConfig, family: FamilySpec, model_config: dict, layou
     elif cfg.target_width is not None:
         width = kept_width_for(SimpleNamespace(**{**vars(cfg), "target_sparsity": None}), d, out_heads)
     else:  # the split: the hidden width loses HIDDEN_SHARE of target_sparsity, the MLP what the budget leaves
-        split = SimpleNamespace(**{**vars(cfg), "target_sparsity": HIDDEN_SHARE * sparsity, "kept_width": None})
-        width = kept_width_for(split, d, out_heads)
+        width = _split_width(cfg, d, out_heads, sparsity)
     if taker == "mlp":
         mlp = _budget_width(lambda i: count(KeptWidths(width, i, kept_heads, kept_kv)), intermediate, mlp_quantum,
                             target, "MLP width", cfg)  # fmt: skip
@@ -232,6 +234,26 @@ def resolve_widths(cfg: PATConfig, family: FamilySpec, model_config: dict, layou
     widths = KeptWidths(width, mlp, kept_heads, kept_kv)
     _check_heads_divide_width(widths, d, heads)
     return _checked_record(cfg, widths)
+
+
+def _split_width(cfg: PATConfig, d: int, heads: int, sparsity: float) -> int:
+    """The hidden width of the split: ``HIDDEN_SHARE * sparsity`` of the channels removed, rounded as
+    :func:`peft_pat.width.resolve_kept_width` rounds; refused with the user's own settings named when the
+    rounding (``width_multiple``) leaves no width strictly below d near it."""
+    split = SimpleNamespace(**{**vars(cfg), "target_sparsity": HIDDEN_SHARE * sparsity, "kept_width": None})
+    try:
+        return kept_width_for(split, d, heads)
+    except PATConfigError:
+        quantum = math.lcm(heads, cfg.width_multiple or 1)
+        raise PATConfigError(
+            f"target_sparsity={sparsity} splits into a hidden cut of {HIDDEN_SHARE * sparsity:.3f} of its {d} "
+            f"channels, and the nearest kept hidden width that is a multiple of {quantum} (num_attention_heads="
+            f"{heads}{f', width_multiple={cfg.width_multiple}' if cfg.width_multiple else ''}) is "
+            f"{quantum * round((1 - HIDDEN_SHARE * sparsity) * d / quantum)}, not strictly between 0 and {d}. "
+            "Choose the widths: "
+            f"prune_axes=['mlp'] (the MLP width alone takes the budget), or target_width=<a multiple of {quantum} "
+            "below the hidden size> (the MLP takes the rest), or a smaller width_multiple."
+        ) from None
 
 
 def _check_heads_divide_width(widths: KeptWidths, d: int, heads: int) -> None:

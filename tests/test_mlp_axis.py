@@ -198,8 +198,8 @@ def test_trainer_with_patcallback_trains_calibrates_logs_and_merges_a_per_layer_
     [
         ("smollm2", 0.25, (504, 1168)),
         ("smollm2", 0.5, (432, 672)),
-        ("llama3-8b", 0.25, (3584, 11416)),
-        ("llama3-8b", 0.5, (3072, 7528)),
+        ("llama3-8b", 0.25, (3584, 11424)),
+        ("llama3-8b", 0.5, (3072, 7536)),
     ],
 )
 def test_both_axes_and_only_target_sparsity_split_the_budget(shape, sparsity, expected):
@@ -225,6 +225,12 @@ def test_both_axes_and_only_target_sparsity_split_the_budget(shape, sparsity, ex
     cfg = PATConfig(prune_axes=["hidden", "mlp"], target_sparsity=sparsity)
     width, mlp, _, _ = resolve_widths(cfg, family, config.to_dict(), layout)
     assert (width, mlp) == expected
+    assert mlp % 16 == 0  # the K dimension of down_proj, which llama.cpp's AVX-512 float32 GEMM tiles by 16
+    if shape == "smollm2" and sparsity == 0.25:  # 9 heads x 16: no multiple of 144 near 504; the error says so
+        strict = PATConfig(prune_axes=["hidden", "mlp"], target_sparsity=sparsity, width_multiple=16)
+        with pytest.raises(PATConfigError, match=r"target_sparsity=0\.25 splits into a hidden cut of 0\.125 .*"
+                           r"multiple of 144 .* is 576, .*prune_axes=\['mlp'\]"):  # fmt: skip
+            resolve_widths(strict, family, config.to_dict(), layout)
     full = cut_parameter_count(family, config, layout, config.hidden_size, {})
     assert cut_parameter_count(family, config, layout, width, {"mlp": mlp}) / full == pytest.approx(
         1 - sparsity, abs=0.002
