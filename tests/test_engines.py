@@ -19,6 +19,7 @@ instead of 4 and 2.
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,17 @@ def test_llama_cpp_logits_and_greedy_tokens_match_transformers(deploy, converted
     assert result["max_abs_logit_diff"] <= 1e-3 * max(1.0, result["max_abs_logit"]), result
     assert result["argmax_agreement"] == 1.0
     assert result["greedy_llama_cpp"] == result["greedy_transformers"]
+
+
+def test_widths_off_llama_cpps_fast_path_warn_and_name_the_fix(deploy, tmp_path):
+    config = {"hidden_size": 504, "intermediate_size": 1168, "num_attention_heads": 9, "head_dim": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"hidden_size=504 is not a multiple of 16.*width_multiple=16.*prune_axes"):
+        deploy.check_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 576, "intermediate_size": 880}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deploy.check_config(tmp_path)  # multiples of 16: silent
 
 
 def test_missing_head_dim_is_refused_before_conversion(deploy, tmp_path):
