@@ -264,6 +264,8 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path, one_thread, capsys):
         assert r["ppl"] == runs[(r["method"], r["sparsity"])]["wikitext2"]["perplexity"]
     for name in ("budget.json", "budget.md", "budget.png"):
         assert (tmp_path / "budget" / name).stat().st_size > 0
+    quarter = budget.main([str(tmp_path / "s4.json"), "--sparsities", "0.25", "--output", str(tmp_path / "b25")])
+    assert {r["sparsity"] for r in quarter} == {0.25} and len(quarter) == 2  # pat and pat_hidden
     other = json.loads(json.dumps(longer))
     other["options"]["lr"] = 5e-4
     with pytest.raises(merge.IncompatibleResults, match=r"lr: 0\.001 vs 0\.0005"):

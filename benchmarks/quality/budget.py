@@ -133,12 +133,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )  # fmt: skip
     parser.add_argument("files", nargs="+", help="quality.json of each budget; FILE:OLD=NEW,... renames methods")
     parser.add_argument("--output", type=Path, required=True, help="folder for budget.json/.md/.png")
+    parser.add_argument("--sparsities", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                        help="comma list: only these sparsities (default: every one with a pair)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         payloads, names = load_pieces(args.files)
         rows = budget_rows(payloads, names)
     except IncompatibleResults as exc:
         parser.error(str(exc))
+    if args.sparsities is not None:
+        rows = [r for r in rows if r["sparsity"] in args.sparsities]
     if not rows:
         parser.error("no PAT run has its same-shape rival in the same file (methods pat + prune_then_tune, or "
                      "pat_hidden + prune_hidden_then_tune)")  # fmt: skip
