@@ -103,6 +103,21 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def assert_bf16_autocast_step(model, ids, device_type: str, rel: float) -> None:
+    """One training forward under bf16 autocast equals the float32 one within ``rel`` (bf16 rounding of the
+    matmuls), and the mask's logits and their gradients stay float32, finite and non-zero."""
+    model.set_step(2, 30)
+    model.train()
+    reference = model(input_ids=ids, labels=ids).loss
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - reference.item()) <= rel * abs(reference.item()), (loss.item(), reference.item())
+    mask = model.base_model.pat_mask["default"]
+    assert mask.logits.dtype == torch.float32 and mask.logits.grad.dtype == torch.float32
+    assert torch.isfinite(mask.logits.grad).all() and mask.logits.grad.abs().max() > 0
+
+
 def save_checkpoint(model, folder) -> None:
     """What ``save_pretrained`` writes (config and one safetensors file, a tied lm_head stored once), in a
     fraction of its time (it compiles hundreds of regexes)."""

@@ -9,7 +9,7 @@ import torch
 
 from peft_pat.testing import tiny_inputs, tiny_model
 
-from helpers import assert_logits_close, logits, train_steps, wrap
+from helpers import assert_bf16_autocast_step, assert_logits_close, logits, train_steps, wrap
 
 
 def _on(model, device: torch.device) -> None:
@@ -50,17 +50,7 @@ def test_soft_mask_gradients_reach_every_trainable_tensor(device):
 @pytest.mark.parametrize("distillation_weight", [0.0, 1.0])
 def test_bf16_autocast_on_the_device(device, distillation_weight):
     model = wrap(tiny_model("llama").to(device), init_weights=False, distillation_weight=distillation_weight)
-    model.set_step(2, 30)
-    model.train()
-    ids = tiny_inputs(length=9).to(device)
-    reference = model(input_ids=ids, labels=ids).loss
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert loss.item() == pytest.approx(reference.item(), rel=3e-2)  # bf16 rounding of the matmuls
-    mask = model.base_model.pat_mask["default"]
-    assert mask.logits.dtype == torch.float32 and mask.logits.grad.dtype == torch.float32
-    assert torch.isfinite(mask.logits.grad).all() and mask.logits.grad.abs().max() > 0
+    assert_bf16_autocast_step(model, tiny_inputs(length=9).to(device), device.type, rel=3e-2)
 
 
 def test_distillation_starts_at_zero_on_the_device(device):
